@@ -1,0 +1,196 @@
+//! One reconnecting session with RabbitMQ.
+//!
+//! lapin can recover connections by itself, but its recovery gives up after a fixed number of
+//! attempts and replays channel state we would rather rebuild. Instead each binary runs
+//! [`run_reconnecting`]: connect, declare the topology, hand the connection to a session
+//! function, and when the connection dies (or the session reports a broken channel) start over
+//! with backoff, forever, until shutdown. Unacknowledged deliveries of a dead connection are
+//! redelivered by the broker, so nothing is lost in between.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use backoff::backoff::Backoff;
+use futures_util::StreamExt;
+use lapin::{Connection, ConnectionProperties};
+use secrecy::{ExposeSecret, SecretString};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::AmqpSettings;
+
+/// How long one connection attempt may take before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An `amqp://` or `amqps://` URL. It usually carries a password, so it is only ever shown
+/// redacted (`amqp://user:***@host:5672/vhost`).
+#[derive(Clone)]
+pub struct BrokerUrl {
+    url: SecretString,
+    redacted: String,
+}
+
+impl BrokerUrl {
+    /// Checks the scheme and that there is a host.
+    pub fn parse(raw: &str) -> anyhow::Result<Self> {
+        let mut url = url::Url::parse(raw).context("not a URL")?;
+        if !matches!(url.scheme(), "amqp" | "amqps") {
+            bail!("scheme must be amqp or amqps, not {:?}", url.scheme());
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            bail!("no host");
+        }
+        if url.password().is_some() {
+            // Cannot fail: the URL has a host, so it can carry a password.
+            let _ = url.set_password(Some("***"));
+        }
+        Ok(Self {
+            url: SecretString::from(raw.to_owned()),
+            redacted: url.to_string(),
+        })
+    }
+
+    /// The URL with its password, for the connection only.
+    fn expose(&self) -> &str {
+        self.url.expose_secret()
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BrokerUrl({})", self.redacted)
+    }
+}
+
+/// Opens a connection, named `name` in the management UI.
+pub async fn connect(url: &BrokerUrl, name: &str) -> anyhow::Result<Connection> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        Connection::connect(url.expose(), properties),
+    )
+    .await
+    .with_context(|| format!("Timed out connecting to {url}"))?
+    .with_context(|| format!("Failed to connect to {url}"))
+}
+
+/// Resolves when the connection has failed or been closed.
+///
+/// lapin reports errors on its event stream; the status check catches a failure that happened
+/// before this function started listening.
+pub async fn closed(connection: &Connection) {
+    let events = connection.events_listener();
+    tokio::pin!(events);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                Some(lapin::Event::Error(error)) => {
+                    warn!(error = %error, "Broker connection failed");
+                    return;
+                }
+                None => return,
+                Some(_) => {}
+            },
+            _ = tick.tick() => {
+                if !connection.status().connected() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Connects, declares the topology, and runs `session` on the connection; reconnects with
+/// jittered exponential backoff (250 ms up to 5 s) whenever the session ends, until `shutdown`.
+///
+/// `session` should return when [`closed`] resolves, when it finds its channels broken, or on
+/// shutdown. Its error is logged here, once.
+pub async fn run_reconnecting<F, Fut>(
+    amqp: &AmqpSettings,
+    name: &str,
+    shutdown: &CancellationToken,
+    mut session: F,
+) where
+    F: FnMut(Arc<Connection>) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let mut backoff = backoff::ExponentialBackoff {
+        initial_interval: Duration::from_millis(250),
+        max_interval: Duration::from_secs(5),
+        max_elapsed_time: None,
+        ..backoff::ExponentialBackoff::default()
+    };
+    while !shutdown.is_cancelled() {
+        match open(amqp, name).await {
+            Ok(connection) => {
+                backoff.reset();
+                info!(broker = %amqp.url, "Connected to the broker");
+                let result = session(Arc::clone(&connection)).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    connection.close(200, "session ended".into()),
+                )
+                .await;
+                match result {
+                    Ok(()) if shutdown.is_cancelled() => return,
+                    Ok(()) => warn!(broker = %amqp.url, "Lost the broker connection; reconnecting"),
+                    Err(error) => warn!(
+                        broker = %amqp.url,
+                        error = format!("{error:#}"),
+                        "Broker session failed; reconnecting"
+                    ),
+                }
+            }
+            Err(error) => warn!(
+                error = format!("{error:#}"),
+                "Cannot reach the broker; retrying"
+            ),
+        }
+        let delay = backoff.next_backoff().unwrap_or(backoff.max_interval);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn open(amqp: &AmqpSettings, name: &str) -> anyhow::Result<Arc<Connection>> {
+    let connection = connect(&amqp.url, name).await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .context("Failed to open a channel")?;
+    amqp.topology.declare(&channel).await?;
+    let _ = channel.close(200, "topology declared".into()).await;
+    Ok(Arc::new(connection))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_never_shows() {
+        let url = BrokerUrl::parse("amqp://user:hunter2@rabbit:5672/%2f").unwrap();
+        assert_eq!(url.to_string(), "amqp://user:***@rabbit:5672/%2f");
+        assert!(!format!("{url:?}").contains("hunter2"));
+        assert_eq!(url.expose(), "amqp://user:hunter2@rabbit:5672/%2f");
+    }
+
+    #[test]
+    fn only_amqp_urls_with_a_host_are_accepted() {
+        assert!(BrokerUrl::parse("http://rabbit").is_err());
+        assert!(BrokerUrl::parse("not a url").is_err());
+        assert!(BrokerUrl::parse("amqps://rabbit.example.com/prod").is_ok());
+    }
+}

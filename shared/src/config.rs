@@ -1,0 +1,145 @@
+//! Options both binaries read, and the helpers that turn raw flags into typed settings.
+//!
+//! Every option is a `--flag` with an environment variable; the env names are part of the
+//! contract (DESIGN.md). Values that carry credentials are hidden from `--help` and only ever
+//! held as [`SecretString`].
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use secrecy::SecretString;
+
+use crate::broker::BrokerUrl;
+use crate::topology::Topology;
+
+/// The broker a binary talks to and the names of the exchange and queue.
+#[derive(Args, Debug, Clone)]
+pub struct AmqpArgs {
+    /// AMQP URL of the broker (`amqp://` or `amqps://`, with credentials and vhost).
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub amqp_url: String,
+
+    /// Exchange the webhooks are published to (topic, durable).
+    #[arg(long, env = "AMQP_EXCHANGE", default_value = "harbor.events")]
+    pub amqp_exchange: String,
+
+    /// Work queue; failed events go to `<queue>.parked` through the exchange `<queue>.dlx`.
+    #[arg(long, env = "AMQP_QUEUE", default_value = "harbor.events")]
+    pub amqp_queue: String,
+}
+
+/// Typed form of [`AmqpArgs`].
+#[derive(Debug, Clone)]
+pub struct AmqpSettings {
+    /// Where the broker is.
+    pub url: BrokerUrl,
+    /// Names of the exchanges and queues.
+    pub topology: Topology,
+}
+
+impl AmqpArgs {
+    /// Checks the URL and the names, naming the variable at fault.
+    pub fn into_settings(self) -> anyhow::Result<AmqpSettings> {
+        Ok(AmqpSettings {
+            url: BrokerUrl::parse(&self.amqp_url).context("Invalid AMQP_URL")?,
+            topology: Topology::new(&self.amqp_exchange, &self.amqp_queue)?,
+        })
+    }
+}
+
+/// How log lines are written.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One JSON object per line, for containers and log pipelines.
+    #[default]
+    Json,
+    /// Human-readable lines, for a terminal.
+    Pretty,
+}
+
+/// Logging options shared by both binaries.
+#[derive(Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log format: `json` or `pretty`. The level comes from `RUST_LOG` (default `info`).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+}
+
+/// Reads a secret given either directly (`<VAR>`) or as a file (`<VAR>_FILE`), never both.
+///
+/// A file's trailing newline is dropped, since `echo secret > file` is how most are written.
+/// `var` is the variable's name, used in error messages; the value itself never is.
+pub fn secret_from(
+    value: Option<String>,
+    file: Option<PathBuf>,
+    var: &str,
+) -> anyhow::Result<Option<SecretString>> {
+    let raw = match (value, file) {
+        (Some(_), Some(_)) => bail!("{var} and {var}_FILE are both set; set only one"),
+        (Some(value), None) => value,
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .with_context(|| format!("Failed to read {var}_FILE ({})", path.display()))?
+            .trim_end_matches(['\r', '\n'])
+            .to_owned(),
+        (None, None) => return Ok(None),
+    };
+    if raw.is_empty() {
+        bail!("{var} is set but empty");
+    }
+    Ok(Some(SecretString::from(raw)))
+}
+
+/// Like [`secret_from`], for a secret the program cannot run without.
+pub fn required_secret(
+    value: Option<String>,
+    file: Option<PathBuf>,
+    var: &str,
+) -> anyhow::Result<SecretString> {
+    secret_from(value, file, var)?.with_context(|| format!("{var} (or {var}_FILE) is required"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    #[test]
+    fn a_secret_file_loses_its_trailing_newline() {
+        let dir = std::env::temp_dir().join(format!("secret-{}", std::process::id()));
+        std::fs::write(&dir, "s3cret\n").unwrap();
+        let secret = secret_from(None, Some(dir.clone()), "X").unwrap().unwrap();
+        std::fs::remove_file(dir).unwrap();
+        assert_eq!(secret.expose_secret(), "s3cret");
+    }
+
+    #[test]
+    fn value_and_file_together_are_refused_without_showing_the_value() {
+        let err = secret_from(Some("hunter2".into()), Some("/x".into()), "WEBHOOK_SECRET")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("WEBHOOK_SECRET_FILE"), "{err}");
+        assert!(!err.contains("hunter2"));
+    }
+
+    #[test]
+    fn an_empty_or_missing_required_secret_names_the_variable() {
+        let err = required_secret(None, None, "PORT_CLIENT_SECRET").unwrap_err();
+        assert!(err.to_string().contains("PORT_CLIENT_SECRET"));
+        let err = required_secret(Some(String::new()), None, "HARBOR_PASSWORD").unwrap_err();
+        assert!(err.to_string().contains("HARBOR_PASSWORD is set but empty"));
+    }
+
+    #[test]
+    fn a_missing_secret_file_is_a_clear_error() {
+        let err =
+            secret_from(None, Some("/nonexistent/secret".into()), "HARBOR_PASSWORD").unwrap_err();
+        assert!(format!("{err:#}").contains("Failed to read HARBOR_PASSWORD_FILE"));
+    }
+}
