@@ -1,0 +1,275 @@
+//! The `Authorization` check.
+//!
+//! Harbor sends its webhook policy's "Auth Header" value verbatim and signs nothing; other
+//! senders (and our sandbox) sign the body. Accepted forms:
+//!
+//! | form                         | `token` | `hmac` | `auto` |
+//! |------------------------------|---------|--------|--------|
+//! | `<secret>`                   | yes     |        | yes    |
+//! | `Harbor-Secret <secret>`     | yes     |        | yes    |
+//! | `Bearer <secret>`            | yes     |        | yes    |
+//! | `Harbor-Secret <hex hmac>`   |         | yes    | yes    |
+//! | `sha256=<hex hmac>`          |         | yes    | yes    |
+//!
+//! where `<hex hmac>` is the hex HMAC-SHA256 of the raw body keyed with the secret.
+//!
+//! Timing: a token is compared as SHA-256 digests with `subtle::ConstantTimeEq`, so neither its
+//! content nor its length shows in the time taken; an HMAC is compared with `ConstantTimeEq`
+//! too. Every configured secret and every candidate form is checked, with no early exit.
+
+use anyhow::bail;
+use clap::ValueEnum;
+use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::{Choice, ConstantTimeEq};
+
+/// Which `Authorization` forms are accepted.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Any token or signature form.
+    Auto,
+    /// `<secret>`, `Harbor-Secret <secret>`, `Bearer <secret>`.
+    Token,
+    /// `Harbor-Secret <hex hmac>`, `sha256=<hex hmac>`.
+    Hmac,
+    /// No check at all; must be asked for explicitly.
+    None,
+}
+
+/// Why a request was refused. Deliberately vague: the answer must not help guess a secret.
+#[derive(thiserror::Error, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthError {
+    /// No `Authorization` header.
+    #[error("missing Authorization header")]
+    Missing,
+    /// An `Authorization` header that matches no secret in any accepted form.
+    #[error("Authorization matches no configured secret")]
+    Mismatch,
+}
+
+struct Secret {
+    key: SecretString,
+    digest: [u8; 32],
+}
+
+/// Checks requests against the configured secrets.
+pub struct Authenticator {
+    mode: AuthMode,
+    secrets: Vec<Secret>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("mode", &self.mode)
+            .field("secrets", &self.secrets.len())
+            .finish()
+    }
+}
+
+impl Authenticator {
+    /// Any mode but `none` needs at least one secret.
+    pub fn new(mode: AuthMode, secrets: Vec<SecretString>) -> anyhow::Result<Self> {
+        if mode != AuthMode::None && secrets.is_empty() {
+            bail!(
+                "WEBHOOK_SECRET (or WEBHOOK_SECRET_FILE) is required; to accept webhooks \
+                 without any check, set WEBHOOK_AUTH_MODE=none explicitly"
+            );
+        }
+        let secrets = secrets
+            .into_iter()
+            .map(|key| Secret {
+                digest: Sha256::digest(key.expose_secret().as_bytes()).into(),
+                key,
+            })
+            .collect();
+        Ok(Self { mode, secrets })
+    }
+
+    /// The configured mode.
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// How many secrets are accepted.
+    pub fn secret_count(&self) -> usize {
+        self.secrets.len()
+    }
+
+    /// Checks an `Authorization` header value against the raw body.
+    pub fn verify(&self, authorization: Option<&[u8]>, body: &[u8]) -> Result<(), AuthError> {
+        if self.mode == AuthMode::None {
+            return Ok(());
+        }
+        let header = authorization.ok_or(AuthError::Missing)?.trim_ascii();
+        let harbor_secret = strip_prefix(header, b"Harbor-Secret ").map(<[u8]>::trim_ascii);
+        let mut matched = Choice::from(0);
+
+        if matches!(self.mode, AuthMode::Auto | AuthMode::Token) {
+            let bearer = strip_prefix(header, b"Bearer ").map(<[u8]>::trim_ascii);
+            for candidate in [Some(header), harbor_secret, bearer].into_iter().flatten() {
+                let digest: [u8; 32] = Sha256::digest(candidate).into();
+                for secret in &self.secrets {
+                    matched |= digest.ct_eq(&secret.digest);
+                }
+            }
+        }
+
+        if matches!(self.mode, AuthMode::Auto | AuthMode::Hmac) {
+            let signature = harbor_secret
+                .or_else(|| strip_prefix(header, b"sha256=").map(<[u8]>::trim_ascii))
+                .and_then(|hex_signature| {
+                    let mut signature = [0u8; 32];
+                    hex::decode_to_slice(hex_signature, &mut signature)
+                        .ok()
+                        .map(|()| signature)
+                });
+            if let Some(signature) = signature {
+                for secret in &self.secrets {
+                    matched |= sign(&secret.key, body).ct_eq(&signature);
+                }
+            }
+        }
+
+        if bool::from(matched) {
+            Ok(())
+        } else {
+            Err(AuthError::Mismatch)
+        }
+    }
+}
+
+/// The HMAC-SHA256 of `body` keyed with `secret`.
+pub fn sign(secret: &SecretString, body: &[u8]) -> [u8; 32] {
+    // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes()) else {
+        return [0; 32];
+    };
+    mac.update(body);
+    mac.finalize().into_bytes().into()
+}
+
+/// Strips an ASCII prefix, ignoring case (HTTP auth schemes are case-insensitive).
+fn strip_prefix<'a>(value: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    (value.len() >= prefix.len() && value[..prefix.len()].eq_ignore_ascii_case(prefix))
+        .then(|| &value[prefix.len()..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BODY: &[u8] = br#"{"type":"PUSH_ARTIFACT"}"#;
+
+    fn auth(mode: AuthMode, secrets: &[&str]) -> Authenticator {
+        let secrets = secrets
+            .iter()
+            .map(|s| SecretString::from((*s).to_owned()))
+            .collect();
+        Authenticator::new(mode, secrets).unwrap()
+    }
+
+    fn hmac_hex(secret: &str) -> String {
+        hex::encode(sign(&SecretString::from(secret.to_owned()), BODY))
+    }
+
+    fn check(a: &Authenticator, header: &str) -> Result<(), AuthError> {
+        a.verify(Some(header.as_bytes()), BODY)
+    }
+
+    #[test]
+    fn auto_accepts_every_form() {
+        let a = auth(AuthMode::Auto, &["s3cret"]);
+        let mac = hmac_hex("s3cret");
+        for header in [
+            "s3cret".to_owned(),
+            "Harbor-Secret s3cret".to_owned(),
+            "Bearer s3cret".to_owned(),
+            format!("Harbor-Secret {mac}"),
+            format!("sha256={mac}"),
+            format!("sha256={}", mac.to_uppercase()),
+            "bearer s3cret".to_owned(),
+            " Harbor-Secret  s3cret ".to_owned(),
+        ] {
+            assert_eq!(check(&a, &header), Ok(()), "{header}");
+        }
+    }
+
+    #[test]
+    fn token_mode_refuses_signatures() {
+        let a = auth(AuthMode::Token, &["s3cret"]);
+        let mac = hmac_hex("s3cret");
+        assert_eq!(check(&a, "s3cret"), Ok(()));
+        assert_eq!(check(&a, "Harbor-Secret s3cret"), Ok(()));
+        assert_eq!(check(&a, "Bearer s3cret"), Ok(()));
+        assert_eq!(
+            check(&a, &format!("Harbor-Secret {mac}")),
+            Err(AuthError::Mismatch)
+        );
+        assert_eq!(
+            check(&a, &format!("sha256={mac}")),
+            Err(AuthError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn hmac_mode_refuses_plain_secrets() {
+        let a = auth(AuthMode::Hmac, &["s3cret"]);
+        let mac = hmac_hex("s3cret");
+        assert_eq!(check(&a, &format!("Harbor-Secret {mac}")), Ok(()));
+        assert_eq!(check(&a, &format!("sha256={mac}")), Ok(()));
+        assert_eq!(check(&a, "s3cret"), Err(AuthError::Mismatch));
+        assert_eq!(check(&a, "Harbor-Secret s3cret"), Err(AuthError::Mismatch));
+        assert_eq!(check(&a, "Bearer s3cret"), Err(AuthError::Mismatch));
+    }
+
+    #[test]
+    fn wrong_secret_wrong_signature_and_missing_header_are_refused() {
+        let a = auth(AuthMode::Auto, &["s3cret"]);
+        assert_eq!(a.verify(None, BODY), Err(AuthError::Missing));
+        assert_eq!(check(&a, "wrong"), Err(AuthError::Mismatch));
+        assert_eq!(check(&a, "s3cre"), Err(AuthError::Mismatch));
+        assert_eq!(check(&a, "s3cretX"), Err(AuthError::Mismatch));
+        assert_eq!(check(&a, ""), Err(AuthError::Mismatch));
+        assert_eq!(
+            check(&a, &format!("sha256={}", hmac_hex("other"))),
+            Err(AuthError::Mismatch)
+        );
+        assert_eq!(check(&a, "sha256=zz"), Err(AuthError::Mismatch));
+        // A signature of another body does not pass.
+        let other = hex::encode(sign(&SecretString::from("s3cret".to_owned()), b"{}"));
+        assert_eq!(
+            check(&a, &format!("sha256={other}")),
+            Err(AuthError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn every_rotated_secret_is_accepted() {
+        let a = auth(AuthMode::Auto, &["old", "new"]);
+        assert_eq!(check(&a, "old"), Ok(()));
+        assert_eq!(check(&a, "Bearer new"), Ok(()));
+        assert_eq!(check(&a, &format!("sha256={}", hmac_hex("old"))), Ok(()));
+        assert_eq!(
+            check(&a, &format!("Harbor-Secret {}", hmac_hex("new"))),
+            Ok(())
+        );
+        assert_eq!(check(&a, "older"), Err(AuthError::Mismatch));
+    }
+
+    #[test]
+    fn none_mode_accepts_anything_and_other_modes_need_a_secret() {
+        let a = Authenticator::new(AuthMode::None, vec![]).unwrap();
+        assert_eq!(a.verify(None, BODY), Ok(()));
+        for mode in [AuthMode::Auto, AuthMode::Token, AuthMode::Hmac] {
+            assert!(Authenticator::new(mode, vec![]).is_err());
+        }
+    }
+
+    #[test]
+    fn debug_output_shows_no_secret() {
+        let a = auth(AuthMode::Auto, &["s3cret"]);
+        assert!(!format!("{a:?}").contains("s3cret"));
+    }
+}

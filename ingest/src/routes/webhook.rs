@@ -1,0 +1,254 @@
+//! `POST /webhook`: check, publish, answer.
+//!
+//! | case                                              | answer                 |
+//! |---------------------------------------------------|------------------------|
+//! | valid, broker confirmed                           | 202 + `message_id`     |
+//! | missing or wrong `Authorization`                  | 401                    |
+//! | not JSON, or no string `type`                     | 400                    |
+//! | body over `MAX_BODY_BYTES`                        | 413                    |
+//! | broker down, nack, unroutable, no confirm in 5 s  | 503 + `Retry-After: 5` |
+//!
+//! The checks run in that order of cost: size (from `Content-Length`, before reading), then
+//! authentication, then parsing; nothing is published unless all pass.
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use harbor_shared::event::{Envelope, EventError};
+use harbor_shared::publisher::{Outgoing, PublishError};
+use harbor_shared::topology::Topology;
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::json;
+use tracing::{error, info, warn};
+
+use crate::auth::{AuthError, Authenticator};
+use crate::link::CurrentPublisher;
+
+/// What the handler needs, shared by all workers.
+pub struct WebhookState {
+    /// The `Authorization` check.
+    pub auth: Authenticator,
+    /// The broker publisher, when connected.
+    pub publisher: CurrentPublisher,
+    /// Where to publish.
+    pub topology: Topology,
+    /// Largest accepted body.
+    pub max_body_bytes: usize,
+}
+
+/// Why a webhook was not accepted; each variant is one status code.
+#[derive(thiserror::Error, Debug)]
+pub enum WebhookError {
+    /// 413
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(usize),
+    /// 400: the body could not be read (client went away, broken chunked encoding).
+    #[error("request body could not be read")]
+    Unreadable,
+    /// 401
+    #[error("{0}")]
+    Unauthorized(AuthError),
+    /// 400
+    #[error("{0}")]
+    NotAnEvent(EventError),
+    /// 503
+    #[error("the event could not be handed to the broker; retry later")]
+    Unavailable(PublishError),
+}
+
+impl WebhookError {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::TooLarge(_) => "payload_too_large",
+            Self::Unreadable => "unreadable_body",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::NotAnEvent(EventError::NotJson(_)) => "invalid_json",
+            Self::NotAnEvent(_) => "invalid_event",
+            Self::Unavailable(_) => "broker_unavailable",
+        }
+    }
+}
+
+impl ResponseError for WebhookError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unreadable | Self::NotAnEvent(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        match self {
+            Self::Unavailable(_) => {
+                response.insert_header((header::RETRY_AFTER, HeaderValue::from_static("5")));
+            }
+            Self::Unauthorized(_) => {
+                response.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Harbor-Secret"),
+                ));
+            }
+            _ => {}
+        }
+        response.json(json!({"error": self.code(), "message": self.to_string()}))
+    }
+}
+
+/// `POST /webhook`
+pub async fn webhook(
+    request: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<WebhookState>,
+) -> Result<HttpResponse, WebhookError> {
+    let request_id = request_id(&request);
+    let outcome = accept(&request, payload, &state, &request_id).await;
+    let label = match &outcome {
+        Ok(_) => "accepted",
+        Err(error) => error.code(),
+    };
+    metrics::counter!("harbor_ingest_requests_total", "outcome" => label).increment(1);
+    let mut response = outcome?;
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response
+            .headers_mut()
+            .insert(header::HeaderName::from_static("x-request-id"), value);
+    }
+    Ok(response)
+}
+
+async fn accept(
+    request: &HttpRequest,
+    payload: web::Payload,
+    state: &WebhookState,
+    request_id: &str,
+) -> Result<HttpResponse, WebhookError> {
+    let peer = request
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    let body = read_body(request, payload, state.max_body_bytes)
+        .await
+        .inspect_err(|error| {
+            warn!(%request_id, %peer, %error, "Webhook refused");
+        })?;
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    state.auth.verify(authorization, &body).map_err(|error| {
+        warn!(%request_id, %peer, %error, "Webhook refused");
+        WebhookError::Unauthorized(error)
+    })?;
+    let envelope = Envelope::parse(&body).map_err(|error| {
+        warn!(%request_id, %peer, %error, "Webhook refused");
+        WebhookError::NotAnEvent(error)
+    })?;
+
+    let publisher = state.publisher.borrow().clone();
+    let started = Instant::now();
+    let published = match publisher {
+        None => Err(PublishError::NotConnected),
+        Some(publisher) => {
+            publisher
+                .publish(Outgoing {
+                    exchange: state.topology.exchange(),
+                    routing_key: envelope.event_type.as_str(),
+                    body: &body,
+                    properties: properties(&envelope, request_id),
+                })
+                .await
+        }
+    };
+    metrics::histogram!("harbor_ingest_publish_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    match published {
+        Ok(()) => {
+            info!(
+                %request_id,
+                message_id = %envelope.message_id,
+                event_type = %envelope.event_type,
+                format = envelope.format.as_str(),
+                bytes = body.len(),
+                "Webhook accepted"
+            );
+            Ok(HttpResponse::Accepted()
+                .json(json!({"status": "accepted", "message_id": envelope.message_id})))
+        }
+        Err(error) => {
+            error!(
+                %request_id,
+                message_id = %envelope.message_id,
+                event_type = %envelope.event_type,
+                error = %error,
+                "Webhook not accepted: publish failed"
+            );
+            Err(WebhookError::Unavailable(error))
+        }
+    }
+}
+
+/// Reads the body, refusing it as soon as it is known to be too large.
+async fn read_body(
+    request: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<BytesMut, WebhookError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(WebhookError::TooLarge(limit));
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(8192).min(limit));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|_| WebhookError::Unreadable)?;
+        if body.len() + chunk.len() > limit {
+            return Err(WebhookError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The sender's `X-Request-Id` when it is a sane token, else a new one.
+fn request_id(request: &HttpRequest) -> String {
+    request
+        .headers()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+}
+
+fn properties(envelope: &Envelope, request_id: &str) -> BasicProperties {
+    let now = SystemTime::now();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-payload-format".into(),
+        AMQPValue::LongString(envelope.format.as_str().into()),
+    );
+    headers.insert(
+        "x-received-at".into(),
+        AMQPValue::LongString(humantime::format_rfc3339_millis(now).to_string().into()),
+    );
+    headers.insert(
+        "x-request-id".into(),
+        AMQPValue::LongString(request_id.into()),
+    );
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(envelope.message_id.as_str().into())
+        .with_timestamp(now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+        .with_app_id("harbor-ingest".into())
+        .with_headers(headers)
+}

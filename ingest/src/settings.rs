@@ -1,0 +1,133 @@
+//! Command-line options (each with its environment variable) and the typed settings built from
+//! them once, at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Parser;
+use harbor_shared::config::{AmqpArgs, AmqpSettings, LogArgs, secret_from};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::auth::{AuthMode, Authenticator};
+
+/// Receives Harbor webhooks and publishes them, confirmed, to RabbitMQ.
+#[derive(Parser, Debug)]
+#[command(name = "harbor-ingest", version)]
+pub struct Cli {
+    /// Address to serve `POST /webhook`, `/healthz`, `/readyz` and `/metrics` on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen_addr: SocketAddr,
+
+    /// Webhook secret; several, comma-separated, are all accepted (for rotation).
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// File holding the webhook secret(s), instead of WEBHOOK_SECRET.
+    #[arg(long, env = "WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+
+    /// Accepted `Authorization` forms: `auto` (any), `token` (the secret as sent by Harbor's
+    /// Auth Header), `hmac` (a signature of the body), or `none` (no check: only behind a
+    /// trusted proxy).
+    #[arg(long, env = "WEBHOOK_AUTH_MODE", value_enum, default_value_t = AuthMode::Auto)]
+    pub webhook_auth_mode: AuthMode,
+
+    /// Larger request bodies are refused with 413.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1_048_576)]
+    pub max_body_bytes: usize,
+
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Everything the ingest needs, checked.
+#[derive(Debug)]
+pub struct Settings {
+    /// Where to listen; port 0 picks a free port.
+    pub listen_addr: SocketAddr,
+    /// The `Authorization` check.
+    pub auth: Authenticator,
+    /// Largest accepted body.
+    pub max_body_bytes: usize,
+    /// The broker.
+    pub amqp: AmqpSettings,
+    /// How long a publish may wait for the broker's confirm before the answer is 503.
+    pub confirm_timeout: Duration,
+    /// Confirm-mode channels publishes are spread over.
+    pub publisher_channels: usize,
+}
+
+impl Cli {
+    /// Checks the options; the error names the variable at fault.
+    pub fn into_settings(self) -> anyhow::Result<Settings> {
+        let secrets = secret_from(
+            self.webhook_secret,
+            self.webhook_secret_file,
+            "WEBHOOK_SECRET",
+        )?
+        .map(|raw| split_secrets(&raw))
+        .unwrap_or_default();
+        if self.max_body_bytes == 0 {
+            bail!("MAX_BODY_BYTES must be at least 1");
+        }
+        Ok(Settings {
+            listen_addr: self.listen_addr,
+            auth: Authenticator::new(self.webhook_auth_mode, secrets)?,
+            max_body_bytes: self.max_body_bytes,
+            amqp: self.amqp.into_settings()?,
+            confirm_timeout: Duration::from_secs(5),
+            publisher_channels: 4,
+        })
+    }
+}
+
+/// `a, b` → two secrets; blanks around commas are not part of a secret.
+fn split_secrets(raw: &SecretString) -> Vec<SecretString> {
+    raw.expose_secret()
+        .split(',')
+        .map(str::trim)
+        .filter(|secret| !secret.is_empty())
+        .map(|secret| SecretString::from(secret.to_owned()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> anyhow::Result<Settings> {
+        let mut argv = vec!["harbor-ingest"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv)?.into_settings()
+    }
+
+    #[test]
+    fn refuses_to_start_without_a_secret() {
+        let err = parse(&[]).unwrap_err().to_string();
+        assert!(err.contains("WEBHOOK_SECRET"), "{err}");
+        assert!(err.contains("WEBHOOK_AUTH_MODE=none"), "{err}");
+    }
+
+    #[test]
+    fn starts_without_a_secret_only_when_none_is_asked_for() {
+        let settings = parse(&["--webhook-auth-mode", "none"]).unwrap();
+        assert_eq!(settings.auth.mode(), AuthMode::None);
+    }
+
+    #[test]
+    fn comma_separated_secrets_are_all_kept() {
+        let settings = parse(&["--webhook-secret", "old, new ,"]).unwrap();
+        assert_eq!(settings.auth.secret_count(), 2);
+    }
+
+    #[test]
+    fn a_bad_amqp_url_is_named() {
+        let err = parse(&["--webhook-secret", "s", "--amqp-url", "http://x"]).unwrap_err();
+        assert!(format!("{err:#}").contains("AMQP_URL"));
+    }
+}

@@ -1,0 +1,102 @@
+//! Builds and runs the ingest: the one path production and tests share.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::{App, HttpServer, web};
+use anyhow::Context;
+use harbor_shared::ops::{self, Readiness};
+use harbor_shared::telemetry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::link;
+use crate::routes::webhook::{WebhookState, webhook};
+use crate::settings::Settings;
+
+/// How long a stopping server waits for requests in flight.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A bound, not yet running ingest.
+pub struct Application {
+    port: u16,
+    server: Server,
+    link: JoinHandle<()>,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    /// Binds `LISTEN_ADDR` (port 0 picks one) and starts connecting to the broker.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(settings.listen_addr)
+            .with_context(|| format!("Failed to bind LISTEN_ADDR {}", settings.listen_addr))?;
+        let port = listener
+            .local_addr()
+            .context("Failed to read the bound address")?
+            .port();
+
+        let (publisher_tx, publisher_rx) = watch::channel(None);
+        let readiness = Readiness::default();
+        let shutdown = CancellationToken::new();
+        let link = tokio::spawn(link::maintain(
+            settings.amqp.clone(),
+            settings.publisher_channels,
+            settings.confirm_timeout,
+            publisher_tx,
+            readiness.clone(),
+            shutdown.clone(),
+        ));
+
+        let state = web::Data::new(WebhookState {
+            auth: settings.auth,
+            publisher: publisher_rx,
+            topology: settings.amqp.topology,
+            max_body_bytes: settings.max_body_bytes,
+        });
+        let ops = ops::configure(readiness, telemetry::metrics());
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .configure(ops.clone())
+                .route("/webhook", web::post().to(webhook))
+        })
+        .listen(listener)
+        .context("Failed to listen")?
+        // Slow or idle clients are cut off instead of holding a connection forever.
+        .client_request_timeout(Duration::from_secs(10))
+        .client_disconnect_timeout(Duration::from_secs(5))
+        .keep_alive(Duration::from_secs(75))
+        .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
+        .run();
+        info!(port, "harbor-ingest listening");
+        Ok(Self {
+            port,
+            server,
+            link,
+            shutdown,
+        })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A handle to stop the server as SIGTERM would.
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until SIGTERM/SIGINT (or [`ServerHandle::stop`]): then stops accepting, lets
+    /// requests in flight finish (at most 30 s), and closes the broker connection.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let served = self.server.await;
+        self.shutdown.cancel();
+        let _ = self.link.await;
+        info!("harbor-ingest stopped");
+        served.context("HTTP server failed")
+    }
+}

@@ -1,0 +1,226 @@
+//! The Harbor API (v2.0), read-only: projects, repositories, artifacts.
+//!
+//! Basic auth (a user or a robot account `robot$...`). A 404 means the thing is gone and is
+//! returned as `None`, not as an error.
+
+use std::collections::BTreeMap;
+
+use reqwest::{Client, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use tracing::instrument;
+use url::Url;
+
+use super::{CallError, success, transport_error};
+use crate::names::{Digest, RepositoryName};
+
+/// Scan report types the worker reads, in order of preference.
+pub const VULNERABILITY_REPORTS: &str = "application/vnd.security.vulnerability.report; version=1.1, application/vnd.scanner.adapter.vuln.report.harbor+json; version=1.0";
+
+/// A Harbor project (`GET /projects/{name}`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Project {
+    pub project_id: i64,
+    pub name: String,
+    pub owner_name: Option<String>,
+    pub repo_count: Option<i64>,
+    pub creation_time: Option<String>,
+    pub update_time: Option<String>,
+    pub metadata: ProjectMetadata,
+}
+
+/// Project settings; Harbor sends booleans as the strings `"true"` / `"false"`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ProjectMetadata {
+    pub public: Option<String>,
+}
+
+/// A repository (`GET /projects/{p}/repositories/{r}`); `name` is the full name.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Repository {
+    pub id: i64,
+    pub project_id: i64,
+    pub name: String,
+    pub description: Option<String>,
+    pub artifact_count: Option<i64>,
+    pub pull_count: Option<i64>,
+    pub creation_time: Option<String>,
+    pub update_time: Option<String>,
+}
+
+/// An artifact (`GET .../artifacts/{digest}`) with tags, labels and scan overview.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Artifact {
+    pub id: i64,
+    pub project_id: i64,
+    pub repository_name: Option<String>,
+    pub digest: String,
+    pub size: Option<i64>,
+    #[serde(rename = "type")]
+    pub artifact_type: Option<String>,
+    pub media_type: Option<String>,
+    pub manifest_media_type: Option<String>,
+    pub push_time: Option<String>,
+    pub pull_time: Option<String>,
+    pub tags: Option<Vec<Tag>>,
+    pub labels: Option<Vec<Label>>,
+    pub scan_overview: Option<BTreeMap<String, ScanSummary>>,
+}
+
+/// A tag of an artifact.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Tag {
+    pub name: String,
+}
+
+/// A label on an artifact.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Label {
+    pub name: String,
+}
+
+/// One scan report's summary (`NativeReportSummary`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ScanSummary {
+    pub scan_status: Option<String>,
+    pub severity: Option<String>,
+    pub summary: Option<VulnerabilitySummary>,
+    pub scanner: Option<Scanner>,
+}
+
+/// Vulnerability counts; `summary` maps a severity (`Critical`, ...) to a count.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct VulnerabilitySummary {
+    pub total: Option<i64>,
+    pub fixable: Option<i64>,
+    pub summary: Option<BTreeMap<String, i64>>,
+}
+
+/// The scanner that produced a report.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Scanner {
+    pub name: Option<String>,
+    pub vendor: Option<String>,
+    pub version: Option<String>,
+}
+
+/// A Harbor API client.
+pub struct HarborClient {
+    http: Client,
+    base: Url,
+    username: String,
+    password: SecretString,
+}
+
+impl HarborClient {
+    /// `base` is Harbor's address (`https://harbor.example.com`); the API is under `/api/v2.0`.
+    pub fn new(http: Client, base: Url, username: String, password: SecretString) -> Self {
+        Self {
+            http,
+            base,
+            username,
+            password,
+        }
+    }
+
+    /// Harbor's address, for links to its UI.
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    fn endpoint(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(["api", "v2.0"]).extend(segments);
+        }
+        url
+    }
+
+    async fn get<T: for<'de> Deserialize<'de>>(
+        &self,
+        what: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Option<T>, CallError> {
+        let response = request
+            .basic_auth(&self.username, Some(self.password.expose_secret()))
+            .send()
+            .await
+            .map_err(|error| transport_error(what, &error))?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let response = success(what, response).await?;
+        let found = response
+            .json::<T>()
+            .await
+            .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))?;
+        Ok(Some(found))
+    }
+
+    /// The project, or `None` if it does not exist.
+    #[instrument(skip_all, fields(project = name))]
+    pub async fn project(&self, name: &str) -> Result<Option<Project>, CallError> {
+        let url = self.endpoint(&["projects", name]);
+        let request = self.http.get(url).header("X-Is-Resource-Name", "true");
+        self.get(&format!("Harbor GET project {name}"), request)
+            .await
+    }
+
+    /// The repository, or `None` if it does not exist.
+    #[instrument(skip_all, fields(repository = %repository))]
+    pub async fn repository(
+        &self,
+        repository: &RepositoryName,
+    ) -> Result<Option<Repository>, CallError> {
+        let url = self.endpoint(&[
+            "projects",
+            repository.project(),
+            "repositories",
+            &repository.encoded_once(),
+        ]);
+        self.get(
+            &format!("Harbor GET repository {repository}"),
+            self.http.get(url),
+        )
+        .await
+    }
+
+    /// The artifact with its tags, labels and scan overview, or `None` if it does not exist.
+    #[instrument(skip_all, fields(repository = %repository, digest = %digest))]
+    pub async fn artifact(
+        &self,
+        repository: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<Option<Artifact>, CallError> {
+        let mut url = self.endpoint(&[
+            "projects",
+            repository.project(),
+            "repositories",
+            &repository.encoded_once(),
+            "artifacts",
+            digest.as_str(),
+        ]);
+        url.query_pairs_mut()
+            .append_pair("with_tag", "true")
+            .append_pair("with_label", "true")
+            .append_pair("with_scan_overview", "true");
+        let request = self
+            .http
+            .get(url)
+            .header("X-Accept-Vulnerabilities", VULNERABILITY_REPORTS);
+        self.get(
+            &format!("Harbor GET artifact {repository}@{digest}"),
+            request,
+        )
+        .await
+    }
+}

@@ -1,0 +1,195 @@
+//! HTTP clients for the two APIs the worker talks to. Each call is one attempt; retries are
+//! [`crate::retry`]'s job, driven by the [`CallError`] a call returns.
+
+pub mod harbor;
+pub mod port;
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::{Response, StatusCode};
+
+/// Why a call failed, and whether trying again may help.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    /// Connect errors, timeouts, 408, 429, 5xx: worth retrying, after `retry_after` if the
+    /// server said so.
+    #[error("{reason}")]
+    Transient {
+        /// What happened, for logs and the parked message.
+        reason: String,
+        /// The server's `Retry-After` or `x-ratelimit-reset`.
+        retry_after: Option<Duration>,
+    },
+    /// Any other 4xx, or an answer we cannot use: retrying would get the same.
+    #[error("{reason}")]
+    Permanent {
+        /// What happened.
+        reason: String,
+    },
+}
+
+impl CallError {
+    /// A permanent failure.
+    pub fn permanent(reason: impl Into<String>) -> Self {
+        Self::Permanent {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Whether a status is worth retrying.
+pub fn is_transient(status: StatusCode) -> bool {
+    status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+}
+
+/// A client for one API: pooled keep-alive connections, a timeout per call.
+pub fn http_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .user_agent(concat!("harbor-port-sync/", env!("CARGO_PKG_VERSION")))
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()?)
+}
+
+/// A transport error (no answer): always transient.
+pub fn transport_error(what: &str, error: &reqwest::Error) -> CallError {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "could not connect"
+    } else {
+        "failed"
+    };
+    let detail = error_chain(error);
+    CallError::Transient {
+        reason: format!("{what} {kind}: {detail}"),
+        retry_after: None,
+    }
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Passes a 2xx answer through; turns any other into a [`CallError`] carrying the status and
+/// the start of the body.
+pub async fn success(what: &str, response: Response) -> Result<Response, CallError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let retry_after = retry_after(response.headers(), SystemTime::now());
+    let body = response.text().await.unwrap_or_default();
+    let excerpt: String = body.chars().take(300).collect();
+    let reason = format!("{what} answered {status}: {excerpt}");
+    Err(if is_transient(status) {
+        CallError::Transient {
+            reason,
+            retry_after,
+        }
+    } else {
+        CallError::Permanent { reason }
+    })
+}
+
+/// How long the server asked us to wait: `Retry-After` (seconds or an HTTP date), else
+/// `x-ratelimit-reset` (seconds to wait, or a Unix time when it is that large).
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(value) = header(RETRY_AFTER.as_str()) {
+        if let Ok(seconds) = value.parse::<u64>() {
+            return Some(Duration::from_secs(seconds));
+        }
+        if let Ok(at) = httpdate(value) {
+            return Some(at.duration_since(now).unwrap_or_default());
+        }
+    }
+    let reset = header("x-ratelimit-reset")?.parse::<f64>().ok()?;
+    if !reset.is_finite() || reset < 0.0 {
+        return None;
+    }
+    const UNIX_TIME_THRESHOLD: f64 = 1_000_000_000.0;
+    if reset >= UNIX_TIME_THRESHOLD {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(reset);
+        Some(at.duration_since(now).unwrap_or_default())
+    } else {
+        Some(Duration::from_secs_f64(reset))
+    }
+}
+
+fn httpdate(value: &str) -> Result<SystemTime, humantime::TimestampError> {
+    // humantime reads RFC 3339; HTTP dates (`Wed, 21 Oct 2015 07:28:00 GMT`) are converted.
+    let parts: Vec<&str> = value.split_whitespace().collect();
+    let [_, day, month, year, time, "GMT"] = parts.as_slice() else {
+        return humantime::parse_rfc3339(value);
+    };
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = months.iter().position(|m| m == month).map_or(0, |m| m + 1);
+    humantime::parse_rfc3339(&format!("{year}-{month:02}-{day:0>2}T{time}Z"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    fn headers(name: &'static str, value: &str) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        map.insert(name, HeaderValue::from_str(value).unwrap());
+        map
+    }
+
+    #[test]
+    fn transient_statuses_are_408_429_and_5xx() {
+        for code in [408, 429, 500, 502, 503, 504] {
+            assert!(is_transient(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+        for code in [400, 401, 403, 404, 409, 413, 422] {
+            assert!(!is_transient(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_dates_and_rate_limit_resets() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_470);
+        assert_eq!(
+            retry_after(&headers("retry-after", "7"), now),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            retry_after(
+                &headers("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT"),
+                now
+            ),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            retry_after(&headers("x-ratelimit-reset", "3"), now),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            retry_after(&headers("x-ratelimit-reset", "1445412475"), now),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(retry_after(&headers("retry-after", "soon"), now), None);
+        assert_eq!(retry_after(&HeaderMap::new(), now), None);
+    }
+}

@@ -1,0 +1,230 @@
+//! The Port API: access token, entity upsert and delete, blueprint create-or-update.
+//!
+//! The access token is fetched with the client id and secret, shared by every call, refreshed
+//! before it expires, and once more if Port answers 401 (a token revoked early).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use reqwest::{Client, RequestBuilder, Response, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tracing::{debug, instrument};
+use url::Url;
+
+use super::{CallError, success, transport_error};
+use crate::entities::Entity;
+
+struct Token {
+    value: SecretString,
+    refresh_at: Instant,
+}
+
+/// A Port API client.
+pub struct PortClient {
+    http: Client,
+    base: Url,
+    client_id: String,
+    client_secret: SecretString,
+    token: Mutex<Option<Token>>,
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+/// What [`PortClient::apply_blueprint`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The blueprint did not exist.
+    Created,
+    /// The blueprint existed and was updated (merged).
+    Updated,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AccessToken {
+    access_token: String,
+    expires_in: f64,
+}
+
+impl PortClient {
+    /// `base` is the API's address (`https://api.port.io`).
+    pub fn new(http: Client, base: Url, client_id: String, client_secret: SecretString) -> Self {
+        Self {
+            http,
+            base,
+            client_id,
+            client_secret,
+            token: Mutex::new(None),
+            refreshing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn endpoint(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().push("v1").extend(segments);
+        }
+        url
+    }
+
+    fn cached_token(&self) -> Option<SecretString> {
+        let guard = self.token.lock().ok()?;
+        guard
+            .as_ref()
+            .filter(|token| Instant::now() < token.refresh_at)
+            .map(|token| token.value.clone())
+    }
+
+    /// The shared token, fetching a new one when there is none or it is about to expire. One
+    /// caller fetches; the others wait for it.
+    async fn token(&self) -> Result<SecretString, CallError> {
+        if let Some(token) = self.cached_token() {
+            return Ok(token);
+        }
+        let _refreshing = self.refreshing.lock().await;
+        if let Some(token) = self.cached_token() {
+            return Ok(token);
+        }
+        let what = "Port POST /v1/auth/access_token";
+        let response = self
+            .http
+            .post(self.endpoint(&["auth", "access_token"]))
+            .json(&json!({
+                "clientId": self.client_id,
+                "clientSecret": self.client_secret.expose_secret(),
+            }))
+            .send()
+            .await
+            .map_err(|error| transport_error(what, &error))?;
+        if matches!(
+            response.status(),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ) {
+            return Err(CallError::permanent(format!(
+                "{what} answered {}: check PORT_CLIENT_ID and PORT_CLIENT_SECRET",
+                response.status()
+            )));
+        }
+        let fresh: AccessToken = success(what, response)
+            .await?
+            .json()
+            .await
+            .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))?;
+        // Refresh a minute early, or halfway through a short lifetime.
+        let lifetime = Duration::from_secs_f64(fresh.expires_in.clamp(0.0, 86_400.0 * 30.0));
+        let early = Duration::from_secs(60).min(lifetime / 2);
+        let value = SecretString::from(fresh.access_token);
+        if let Ok(mut guard) = self.token.lock() {
+            *guard = Some(Token {
+                value: value.clone(),
+                refresh_at: Instant::now() + lifetime - early,
+            });
+        }
+        debug!(expires_in = fresh.expires_in, "Fetched a Port access token");
+        Ok(value)
+    }
+
+    /// Drops the cached token if it is still `stale`, so the next call fetches a new one.
+    fn forget(&self, stale: &SecretString) {
+        if let Ok(mut guard) = self.token.lock()
+            && guard
+                .as_ref()
+                .is_some_and(|t| t.value.expose_secret() == stale.expose_secret())
+        {
+            *guard = None;
+        }
+    }
+
+    /// Sends an authenticated request; on 401, fetches a new token and sends it once more.
+    async fn send(
+        &self,
+        what: &str,
+        request: impl Fn(&str) -> RequestBuilder,
+    ) -> Result<Response, CallError> {
+        let token = self.token().await?;
+        let response = request(token.expose_secret())
+            .send()
+            .await
+            .map_err(|error| transport_error(what, &error))?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(response);
+        }
+        self.forget(&token);
+        let token = self.token().await?;
+        request(token.expose_secret())
+            .send()
+            .await
+            .map_err(|error| transport_error(what, &error))
+    }
+
+    /// Creates the entity or merges it into the existing one; a missing related entity (the
+    /// repository of an artifact, say) is created empty, to be filled in by its own upsert.
+    #[instrument(skip_all, fields(blueprint = blueprint, identifier = %entity.identifier))]
+    pub async fn upsert(&self, blueprint: &str, entity: &Entity) -> Result<(), CallError> {
+        let mut url = self.endpoint(&["blueprints", blueprint, "entities"]);
+        url.query_pairs_mut()
+            .append_pair("upsert", "true")
+            .append_pair("merge", "true")
+            .append_pair("create_missing_related_entities", "true");
+        let what = format!("Port upsert {blueprint} {}", entity.identifier);
+        let response = self
+            .send(&what, |token| {
+                self.http.post(url.clone()).bearer_auth(token).json(entity)
+            })
+            .await?;
+        success(&what, response).await.map(drop)
+    }
+
+    /// Deletes the entity; one that does not exist counts as deleted.
+    #[instrument(skip_all, fields(blueprint = blueprint, identifier = identifier))]
+    pub async fn delete(&self, blueprint: &str, identifier: &str) -> Result<(), CallError> {
+        let mut url = self.endpoint(&["blueprints", blueprint, "entities", identifier]);
+        url.query_pairs_mut()
+            .append_pair("delete_dependents", "false");
+        let what = format!("Port delete {blueprint} {identifier}");
+        let response = self
+            .send(&what, |token| {
+                self.http.delete(url.clone()).bearer_auth(token)
+            })
+            .await?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        success(&what, response).await.map(drop)
+    }
+
+    /// Updates a blueprint (`PATCH`, which merges and keeps fields added in Port's UI), or
+    /// creates it when it does not exist yet.
+    #[instrument(skip_all, fields(blueprint = identifier))]
+    pub async fn apply_blueprint(
+        &self,
+        identifier: &str,
+        blueprint: &Value,
+    ) -> Result<Applied, CallError> {
+        let what = format!("Port update blueprint {identifier}");
+        let url = self.endpoint(&["blueprints", identifier]);
+        let response = self
+            .send(&what, |token| {
+                self.http
+                    .patch(url.clone())
+                    .bearer_auth(token)
+                    .json(blueprint)
+            })
+            .await?;
+        if response.status() != StatusCode::NOT_FOUND {
+            return success(&what, response).await.map(|_| Applied::Updated);
+        }
+        let what = format!("Port create blueprint {identifier}");
+        let url = self.endpoint(&["blueprints"]);
+        let response = self
+            .send(&what, |token| {
+                self.http
+                    .post(url.clone())
+                    .bearer_auth(token)
+                    .json(blueprint)
+            })
+            .await?;
+        success(&what, response).await.map(|_| Applied::Created)
+    }
+}

@@ -1,0 +1,314 @@
+//! The RabbitMQ side of the worker: consume with manual acks and a bounded number of events in
+//! flight, hand each to the [`Handler`], and settle each delivery exactly once:
+//!
+//! - handled (synced, ignored or skipped): ack;
+//! - failed after retries, unparseable, or the handler panicked: park (a confirmed publish of
+//!   the original message, with `x-failure-reason`, `x-failed-at` and `x-attempts` headers, to
+//!   the dead-letter exchange), then ack;
+//! - parking itself failed: nack with requeue, which counts toward the queue's delivery limit,
+//!   so the broker dead-letters the message after a few rounds instead of looping forever.
+//!
+//! Nothing is acked before its writes are done: a crash or a lost connection leaves the
+//! delivery unacked, and the broker delivers it again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, anyhow};
+use futures_util::StreamExt;
+use harbor_shared::broker;
+use harbor_shared::config::AmqpSettings;
+use harbor_shared::event::HarborEvent;
+use harbor_shared::ops::Readiness;
+use harbor_shared::publisher::{Outgoing, Publisher};
+use harbor_shared::topology::Topology;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::handler::{Handler, Outcome, Subject};
+
+/// How long parking may wait for the broker's confirm.
+const PARK_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the consumer runs.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    /// The broker and the queue names.
+    pub amqp: AmqpSettings,
+    /// Prefetch: events in flight at once.
+    pub concurrency: u16,
+    /// On shutdown, how long events in flight may take to finish.
+    pub drain_timeout: Duration,
+}
+
+/// Consumes until `shutdown`, reconnecting whenever the connection is lost.
+pub async fn run(
+    settings: ConsumerSettings,
+    handler: Arc<Handler>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    let (settings_ref, handler, readiness_ref, shutdown_ref) =
+        (&settings, &handler, &readiness, &shutdown);
+    broker::run_reconnecting(
+        &settings.amqp,
+        "harbor-worker",
+        &shutdown,
+        move |connection| async move {
+            let result = session(
+                &connection,
+                settings_ref,
+                handler,
+                readiness_ref,
+                shutdown_ref,
+            )
+            .await;
+            readiness_ref.set(false);
+            result
+        },
+    )
+    .await;
+}
+
+async fn session(
+    connection: &Connection,
+    settings: &ConsumerSettings,
+    handler: &Arc<Handler>,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let topology = &settings.amqp.topology;
+    let parker = Arc::new(Publisher::open(connection, 1, PARK_CONFIRM_TIMEOUT).await?);
+    let channel = connection
+        .create_channel()
+        .await
+        .context("Failed to open the consuming channel")?;
+    // Per-consumer prefetch (quorum queues refuse global QoS).
+    channel
+        .basic_qos(settings.concurrency, BasicQosOptions { global: false })
+        .await
+        .context("Failed to set the prefetch")?;
+    let tag = format!("harbor-worker-{}", uuid::Uuid::new_v4());
+    let mut deliveries = channel
+        .basic_consume(
+            topology.queue().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("Failed to consume from {}", topology.queue()))?;
+    readiness.set(true);
+    info!(
+        queue = topology.queue(),
+        prefetch = settings.concurrency,
+        "Consuming"
+    );
+
+    let in_flight = TaskTracker::new();
+    let closed = broker::closed(connection);
+    tokio::pin!(closed);
+    let ended = loop {
+        tokio::select! {
+            delivery = deliveries.next() => match delivery {
+                Some(Ok(delivery)) => {
+                    in_flight.spawn(process(
+                        delivery,
+                        Arc::clone(handler),
+                        Arc::clone(&parker),
+                        topology.clone(),
+                    ));
+                }
+                Some(Err(error)) => break Err(anyhow::Error::new(error).context("Consuming failed")),
+                None => break Err(anyhow!("The broker ended the consumer")),
+            },
+            () = &mut closed => break Ok(()),
+            () = parker.broken() => break Err(anyhow!("The parking channel failed")),
+            () = shutdown.cancelled() => break Ok(()),
+        }
+    };
+    readiness.set(false);
+
+    if shutdown.is_cancelled() {
+        // No new deliveries; deliveries received but not started stay unacked and are
+        // requeued when the connection closes.
+        let _ = channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+        in_flight.close();
+        info!(
+            in_flight = in_flight.len(),
+            "Stopping: finishing events in flight"
+        );
+        if tokio::time::timeout(settings.drain_timeout, in_flight.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                in_flight = in_flight.len(),
+                "Events still in flight at the drain timeout; they stay unacked and will be redelivered"
+            );
+        }
+    }
+    ended
+}
+
+/// What to do with a delivery.
+enum Verdict {
+    Ack,
+    Park { reason: String, attempts: u32 },
+}
+
+async fn process(
+    delivery: Delivery,
+    handler: Arc<Handler>,
+    parker: Arc<Publisher>,
+    topology: Topology,
+) {
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), ToString::to_string);
+    let span = info_span!(
+        "event",
+        message_id = %message_id,
+        event_type = %delivery.routing_key,
+        subject = tracing::field::Empty,
+        redelivered = delivery.redelivered,
+    );
+    async move {
+        metrics::gauge!("harbor_worker_events_in_flight").increment(1.0);
+        let started = Instant::now();
+        let (verdict, event_type, outcome) = decide(&delivery, handler).await;
+        settle(delivery, verdict, &parker, &topology).await;
+        metrics::counter!("harbor_worker_events_total", "event_type" => event_type.clone(), "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!("harbor_worker_event_duration_seconds", "event_type" => event_type)
+            .record(started.elapsed().as_secs_f64());
+        metrics::gauge!("harbor_worker_events_in_flight").decrement(1.0);
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Parses and handles; returns the verdict and the metric labels (event type, outcome).
+async fn decide(delivery: &Delivery, handler: Arc<Handler>) -> (Verdict, String, &'static str) {
+    let event = match HarborEvent::parse(&delivery.data) {
+        Ok(event) => event,
+        Err(error) => {
+            let reason = format!("not a Harbor event: {error}");
+            return (
+                Verdict::Park {
+                    reason,
+                    attempts: 0,
+                },
+                "invalid".to_owned(),
+                "parked",
+            );
+        }
+    };
+    let event_type = event.event_type.metric_label().to_owned();
+    if let Ok(subject) = Subject::of(&event.data) {
+        let shown = match subject.digests.as_slice() {
+            [digest] => format!("{}@{digest}", subject.repository),
+            _ => subject.repository.to_string(),
+        };
+        tracing::Span::current().record("subject", shown);
+    }
+    let started = Instant::now();
+    // Its own task, so that a panic in the handler is caught and the delivery still settled.
+    let handled = tokio::spawn(async move { handler.handle(&event).await }).await;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let (verdict, outcome) = match handled {
+        Ok(Ok(Outcome::Synced { upserted, deleted })) => {
+            info!(upserted, deleted, elapsed_ms, "Event synced");
+            (Verdict::Ack, "synced")
+        }
+        Ok(Ok(Outcome::Ignored)) => {
+            info!("Event ignored: no action for this type");
+            (Verdict::Ack, "ignored")
+        }
+        Ok(Ok(Outcome::Skipped(reason))) => {
+            warn!(%reason, "Event skipped");
+            (Verdict::Ack, "skipped")
+        }
+        Ok(Err(failure)) => (
+            Verdict::Park {
+                reason: failure.reason,
+                attempts: failure.attempts,
+            },
+            "parked",
+        ),
+        Err(join_error) => (
+            Verdict::Park {
+                reason: format!("the handler panicked: {join_error}"),
+                attempts: 1,
+            },
+            "parked",
+        ),
+    };
+    (verdict, event_type, outcome)
+}
+
+async fn settle(delivery: Delivery, verdict: Verdict, parker: &Publisher, topology: &Topology) {
+    if let Verdict::Park { reason, attempts } = verdict {
+        error!(%reason, attempts, "Event parked");
+        let parked = parker
+            .publish(Outgoing {
+                exchange: &topology.dead_letter_exchange(),
+                routing_key: delivery.routing_key.as_str(),
+                body: &delivery.data,
+                properties: parked_properties(&delivery.properties, &reason, attempts),
+            })
+            .await;
+        if let Err(error) = parked {
+            error!(%error, "Could not park the event; returning it to the queue");
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            if let Err(error) = delivery.nack(requeue).await {
+                debug!(%error, "Nack failed; the broker will redeliver the event");
+            }
+            return;
+        }
+    }
+    match delivery.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
+        Ok(false) => {
+            debug!("Ack not sent: the delivery belongs to a closed channel and will be redelivered")
+        }
+        Err(error) => debug!(%error, "Ack failed; the broker will redeliver the event"),
+    }
+}
+
+/// The original properties plus the failure headers.
+fn parked_properties(original: &BasicProperties, reason: &str, attempts: u32) -> BasicProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    let reason: String = reason.chars().take(2000).collect();
+    headers.insert(
+        "x-failure-reason".into(),
+        AMQPValue::LongString(reason.into()),
+    );
+    headers.insert(
+        "x-failed-at".into(),
+        AMQPValue::LongString(
+            humantime::format_rfc3339_millis(SystemTime::now())
+                .to_string()
+                .into(),
+        ),
+    );
+    headers.insert(
+        "x-attempts".into(),
+        AMQPValue::LongLongInt(i64::from(attempts)),
+    );
+    original.clone().with_delivery_mode(2).with_headers(headers)
+}

@@ -1,0 +1,241 @@
+//! What each event does. Knows Harbor and Port, nothing of RabbitMQ.
+//!
+//! An event only says *what to refresh*: Harbor gives no ordering and sends duplicates, so the
+//! handler always re-reads the current state from Harbor and writes that to Port.
+//!
+//! | event                              | Harbor reads                   | Port writes                   |
+//! |------------------------------------|--------------------------------|-------------------------------|
+//! | `PUSH_ARTIFACT`, `PULL_ARTIFACT`, `DELETE_ARTIFACT` | each artifact, the repository | upsert what exists, delete what answers 404 |
+//! | `SCANNING_COMPLETED` / `_FAILED` / `_STOPPED` | each artifact (with scan overview) | upsert it, or delete on 404 |
+//! | anything else                      | none                           | none (ignored)                |
+//!
+//! A repository that answers 404 is gone: its entity and those of the named artifacts are
+//! deleted. A project's entity is written the first time one of its repositories is.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use futures_util::future::try_join_all;
+use harbor_shared::event::{EventData, EventType, HarborEvent};
+use tracing::warn;
+
+use crate::clients::CallError;
+use crate::clients::harbor::HarborClient;
+use crate::clients::port::PortClient;
+use crate::entities::{self, ARTIFACT, PROJECT, REPOSITORY};
+use crate::names::{Digest, RepositoryName};
+use crate::retry::{Budget, RetryPolicy};
+
+/// What became of an event that did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Port now reflects Harbor.
+    Synced {
+        /// Entities upserted.
+        upserted: usize,
+        /// Entities deleted.
+        deleted: usize,
+    },
+    /// An event type the worker does not act on.
+    Ignored,
+    /// The event lacks what it would need to be acted on.
+    Skipped(String),
+}
+
+/// Why an event could not be synced, after retries.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+#[error("{reason}")]
+pub struct Failure {
+    /// The last error.
+    pub reason: String,
+    /// Calls made, retries included.
+    pub attempts: u32,
+}
+
+/// What an artifact event is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    /// The repository.
+    pub repository: RepositoryName,
+    /// The artifacts, without duplicates.
+    pub digests: Vec<Digest>,
+}
+
+impl Subject {
+    /// Reads the repository and digests of an event; `Err` says what is missing.
+    pub fn of(data: &EventData) -> Result<Self, String> {
+        let full_name = data
+            .repository
+            .as_ref()
+            .and_then(|r| r.full_name())
+            .ok_or("the event names no repository")?;
+        let repository = RepositoryName::parse(&full_name).map_err(|e| e.to_string())?;
+        let mut digests = Vec::new();
+        for resource in &data.resources {
+            match resource.digest.as_deref().map(Digest::parse) {
+                Some(Ok(digest)) if !digests.contains(&digest) => digests.push(digest),
+                Some(Ok(_)) => {}
+                Some(Err(error)) => warn!(%error, "Ignoring a resource of the event"),
+                None => warn!("Ignoring a resource of the event: it has no digest"),
+            }
+        }
+        if digests.is_empty() {
+            return Err("the event names no artifact digest".to_owned());
+        }
+        Ok(Self {
+            repository,
+            digests,
+        })
+    }
+}
+
+/// Turns events into Port writes.
+pub struct Handler {
+    harbor: HarborClient,
+    port: PortClient,
+    retry: RetryPolicy,
+    known_projects: Mutex<HashSet<String>>,
+}
+
+impl Handler {
+    /// A handler with its clients.
+    pub fn new(harbor: HarborClient, port: PortClient, retry: RetryPolicy) -> Self {
+        Self {
+            harbor,
+            port,
+            retry,
+            known_projects: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The Port client, for commands that write to Port directly.
+    pub fn port(&self) -> &PortClient {
+        &self.port
+    }
+
+    /// Handles one event, retrying failed calls within the event's budget.
+    pub async fn handle(&self, event: &HarborEvent) -> Result<Outcome, Failure> {
+        let refresh_repository = match event.event_type {
+            EventType::PushArtifact | EventType::PullArtifact | EventType::DeleteArtifact => true,
+            EventType::ScanningCompleted
+            | EventType::ScanningFailed
+            | EventType::ScanningStopped => false,
+            _ => return Ok(Outcome::Ignored),
+        };
+        let subject = match Subject::of(&event.data) {
+            Ok(subject) => subject,
+            Err(missing) => return Ok(Outcome::Skipped(missing)),
+        };
+        let budget = Budget::start(self.retry);
+        self.sync(&subject, refresh_repository, &budget)
+            .await
+            .map_err(|error| Failure {
+                reason: error.to_string(),
+                attempts: budget.attempts(),
+            })
+    }
+
+    /// Reads the subject from Harbor (all reads at once) and writes it to Port.
+    async fn sync(
+        &self,
+        subject: &Subject,
+        refresh_repository: bool,
+        budget: &Budget,
+    ) -> Result<Outcome, CallError> {
+        let name = &subject.repository;
+        let repository = async {
+            if refresh_repository {
+                budget
+                    .run("harbor", || self.harbor.repository(name))
+                    .await
+                    .map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let artifacts = try_join_all(subject.digests.iter().map(|digest| async move {
+            let found = budget
+                .run("harbor", || self.harbor.artifact(name, digest))
+                .await?;
+            Ok::<_, CallError>((digest, found))
+        }));
+        let (repository, artifacts) = futures_util::try_join!(repository, artifacts)?;
+
+        if let Some(None) = repository {
+            // The repository is gone, and with it every artifact it had.
+            let deletes = subject.digests.iter().map(|digest| {
+                let id = entities::artifact_id(name, digest);
+                async move { budget.run("port", || self.port.delete(ARTIFACT, &id)).await }
+            });
+            try_join_all(deletes).await?;
+            budget
+                .run("port", || self.port.delete(REPOSITORY, name.full()))
+                .await?;
+            return Ok(Outcome::Synced {
+                upserted: 0,
+                deleted: subject.digests.len() + 1,
+            });
+        }
+
+        let mut upserted = 0;
+        if let Some(Some(repository)) = &repository {
+            upserted += self.ensure_project(name.project(), budget).await?;
+            let entity = entities::repository(name, repository, self.harbor.base());
+            budget
+                .run("port", || self.port.upsert(REPOSITORY, &entity))
+                .await?;
+            upserted += 1;
+        }
+
+        let mut deleted = 0;
+        let writes = artifacts.iter().map(|(digest, found)| async move {
+            match found {
+                Some(artifact) => {
+                    let entity = entities::artifact(name, digest, artifact, self.harbor.base());
+                    budget
+                        .run("port", || self.port.upsert(ARTIFACT, &entity))
+                        .await?;
+                    Ok::<_, CallError>(true)
+                }
+                None => {
+                    let id = entities::artifact_id(name, digest);
+                    budget
+                        .run("port", || self.port.delete(ARTIFACT, &id))
+                        .await?;
+                    Ok(false)
+                }
+            }
+        });
+        for was_upsert in try_join_all(writes).await? {
+            if was_upsert {
+                upserted += 1;
+            } else {
+                deleted += 1;
+            }
+        }
+        Ok(Outcome::Synced { upserted, deleted })
+    }
+
+    /// Writes the project's entity unless this worker already did; returns how many entities
+    /// it wrote (0 or 1).
+    async fn ensure_project(&self, project: &str, budget: &Budget) -> Result<usize, CallError> {
+        let known = |p: &str| self.known_projects.lock().is_ok_and(|set| set.contains(p));
+        if known(project) {
+            return Ok(0);
+        }
+        let Some(found) = budget
+            .run("harbor", || self.harbor.project(project))
+            .await?
+        else {
+            return Ok(0);
+        };
+        let entity = entities::project(&found);
+        budget
+            .run("port", || self.port.upsert(PROJECT, &entity))
+            .await?;
+        if let Ok(mut set) = self.known_projects.lock() {
+            set.insert(project.to_owned());
+        }
+        Ok(1)
+    }
+}

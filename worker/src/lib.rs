@@ -1,0 +1,16 @@
+//! `harbor-worker`: consumes Harbor events from RabbitMQ, re-reads the current state of what
+//! each names from the Harbor API, and writes it to Port. Failed calls are retried with backoff
+//! within a per-event budget; what still fails is parked, with its reason, in the parked queue.
+//!
+//! [`handler`] holds the event logic and knows nothing of RabbitMQ; [`consumer`] holds the
+//! RabbitMQ loop and knows nothing of Harbor.
+
+pub mod blueprints;
+pub mod clients;
+pub mod consumer;
+pub mod entities;
+pub mod handler;
+pub mod names;
+pub mod retry;
+pub mod settings;
+pub mod startup;

@@ -1,0 +1,313 @@
+//! Command-line options (each with its environment variable) and the typed settings built from
+//! them once, at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use harbor_shared::config::{AmqpArgs, AmqpSettings, LogArgs, required_secret};
+use secrecy::SecretString;
+use url::Url;
+
+use crate::retry::RetryPolicy;
+
+/// Consumes Harbor events from RabbitMQ and keeps Port's catalog in sync with Harbor.
+#[derive(Parser, Debug)]
+#[command(name = "harbor-worker", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+
+    #[command(flatten)]
+    pub harbor: HarborArgs,
+
+    #[command(flatten)]
+    pub port: PortArgs,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// What to do; consuming is the default.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Consume events and sync them to Port (the default).
+    Run,
+    /// Create or update the harborProject, harborRepository and harborArtifact blueprints in
+    /// Port, then exit.
+    Blueprints,
+}
+
+/// The Harbor API.
+#[derive(Args, Debug, Clone)]
+pub struct HarborArgs {
+    /// Harbor's address, e.g. `https://harbor.example.com` (the API is under `/api/v2.0`).
+    #[arg(long, env = "HARBOR_URL")]
+    pub harbor_url: Option<String>,
+
+    /// Harbor user; a robot account (`robot$project+name`) with read access is enough.
+    #[arg(long, env = "HARBOR_USERNAME")]
+    pub harbor_username: Option<String>,
+
+    /// Harbor password or robot secret.
+    #[arg(long, env = "HARBOR_PASSWORD", hide_env_values = true)]
+    pub harbor_password: Option<String>,
+
+    /// File holding the Harbor password, instead of HARBOR_PASSWORD.
+    #[arg(long, env = "HARBOR_PASSWORD_FILE")]
+    pub harbor_password_file: Option<PathBuf>,
+}
+
+/// The Port API.
+#[derive(Args, Debug, Clone)]
+pub struct PortArgs {
+    /// Port's API: `https://api.port.io` (EU) or `https://api.us.port.io` (US).
+    #[arg(long, env = "PORT_API_URL", default_value = "https://api.port.io")]
+    pub port_api_url: String,
+
+    /// Port client id (Port → Credentials).
+    #[arg(long, env = "PORT_CLIENT_ID", hide_env_values = true)]
+    pub port_client_id: Option<String>,
+
+    /// Port client secret.
+    #[arg(long, env = "PORT_CLIENT_SECRET", hide_env_values = true)]
+    pub port_client_secret: Option<String>,
+
+    /// File holding the Port client secret, instead of PORT_CLIENT_SECRET.
+    #[arg(long, env = "PORT_CLIENT_SECRET_FILE")]
+    pub port_client_secret_file: Option<PathBuf>,
+}
+
+/// How the consumer runs.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Events in flight at once (the consumer's prefetch), 1-1000.
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 32)]
+    pub worker_concurrency: u16,
+
+    /// Time budget for retrying one event's failed calls before the event is parked (at most
+    /// 15 minutes: the broker takes back a delivery held for 30).
+    #[arg(long, env = "RETRY_MAX_ELAPSED", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub retry_max_elapsed: Duration,
+
+    /// Address to serve `/healthz`, `/readyz` and `/metrics` on.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+
+    /// Timeout of one HTTP call to Harbor or Port.
+    #[arg(long, env = "HTTP_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_timeout: Duration,
+
+    /// On SIGTERM, how long events in flight may take to finish before the worker exits anyway
+    /// (they are then redelivered).
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+/// Where Harbor is and how to log in.
+#[derive(Debug, Clone)]
+pub struct HarborSettings {
+    /// Harbor's address.
+    pub url: Url,
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: SecretString,
+}
+
+/// Where Port is and how to log in.
+#[derive(Debug, Clone)]
+pub struct PortSettings {
+    /// The API's address.
+    pub url: Url,
+    /// Client id.
+    pub client_id: String,
+    /// Client secret.
+    pub client_secret: SecretString,
+}
+
+/// Everything the consuming worker needs, checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The broker.
+    pub amqp: AmqpSettings,
+    /// Harbor.
+    pub harbor: HarborSettings,
+    /// Port.
+    pub port: PortSettings,
+    /// Events in flight.
+    pub concurrency: u16,
+    /// Retry budget per event and spacing.
+    pub retry: RetryPolicy,
+    /// Where `/healthz`, `/readyz`, `/metrics` are served; port 0 picks one.
+    pub metrics_addr: SocketAddr,
+    /// Per-call HTTP timeout.
+    pub http_timeout: Duration,
+    /// Drain time on shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+/// An `http(s)://` base URL without credentials, query or fragment.
+fn base_url(raw: &str, var: &str) -> anyhow::Result<Url> {
+    let url =
+        Url::parse(raw.trim_end_matches('/')).with_context(|| format!("{var} is not a URL"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        bail!("{var} must be an http:// or https:// address");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        bail!("{var} must not carry credentials; use the username and password settings");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        bail!("{var} must not have a query or fragment");
+    }
+    Ok(url)
+}
+
+fn required(value: Option<String>, var: &str) -> anyhow::Result<String> {
+    value
+        .filter(|v| !v.is_empty())
+        .with_context(|| format!("{var} is required"))
+}
+
+impl HarborArgs {
+    /// Checks the Harbor options.
+    pub fn into_settings(self) -> anyhow::Result<HarborSettings> {
+        Ok(HarborSettings {
+            url: base_url(&required(self.harbor_url, "HARBOR_URL")?, "HARBOR_URL")?,
+            username: required(self.harbor_username, "HARBOR_USERNAME")?,
+            password: required_secret(
+                self.harbor_password,
+                self.harbor_password_file,
+                "HARBOR_PASSWORD",
+            )?,
+        })
+    }
+}
+
+impl PortArgs {
+    /// Checks the Port options.
+    pub fn into_settings(self) -> anyhow::Result<PortSettings> {
+        Ok(PortSettings {
+            url: base_url(&self.port_api_url, "PORT_API_URL")?,
+            client_id: required(self.port_client_id, "PORT_CLIENT_ID")?,
+            client_secret: required_secret(
+                self.port_client_secret,
+                self.port_client_secret_file,
+                "PORT_CLIENT_SECRET",
+            )?,
+        })
+    }
+}
+
+impl Cli {
+    /// Checks everything the consuming worker needs.
+    pub fn into_settings(self) -> anyhow::Result<Settings> {
+        let run = self.run;
+        if !(1..=1000).contains(&run.worker_concurrency) {
+            bail!("WORKER_CONCURRENCY must be between 1 and 1000");
+        }
+        if run.retry_max_elapsed > Duration::from_secs(15 * 60) {
+            bail!(
+                "RETRY_MAX_ELAPSED must be at most 15m (RabbitMQ takes back deliveries held 30m)"
+            );
+        }
+        if run.http_timeout.is_zero() {
+            bail!("HTTP_TIMEOUT must be more than 0");
+        }
+        Ok(Settings {
+            amqp: self.amqp.into_settings()?,
+            harbor: self.harbor.into_settings()?,
+            port: self.port.into_settings()?,
+            concurrency: run.worker_concurrency,
+            retry: RetryPolicy::with_budget(run.retry_max_elapsed),
+            metrics_addr: run.metrics_addr,
+            http_timeout: run.http_timeout,
+            shutdown_timeout: run.shutdown_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> anyhow::Result<Settings> {
+        let mut argv = vec!["harbor-worker"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv)?.into_settings()
+    }
+
+    const COMPLETE: [&str; 10] = [
+        "--harbor-url",
+        "https://harbor.example.com/",
+        "--harbor-username",
+        "robot$ci",
+        "--harbor-password",
+        "pw",
+        "--port-client-id",
+        "id",
+        "--port-client-secret",
+        "secret",
+    ];
+
+    #[test]
+    fn complete_options_give_settings_with_the_documented_defaults() {
+        let settings = parse(&COMPLETE).unwrap();
+        assert_eq!(settings.harbor.url.as_str(), "https://harbor.example.com/");
+        assert_eq!(settings.port.url.as_str(), "https://api.port.io/");
+        assert_eq!(settings.concurrency, 32);
+        assert_eq!(settings.retry.max_elapsed, Duration::from_secs(60));
+        assert_eq!(settings.metrics_addr.port(), 9090);
+        assert_eq!(
+            settings.amqp.topology.parked_queue(),
+            "harbor.events.parked"
+        );
+    }
+
+    #[test]
+    fn each_missing_option_is_named() {
+        for (i, var) in [
+            (1, "HARBOR_URL"),
+            (3, "HARBOR_USERNAME"),
+            (5, "HARBOR_PASSWORD"),
+            (7, "PORT_CLIENT_ID"),
+            (9, "PORT_CLIENT_SECRET"),
+        ] {
+            let mut args = COMPLETE.to_vec();
+            args.drain(i - 1..=i);
+            let err = format!("{:#}", parse(&args).unwrap_err());
+            assert!(err.contains(var), "{var}: {err}");
+        }
+    }
+
+    #[test]
+    fn unsafe_values_are_refused() {
+        let mut args = COMPLETE.to_vec();
+        args.extend(["--retry-max-elapsed", "20m"]);
+        assert!(
+            parse(&args)
+                .unwrap_err()
+                .to_string()
+                .contains("RETRY_MAX_ELAPSED")
+        );
+        let mut args = COMPLETE.to_vec();
+        args[1] = "https://admin:pw@harbor.example.com";
+        assert!(
+            parse(&args)
+                .unwrap_err()
+                .to_string()
+                .contains("credentials")
+        );
+        let mut args = COMPLETE.to_vec();
+        args.extend(["--worker-concurrency", "0"]);
+        assert!(parse(&args).is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! Builds and runs the worker: the one path production and tests share.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::dev::Server;
+use actix_web::{App, HttpServer};
+use anyhow::Context;
+use harbor_shared::ops::{self, Readiness};
+use harbor_shared::telemetry;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::clients::harbor::HarborClient;
+use crate::clients::http_client;
+use crate::clients::port::PortClient;
+use crate::consumer::{self, ConsumerSettings};
+use crate::handler::Handler;
+use crate::settings::{PortSettings, Settings};
+
+/// The Port client for these settings.
+pub fn port_client(settings: &PortSettings, http: reqwest::Client) -> PortClient {
+    PortClient::new(
+        http,
+        settings.url.clone(),
+        settings.client_id.clone(),
+        settings.client_secret.clone(),
+    )
+}
+
+/// A bound, consuming worker.
+pub struct Worker {
+    metrics_port: u16,
+    server: Server,
+    consumer: JoinHandle<()>,
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    /// Binds `METRICS_ADDR` (port 0 picks one) and starts consuming.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(settings.metrics_addr)
+            .with_context(|| format!("Failed to bind METRICS_ADDR {}", settings.metrics_addr))?;
+        let metrics_port = listener
+            .local_addr()
+            .context("Failed to read the bound address")?
+            .port();
+
+        let http = http_client(settings.http_timeout).context("Failed to build the HTTP client")?;
+        let harbor = HarborClient::new(
+            http.clone(),
+            settings.harbor.url.clone(),
+            settings.harbor.username.clone(),
+            settings.harbor.password.clone(),
+        );
+        let handler = Arc::new(Handler::new(
+            harbor,
+            port_client(&settings.port, http),
+            settings.retry,
+        ));
+
+        let readiness = Readiness::default();
+        let shutdown = CancellationToken::new();
+        let consumer = tokio::spawn(consumer::run(
+            ConsumerSettings {
+                amqp: settings.amqp,
+                concurrency: settings.concurrency,
+                drain_timeout: settings.shutdown_timeout,
+            },
+            handler,
+            readiness.clone(),
+            shutdown.clone(),
+        ));
+
+        let ops = ops::configure(readiness, telemetry::metrics());
+        let server = HttpServer::new(move || App::new().configure(ops.clone()))
+            .listen(listener)
+            .context("Failed to listen")?
+            .workers(1)
+            // The worker decides when to stop (after draining), not the HTTP server.
+            .disable_signals()
+            .run();
+        info!(metrics_port, "harbor-worker started");
+        Ok(Self {
+            metrics_port,
+            server,
+            consumer,
+            shutdown,
+        })
+    }
+
+    /// The port `/healthz`, `/readyz` and `/metrics` are served on.
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_port
+    }
+
+    /// Cancelling it stops the worker as SIGTERM does.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Runs until SIGTERM/SIGINT or the shutdown token: then stops consuming, lets events in
+    /// flight finish (at most `SHUTDOWN_TIMEOUT`), closes the broker connection and exits.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let server = self.server.handle();
+        let serving = tokio::spawn(self.server);
+        tokio::select! {
+            () = terminated() => info!("Stop signal received"),
+            () = self.shutdown.cancelled() => {}
+        }
+        self.shutdown.cancel();
+        let _ = self.consumer.await;
+        server.stop(true).await;
+        let _ = serving.await;
+        info!("harbor-worker stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
