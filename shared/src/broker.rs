@@ -165,7 +165,9 @@ pub async fn run_reconnecting<F, Fut>(
 }
 
 async fn open(amqp: &AmqpSettings, name: &str) -> anyhow::Result<Arc<Connection>> {
-    let connection = connect(&amqp.url, name).await?;
+    // Named after the binary and its queue, so that it can be told apart in the management UI.
+    let name = format!("{name} ({})", amqp.topology.queue());
+    let connection = connect(&amqp.url, &name).await?;
     let channel = connection
         .create_channel()
         .await

@@ -1,0 +1,175 @@
+//! The ingest and the worker, started exactly as `main` starts them (`Application::build`,
+//! `Worker::build`), on free ports, against a test topology and fakes.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use harbor_ingest::auth::{AuthMode, Authenticator};
+use harbor_ingest::settings::Settings as IngestSettings;
+use harbor_ingest::startup::Application;
+use harbor_shared::config::AmqpSettings;
+use harbor_worker::retry::RetryPolicy;
+use harbor_worker::settings::{HarborSettings, PortSettings, Settings as WorkerSettings};
+use harbor_worker::startup::Worker;
+use secrecy::SecretString;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::fakes::{
+    FakeHarbor, FakePort, HARBOR_PASSWORD, HARBOR_USER, PORT_CLIENT_ID, PORT_CLIENT_SECRET,
+};
+
+/// The webhook secret the test ingest accepts.
+pub const SECRET: &str = "test-webhook-secret";
+
+fn free_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// The ingest's settings for a test: secret [`SECRET`], mode `auto`, port 0.
+pub fn ingest_settings(amqp: &AmqpSettings) -> IngestSettings {
+    IngestSettings {
+        listen_addr: free_port(),
+        auth: Authenticator::new(AuthMode::Auto, vec![SecretString::from(SECRET)]).unwrap(),
+        max_body_bytes: 1_048_576,
+        amqp: amqp.clone(),
+        confirm_timeout: Duration::from_secs(5),
+        publisher_channels: 2,
+    }
+}
+
+/// A running ingest.
+pub struct TestIngest {
+    /// `http://127.0.0.1:<port>`
+    pub base: String,
+    handle: ServerHandle,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestIngest {
+    /// Starts an ingest; waits until `/readyz` says it can publish, unless told not to.
+    pub async fn start(settings: IngestSettings, wait_ready: bool) -> Self {
+        let application = Application::build(settings).await.unwrap();
+        let base = format!("http://127.0.0.1:{}", application.port());
+        let handle = application.handle();
+        let task = tokio::spawn(application.run_until_stopped());
+        if wait_ready {
+            wait_ready_at(&format!("{base}/readyz")).await;
+        }
+        Self { base, handle, task }
+    }
+
+    /// `POST /webhook` with a body and an `Authorization` header.
+    pub async fn post(&self, body: &[u8], authorization: Option<&str>) -> reqwest::Response {
+        let mut request = reqwest::Client::new()
+            .post(format!("{}/webhook", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        if let Some(value) = authorization {
+            request = request.header("authorization", value);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// Stops it as SIGTERM would, and waits.
+    pub async fn stop(self) {
+        self.handle.stop(true).await;
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// The worker's settings for a test: the fakes, a short retry budget, port 0.
+pub fn worker_settings(
+    amqp: &AmqpSettings,
+    harbor: &FakeHarbor,
+    port: &FakePort,
+) -> WorkerSettings {
+    WorkerSettings {
+        amqp: amqp.clone(),
+        harbor: HarborSettings {
+            url: harbor.url().parse().unwrap(),
+            username: HARBOR_USER.into(),
+            password: SecretString::from(HARBOR_PASSWORD),
+        },
+        port: PortSettings {
+            url: port.url().parse().unwrap(),
+            client_id: PORT_CLIENT_ID.into(),
+            client_secret: SecretString::from(PORT_CLIENT_SECRET),
+        },
+        concurrency: 8,
+        retry: RetryPolicy {
+            max_elapsed: Duration::from_secs(5),
+            initial_interval: Duration::from_millis(50),
+            max_interval: Duration::from_millis(500),
+        },
+        metrics_addr: free_port(),
+        http_timeout: Duration::from_secs(2),
+        shutdown_timeout: Duration::from_secs(10),
+    }
+}
+
+/// A running worker; dropping it stops it.
+pub struct TestWorker {
+    /// `http://127.0.0.1:<port>` of `/healthz`, `/readyz`, `/metrics`.
+    pub base: String,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestWorker {
+    /// Starts a worker and waits until it consumes.
+    pub async fn start(settings: WorkerSettings) -> Self {
+        let worker = Worker::build(settings).await.unwrap();
+        let base = format!("http://127.0.0.1:{}", worker.metrics_port());
+        let shutdown = worker.shutdown_token();
+        let task = Some(tokio::spawn(worker.run_until_stopped()));
+        wait_ready_at(&format!("{base}/readyz")).await;
+        Self {
+            base,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Stops it as SIGTERM would (events in flight finish), and waits.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// The text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Waits until a `/readyz` answers 200.
+pub async fn wait_ready_at(url: &str) {
+    let client = reqwest::Client::new();
+    crate::wait_until(
+        &format!("{url} to answer 200"),
+        Duration::from_secs(15),
+        || async {
+            client
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        },
+    )
+    .await;
+}

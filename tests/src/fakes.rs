@@ -1,0 +1,361 @@
+//! Harbor and Port, faked at the HTTP level with wiremock. Answers follow the real APIs'
+//! shapes: Harbor's swagger (`tests/fixtures/harbor/swagger.yaml`) and Port's route schemas
+//! (`tests/fixtures/port/`).
+
+use std::time::Duration;
+
+use base64::prelude::{BASE64_STANDARD, Engine as _};
+use serde_json::{Value, json};
+use wiremock::matchers::{body_partial_json, header, method, path, path_regex, query_param};
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+/// Harbor login the worker is given in tests (a robot account, as in production).
+pub const HARBOR_USER: &str = "robot$port-sync";
+/// Its password.
+pub const HARBOR_PASSWORD: &str = "harbor-robot-secret";
+/// Port credentials the worker is given in tests.
+pub const PORT_CLIENT_ID: &str = "port-client-id";
+/// Port client secret.
+pub const PORT_CLIENT_SECRET: &str = "port-client-secret";
+/// The access token the fake Port hands out.
+pub const PORT_TOKEN: &str = "port-access-token-1";
+
+/// A fake Harbor API.
+pub struct FakeHarbor {
+    /// The mock server; mount more on it at will.
+    pub server: MockServer,
+}
+
+fn harbor_repository_path(repository: &str) -> String {
+    let (project, name) = repository.split_once('/').unwrap();
+    // Harbor wants a nested name encoded twice: team/api → team%252Fapi.
+    format!(
+        "/api/v2.0/projects/{project}/repositories/{}",
+        name.replace('/', "%252F")
+    )
+}
+
+fn harbor_not_found(what: &str) -> ResponseTemplate {
+    ResponseTemplate::new(404)
+        .insert_header("x-request-id", "d7b4a3c0-0000-4000-8000-000000000000")
+        .set_body_json(
+            json!({"errors": [{"code": "NOT_FOUND", "message": format!("{what} not found")}]}),
+        )
+}
+
+impl FakeHarbor {
+    /// A Harbor that knows nothing yet.
+    pub async fn start() -> Self {
+        Self {
+            server: MockServer::start().await,
+        }
+    }
+
+    /// Its address, as `HARBOR_URL`.
+    pub fn url(&self) -> String {
+        self.server.uri()
+    }
+
+    fn get(&self, path_value: String) -> wiremock::MockBuilder {
+        let credentials = format!("{HARBOR_USER}:{HARBOR_PASSWORD}");
+        let basic = format!("Basic {}", BASE64_STANDARD.encode(credentials));
+        Mock::given(method("GET"))
+            .and(path(path_value))
+            .and(header("authorization", basic.as_str()))
+    }
+
+    /// `GET .../artifacts/{digest}` answers `artifact`.
+    pub async fn artifact(&self, repository: &str, digest: &str, artifact: Value) {
+        let p = format!("{}/artifacts/{digest}", harbor_repository_path(repository));
+        self.get(p)
+            .and(query_param("with_tag", "true"))
+            .and(query_param("with_scan_overview", "true"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(artifact))
+            .mount(&self.server)
+            .await;
+    }
+
+    /// `GET .../artifacts/{digest}` answers 404.
+    pub async fn artifact_gone(&self, repository: &str, digest: &str) {
+        let p = format!("{}/artifacts/{digest}", harbor_repository_path(repository));
+        self.get(p)
+            .respond_with(harbor_not_found(&format!("artifact {repository}@{digest}")))
+            .mount(&self.server)
+            .await;
+    }
+
+    /// `GET .../repositories/{name}` answers `repository`.
+    pub async fn repository(&self, repository: &str, body: Value) {
+        self.get(harbor_repository_path(repository))
+            .respond_with(ResponseTemplate::new(200).set_body_json(body))
+            .mount(&self.server)
+            .await;
+    }
+
+    /// `GET .../repositories/{name}` answers 404.
+    pub async fn repository_gone(&self, repository: &str) {
+        self.get(harbor_repository_path(repository))
+            .respond_with(harbor_not_found(&format!("repository {repository}")))
+            .mount(&self.server)
+            .await;
+    }
+
+    /// `GET /projects/{name}` answers `project`.
+    pub async fn project(&self, name: &str, body: Value) {
+        self.get(format!("/api/v2.0/projects/{name}"))
+            .and(header("x-is-resource-name", "true"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(body))
+            .mount(&self.server)
+            .await;
+    }
+
+    /// Mounts the project, repository and artifact of a sample, all present.
+    pub async fn holds(&self, repository: &str, digest: &str, tags: &[&str], scan: Option<Value>) {
+        let project = repository.split_once('/').unwrap().0;
+        self.project(project, harbor_json::project(project)).await;
+        self.repository(repository, harbor_json::repository(repository, 1, 0))
+            .await;
+        self.artifact(
+            repository,
+            digest,
+            harbor_json::artifact(repository, digest, tags, scan),
+        )
+        .await;
+    }
+
+    /// The paths (with query) Harbor was asked for, in order.
+    pub async fn requests(&self) -> Vec<String> {
+        self.server
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|r| match r.url.query() {
+                Some(q) => format!("{}?{q}", r.url.path()),
+                None => r.url.path().to_owned(),
+            })
+            .collect()
+    }
+}
+
+/// Harbor API answers, shaped as Harbor v2.15 sends them.
+pub mod harbor_json {
+    use serde_json::{Value, json};
+
+    /// `GET /projects/{name}`
+    pub fn project(name: &str) -> Value {
+        json!({
+            "project_id": 2, "owner_id": 1, "name": name, "registry_id": null,
+            "creation_time": "2023-04-03T06:00:00.000Z", "update_time": "2023-04-03T06:00:00.000Z",
+            "deleted": false, "owner_name": "admin", "togglable": true,
+            "current_user_role_id": 1, "current_user_role_ids": [1], "repo_count": 3,
+            "metadata": {"public": "false", "auto_scan": "true", "severity": "low"},
+            "cve_allowlist": {"id": 1, "project_id": 2, "items": [], "creation_time": "0001-01-01T00:00:00.000Z", "update_time": "0001-01-01T00:00:00.000Z"}
+        })
+    }
+
+    /// `GET /projects/{p}/repositories/{r}`; `name` is the full name.
+    pub fn repository(full_name: &str, artifact_count: i64, pull_count: i64) -> Value {
+        json!({
+            "id": 5, "project_id": 2, "name": full_name, "description": "",
+            "artifact_count": artifact_count, "pull_count": pull_count,
+            "creation_time": "2023-04-03T06:04:46.771Z", "update_time": "2023-04-03T06:12:55.123Z"
+        })
+    }
+
+    /// A Trivy scan overview with these counts (critical, high, medium, low).
+    pub fn trivy_overview(critical: i64, high: i64, medium: i64, low: i64) -> Value {
+        let total = critical + high + medium + low;
+        let severity = if critical > 0 {
+            "Critical"
+        } else if high > 0 {
+            "High"
+        } else if medium > 0 {
+            "Medium"
+        } else if low > 0 {
+            "Low"
+        } else {
+            "None"
+        };
+        json!({
+            "application/vnd.security.vulnerability.report; version=1.1": {
+                "report_id": "af0546c1-67dc-4e9d-927e-372900ead0df",
+                "scan_status": "Success", "severity": severity, "duration": 8,
+                "summary": {"total": total, "fixable": total / 2,
+                            "summary": {"Critical": critical, "High": high, "Medium": medium, "Low": low}},
+                "start_time": "2023-04-03T06:12:47Z", "end_time": "2023-04-03T06:12:55Z",
+                "scanner": {"name": "Trivy", "vendor": "Aqua Security", "version": "v0.37.2"},
+                "complete_percent": 100
+            }
+        })
+    }
+
+    /// `GET .../artifacts/{digest}?with_tag=true&with_label=true&with_scan_overview=true`
+    pub fn artifact(full_name: &str, digest: &str, tags: &[&str], scan: Option<Value>) -> Value {
+        let tags: Vec<Value> = tags
+            .iter()
+            .enumerate()
+            .map(|(i, tag)| json!({
+                "id": i + 1, "repository_id": 5, "artifact_id": 11, "name": tag,
+                "push_time": "2023-04-03T06:04:46.771Z", "pull_time": "0001-01-01T00:00:00.000Z",
+                "immutable": false
+            }))
+            .collect();
+        json!({
+            "id": 11, "type": "IMAGE",
+            "media_type": "application/vnd.docker.container.image.v1+json",
+            "manifest_media_type": "application/vnd.docker.distribution.manifest.v2+json",
+            "artifact_type": "application/vnd.docker.container.image.v1+json",
+            "project_id": 2, "repository_id": 5, "repository_name": full_name,
+            "digest": digest, "size": 3_370_706,
+            "icon": "sha256:0048162a053eef4d4ce3fe7518615bef084403614f8bca43b40ae2e762e11e06",
+            "push_time": "2023-04-03T06:04:46.771Z", "pull_time": "0001-01-01T00:00:00.000Z",
+            "extra_attrs": {"architecture": "amd64", "os": "linux", "created": "2023-03-29T18:19:24.45578926Z"},
+            "annotations": null, "references": null, "tags": tags,
+            "addition_links": {"build_history": {"absolute": false, "href": "/api/v2.0/..."}},
+            "labels": null, "scan_overview": scan, "accessories": null
+        })
+    }
+}
+
+/// One write the worker sent to Port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortWrite {
+    /// `upsert` or `delete`.
+    pub action: &'static str,
+    /// The blueprint.
+    pub blueprint: String,
+    /// The entity's identifier (from the body of an upsert, the path of a delete).
+    pub identifier: String,
+    /// The upserted entity, as sent.
+    pub entity: Option<Value>,
+}
+
+/// A fake Port API that accepts every well-formed, authenticated write.
+pub struct FakePort {
+    /// The mock server; mount more on it at will (with a priority below 5 to override).
+    pub server: MockServer,
+}
+
+impl FakePort {
+    /// A Port that hands out [`PORT_TOKEN`] for the test credentials and accepts writes.
+    pub async fn start() -> Self {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/v1/auth/access_token"))
+            .and(body_partial_json(json!({"clientId": PORT_CLIENT_ID, "clientSecret": PORT_CLIENT_SECRET})))
+            .respond_with(ResponseTemplate::new(200).set_body_json(
+                json!({"ok": true, "accessToken": PORT_TOKEN, "expiresIn": 10800, "tokenType": "Bearer"}),
+            ))
+            .mount(&server)
+            .await;
+        let bearer = format!("Bearer {PORT_TOKEN}");
+        Mock::given(method("POST"))
+            .and(path_regex(r"^/v1/blueprints/[^/]+/entities$"))
+            .and(query_param("upsert", "true"))
+            .and(query_param("merge", "true"))
+            .and(query_param("create_missing_related_entities", "true"))
+            .and(header("authorization", bearer.as_str()))
+            .respond_with(|request: &Request| {
+                let entity: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+                ResponseTemplate::new(201).set_body_json(json!({"ok": true, "entity": entity}))
+            })
+            .mount(&server)
+            .await;
+        Mock::given(method("DELETE"))
+            .and(path_regex(r"^/v1/blueprints/[^/]+/entities/[^/]+$"))
+            .and(query_param("delete_dependents", "false"))
+            .and(header("authorization", bearer.as_str()))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"ok": true})))
+            .mount(&server)
+            .await;
+        Self { server }
+    }
+
+    /// Its address, as `PORT_API_URL`.
+    pub fn url(&self) -> String {
+        self.server.uri()
+    }
+
+    /// Upserts of `identifier` answer `status` (with `Retry-After` if given) `times` times,
+    /// then the normal answer resumes. `times` 0 means always.
+    pub async fn fail_upsert(
+        &self,
+        identifier: &str,
+        status: u16,
+        retry_after: Option<Duration>,
+        times: u64,
+    ) {
+        let mut response = ResponseTemplate::new(status).set_body_json(json!({
+            "ok": false,
+            "error": if status == 429 { "rate_limit_exceeded" } else { "invalid_request" },
+            "message": format!("fake Port answers {status}"),
+        }));
+        if let Some(wait) = retry_after {
+            response = response.insert_header("retry-after", wait.as_secs().to_string().as_str());
+        }
+        let mock = Mock::given(method("POST"))
+            .and(path_regex(r"^/v1/blueprints/[^/]+/entities$"))
+            .and(body_partial_json(json!({"identifier": identifier})))
+            .respond_with(response)
+            .with_priority(1);
+        let mock = if times > 0 {
+            mock.up_to_n_times(times)
+        } else {
+            mock
+        };
+        mock.mount(&self.server).await;
+    }
+
+    /// Every entity write received so far, in order (token requests left out).
+    pub async fn writes(&self) -> Vec<PortWrite> {
+        let requests = self.server.received_requests().await.unwrap_or_default();
+        requests
+            .iter()
+            .filter_map(|request| {
+                let segments: Vec<&str> = request.url.path_segments()?.collect();
+                match (request.method.as_str(), segments.as_slice()) {
+                    ("POST", ["v1", "blueprints", blueprint, "entities"]) => {
+                        let entity: Value = serde_json::from_slice(&request.body).ok()?;
+                        Some(PortWrite {
+                            action: "upsert",
+                            blueprint: (*blueprint).to_owned(),
+                            identifier: entity["identifier"].as_str()?.to_owned(),
+                            entity: Some(entity),
+                        })
+                    }
+                    ("DELETE", ["v1", "blueprints", blueprint, "entities", id]) => {
+                        Some(PortWrite {
+                            action: "delete",
+                            blueprint: (*blueprint).to_owned(),
+                            identifier: url::form_urlencoded::parse(format!("x={id}").as_bytes())
+                                .next()
+                                .map(|(_, v)| v.into_owned())?,
+                            entity: None,
+                        })
+                    }
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// Waits until at least `count` writes were received, then returns them all.
+    pub async fn wait_for_writes(&self, count: usize, timeout: Duration) -> Vec<PortWrite> {
+        let what = format!("{count} Port writes");
+        crate::wait_until(&what, timeout, || async {
+            self.writes().await.len() >= count
+        })
+        .await;
+        self.writes().await
+    }
+
+    /// How many requests reached the fake, token requests included.
+    pub async fn request_count(&self) -> usize {
+        self.server
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .len()
+    }
+}

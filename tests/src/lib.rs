@@ -1,0 +1,33 @@
+//! Test support for the end-to-end tests in `tests/tests/`: a uniquely named RabbitMQ topology per
+//! test (deleted afterwards), Harbor and Port faked at the HTTP level with answers shaped like
+//! the real APIs', the ingest and the worker started through the same `build` path as
+//! production, and Harbor's real webhook samples.
+//!
+//! The broker is the real one at `AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
+
+// Test support: a broken precondition should fail the test on the spot, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod apps;
+pub mod fakes;
+pub mod rabbit;
+pub mod samples;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Polls `condition` every 50 ms until it holds; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

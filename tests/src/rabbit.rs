@@ -1,0 +1,241 @@
+//! A uniquely named topology on the real broker, deleted when dropped, and ways to look into it.
+
+use std::time::Duration;
+
+use harbor_shared::broker::{self, BrokerUrl};
+use harbor_shared::config::AmqpSettings;
+use harbor_shared::topology::Topology;
+use lapin::message::BasicGetMessage;
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+
+/// The broker tests use.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// One test's exchanges and queues (`test.<random>`), declared as the binaries declare them.
+pub struct TestTopology {
+    /// What to hand to the ingest and the worker.
+    pub amqp: AmqpSettings,
+    _connection: Connection,
+    channel: Channel,
+}
+
+impl TestTopology {
+    /// Declares a fresh topology.
+    pub async fn new() -> Self {
+        let name = format!("test.{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let amqp = AmqpSettings {
+            url: BrokerUrl::parse(&amqp_url()).unwrap(),
+            topology: Topology::new(&name, &name).unwrap(),
+        };
+        let connection = broker::connect(&amqp.url, "harbor-sync-tests")
+            .await
+            .expect("RabbitMQ must be running at AMQP_URL");
+        let channel = connection.create_channel().await.unwrap();
+        amqp.topology.declare(&channel).await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Self {
+            amqp,
+            _connection: connection,
+            channel,
+        }
+    }
+
+    /// The names.
+    pub fn topology(&self) -> &Topology {
+        &self.amqp.topology
+    }
+
+    /// Ready messages in a queue, exactly (a passive declare, not the lagging management API).
+    pub async fn ready(&self, queue: &str) -> u32 {
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        self.channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    /// Ready messages in the work queue.
+    pub async fn work_ready(&self) -> u32 {
+        self.ready(self.topology().queue()).await
+    }
+
+    /// Ready messages in the parked queue.
+    pub async fn parked_ready(&self) -> u32 {
+        self.ready(&self.topology().parked_queue()).await
+    }
+
+    /// Takes (and acks) the next message of a queue.
+    pub async fn take(&self, queue: &str) -> Option<BasicGetMessage> {
+        let options = BasicGetOptions { no_ack: true };
+        self.channel.basic_get(queue.into(), options).await.unwrap()
+    }
+
+    /// Waits until a queue holds `count` ready messages.
+    pub async fn wait_ready(&self, queue: &str, count: u32, timeout: Duration) {
+        let what = format!("{count} messages in {queue}");
+        crate::wait_until(&what, timeout, || async {
+            self.ready(queue).await == count
+        })
+        .await;
+    }
+
+    /// Publishes straight to the exchange (confirmed), bypassing the ingest.
+    pub async fn publish(&self, routing_key: &str, body: &[u8], properties: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.topology().exchange().into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties.with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(
+            confirm.is_ack() && confirm.take_message().is_none(),
+            "publish not confirmed"
+        );
+    }
+
+    /// Deletes the work queue, leaving the exchange without a queue (publishes are unroutable).
+    pub async fn delete_work_queue(&self) {
+        self.channel
+            .queue_delete(
+                self.topology().queue().into(),
+                QueueDeleteOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for TestTopology {
+    fn drop(&mut self) {
+        let amqp = self.amqp.clone();
+        // Drop cannot await; a thread of its own with a small runtime does the deleting.
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let Ok(connection) = broker::connect(&amqp.url, "harbor-sync-tests cleanup").await
+                else {
+                    return;
+                };
+                let Ok(channel) = connection.create_channel().await else {
+                    return;
+                };
+                let topology = &amqp.topology;
+                for queue in [topology.queue().to_owned(), topology.parked_queue()] {
+                    let _ = channel
+                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for exchange in [
+                    topology.exchange().to_owned(),
+                    topology.dead_letter_exchange(),
+                ] {
+                    let _ = channel
+                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                let _ = connection.close(200, "cleaned up".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// The management API (`RABBITMQ_MANAGEMENT_URL`, default `http://127.0.0.1:15672`), with the
+/// credentials of `AMQP_URL`.
+fn management(path: &str) -> (String, String, String) {
+    let base = std::env::var("RABBITMQ_MANAGEMENT_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:15672".into());
+    let amqp = url::Url::parse(&amqp_url()).unwrap();
+    let user = if amqp.username().is_empty() {
+        "guest".to_owned()
+    } else {
+        amqp.username().to_owned()
+    };
+    let password = amqp.password().unwrap_or("guest").to_owned();
+    (format!("{base}{path}"), user, password)
+}
+
+/// Closes, through the management API, every connection whose name contains `name_part` (as
+/// an operator would, or a network failure); returns how many it closed. Waits up to 10 s for
+/// at least one to show up, since the management API lists new connections with a delay.
+pub async fn close_connections(name_part: &str) -> usize {
+    let client = reqwest::Client::new();
+    let (url, user, password) = management("/api/connections?columns=name,client_properties");
+    let list = || async {
+        let connections: Vec<serde_json::Value> = client
+            .get(&url)
+            .basic_auth(&user, Some(&password))
+            .send()
+            .await
+            .expect("the RabbitMQ management API must be enabled (rabbitmq-plugins enable rabbitmq_management)")
+            .json()
+            .await
+            .unwrap();
+        connections
+            .into_iter()
+            .filter(|c| {
+                c["client_properties"]["connection_name"]
+                    .as_str()
+                    .is_some_and(|n| n.contains(name_part))
+            })
+            .filter_map(|c| c["name"].as_str().map(str::to_owned))
+            .collect::<Vec<String>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut names = list().await;
+    while names.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no connection named *{name_part}* listed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        names = list().await;
+    }
+    for name in &names {
+        let encoded: String = url::form_urlencoded::byte_serialize(name.as_bytes()).collect();
+        let (url, user, password) =
+            management(&format!("/api/connections/{}", encoded.replace('+', "%20")));
+        let response = client
+            .delete(url)
+            .basic_auth(&user, Some(&password))
+            .header("x-reason", "closed by a test")
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success() || response.status() == 404,
+            "{}",
+            response.status()
+        );
+    }
+    names.len()
+}

@@ -1,0 +1,31 @@
+//! Harbor's real webhook payloads (`tests/fixtures/harbor/webhook-samples/`, see its SOURCES.md).
+
+use std::path::PathBuf;
+
+/// The directory of the samples.
+pub fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/harbor/webhook-samples")
+}
+
+/// The bytes of one sample, by file name.
+pub fn load(name: &str) -> Vec<u8> {
+    let path = dir().join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// A sample's `(repository full name, first digest)`.
+pub fn subject(body: &[u8]) -> (String, String) {
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap();
+    let data = if value.get("event_data").is_some() {
+        &value["event_data"]
+    } else {
+        &value["data"]
+    };
+    (
+        data["repository"]["repo_full_name"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        data["resources"][0]["digest"].as_str().unwrap().to_owned(),
+    )
+}

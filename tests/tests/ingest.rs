@@ -1,0 +1,264 @@
+//! harbor-ingest against the real broker: what is answered, and what reaches the queue.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use harbor_shared::broker::BrokerUrl;
+use harbor_shared::config::AmqpSettings;
+use harbor_sync_tests::apps::{SECRET, TestIngest, ingest_settings};
+use harbor_sync_tests::rabbit::{TestTopology, close_connections};
+use harbor_sync_tests::samples;
+use lapin::types::AMQPValue;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+fn header_string(headers: &lapin::types::FieldTable, key: &str) -> String {
+    match headers.inner().get(key) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("header {key}: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_accepted_webhook_is_on_the_queue_with_its_id_routing_key_and_headers() {
+    let broker = TestTopology::new().await;
+    let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
+    let body = samples::load("push_artifact.default.docs.json");
+
+    let response = ingest.post(&body, Some(SECRET)).await;
+    assert_eq!(response.status(), 202);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let answer: Value = response.json().await.unwrap();
+    let message_id = hex::encode(Sha256::digest(&body));
+    assert_eq!(
+        answer,
+        json!({"status": "accepted", "message_id": message_id})
+    );
+
+    // A 202 means the broker confirmed it: it is on the queue now, not eventually.
+    assert_eq!(broker.work_ready().await, 1);
+    let message = broker.take(broker.topology().queue()).await.unwrap();
+    let delivery = &message.delivery;
+    assert_eq!(delivery.data, body, "the raw bytes travel unchanged");
+    assert_eq!(delivery.routing_key.as_str(), "PUSH_ARTIFACT");
+    let properties = &delivery.properties;
+    assert_eq!(*properties.delivery_mode(), Some(2));
+    assert_eq!(
+        properties.message_id().as_ref().unwrap().as_str(),
+        message_id
+    );
+    assert!(properties.timestamp().is_some());
+    let headers = properties.headers().as_ref().unwrap();
+    assert_eq!(header_string(headers, "x-payload-format"), "default");
+    assert_eq!(header_string(headers, "x-request-id"), request_id);
+    assert!(header_string(headers, "x-received-at").ends_with('Z'));
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn a_cloudevents_webhook_is_routed_by_its_harbor_type_with_its_event_id() {
+    let broker = TestTopology::new().await;
+    let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
+    let body = samples::load("scanning_failed.cloudevents.docs.json");
+
+    let response = ingest.post(&body, Some(&format!("Bearer {SECRET}"))).await;
+    assert_eq!(response.status(), 202);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["message_id"], "bdfe1de3-c069-4efc-b4f4-1a75c9a148c4");
+
+    let message = broker.take(broker.topology().queue()).await.unwrap();
+    assert_eq!(message.delivery.routing_key.as_str(), "SCANNING_FAILED");
+    let headers = message.delivery.properties.headers().as_ref().unwrap();
+    assert_eq!(header_string(headers, "x-payload-format"), "cloudevents");
+    assert_eq!(
+        message
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        "bdfe1de3-c069-4efc-b4f4-1a75c9a148c4"
+    );
+}
+
+#[tokio::test]
+async fn every_authorization_form_and_every_rotated_secret_is_accepted() {
+    let broker = TestTopology::new().await;
+    let mut settings = ingest_settings(&broker.amqp);
+    settings.auth = harbor_ingest::auth::Authenticator::new(
+        harbor_ingest::auth::AuthMode::Auto,
+        vec!["old-secret".into(), "new-secret".into()],
+    )
+    .unwrap();
+    let ingest = TestIngest::start(settings, true).await;
+    let body = samples::load("pull_artifact.default.harbor-unit-test.json");
+    let signature =
+        |secret: &str| hex::encode(harbor_ingest::auth::sign(&secret.to_owned().into(), &body));
+    let forms = [
+        "old-secret".to_owned(),
+        "Harbor-Secret new-secret".to_owned(),
+        "Bearer old-secret".to_owned(),
+        format!("Harbor-Secret {}", signature("new-secret")),
+        format!("sha256={}", signature("old-secret")),
+    ];
+    for form in &forms {
+        assert_eq!(ingest.post(&body, Some(form)).await.status(), 202, "{form}");
+    }
+    assert_eq!(broker.work_ready().await, forms.len() as u32);
+}
+
+#[tokio::test]
+async fn refused_webhooks_publish_nothing_and_say_why_in_json() {
+    let broker = TestTopology::new().await;
+    let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
+    let event = samples::load("push_artifact.default.docs.json");
+    let huge = vec![b' '; 1_048_577];
+    let cases: [(&[u8], Option<&str>, u16, &str); 7] = [
+        (&event, None, 401, "unauthorized"),
+        (&event, Some("wrong-secret"), 401, "unauthorized"),
+        (
+            &event,
+            Some(&format!("sha256={}", "0".repeat(64))),
+            401,
+            "unauthorized",
+        ),
+        (b"this is not json", Some(SECRET), 400, "invalid_json"),
+        (br#"{"event_data": {}}"#, Some(SECRET), 400, "invalid_event"),
+        (br#"{"type": 42}"#, Some(SECRET), 400, "invalid_event"),
+        (&huge, Some(SECRET), 413, "payload_too_large"),
+    ];
+    for (body, authorization, status, code) in cases {
+        let response = ingest.post(body, authorization).await;
+        assert_eq!(response.status(), status, "{code}");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["error"], code);
+        assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(!answer.to_string().contains(SECRET));
+    }
+    // Unauthenticated garbage is refused as unauthenticated, before it is parsed.
+    assert_eq!(ingest.post(b"garbage", Some("wrong")).await.status(), 401);
+    assert_eq!(broker.work_ready().await, 0);
+}
+
+#[tokio::test]
+async fn an_unroutable_event_is_answered_503_never_202() {
+    let broker = TestTopology::new().await;
+    let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
+    broker.delete_work_queue().await;
+
+    let response = ingest
+        .post(
+            &samples::load("push_artifact.default.docs.json"),
+            Some(SECRET),
+        )
+        .await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "5");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["error"], "broker_unavailable");
+}
+
+#[tokio::test]
+async fn without_a_broker_webhooks_get_503_at_once_and_readyz_says_not_ready() {
+    let broker = TestTopology::new().await;
+    let mut settings = ingest_settings(&broker.amqp);
+    // Nothing listens there.
+    settings.amqp = AmqpSettings {
+        url: BrokerUrl::parse("amqp://guest:guest@127.0.0.1:1/%2f").unwrap(),
+        topology: broker.amqp.topology.clone(),
+    };
+    let ingest = TestIngest::start(settings, false).await;
+
+    let readyz = reqwest::get(format!("{}/readyz", ingest.base))
+        .await
+        .unwrap();
+    assert_eq!(readyz.status(), 503);
+    let healthz = reqwest::get(format!("{}/healthz", ingest.base))
+        .await
+        .unwrap();
+    assert_eq!(healthz.status(), 200);
+    let started = Instant::now();
+    let response = ingest
+        .post(
+            &samples::load("push_artifact.default.docs.json"),
+            Some(SECRET),
+        )
+        .await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "5");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "503 must not wait for a broker"
+    );
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn the_ingest_reconnects_by_itself_after_its_connection_is_closed() {
+    let broker = TestTopology::new().await;
+    let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
+    let body = samples::load("push_artifact.default.docs.json");
+    assert_eq!(ingest.post(&body, Some(SECRET)).await.status(), 202);
+
+    let closed = close_connections(&format!("harbor-ingest ({})", broker.topology().queue())).await;
+    assert_eq!(closed, 1);
+
+    // Until it has reconnected, the answer is 503; then 202 again. Never a hang, never a 5xx
+    // other than 503.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut statuses = vec![ingest.post(&body, Some(SECRET)).await.status().as_u16()];
+    while statuses.last() != Some(&202) {
+        assert!(
+            Instant::now() < deadline,
+            "no 202 after the reconnect: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        statuses.push(ingest.post(&body, Some(SECRET)).await.status().as_u16());
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 202 || *s == 503),
+        "{statuses:?}"
+    );
+    let accepted = 1 + statuses.iter().filter(|s| **s == 202).count() as u32;
+    assert_eq!(
+        broker.work_ready().await,
+        accepted,
+        "every 202 is on the queue"
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_outcome() {
+    let broker = TestTopology::new().await;
+    let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
+    ingest
+        .post(
+            &samples::load("push_artifact.default.docs.json"),
+            Some(SECRET),
+        )
+        .await;
+    ingest.post(b"{}", None).await;
+    let metrics = reqwest::get(format!("{}/metrics", ingest.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"harbor_ingest_requests_total{outcome="accepted"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"harbor_ingest_requests_total{outcome="unauthorized"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("harbor_ingest_publish_duration_seconds_bucket"),
+        "{metrics}"
+    );
+}
