@@ -173,3 +173,68 @@ pub async fn wait_ready_at(url: &str) {
     )
     .await;
 }
+
+/// The whole path: fakes, a topology, an ingest and a worker. Fields drop in order, so the
+/// apps stop before the topology is deleted.
+pub struct Stack {
+    /// The ingest Harbor's webhooks are posted to.
+    pub ingest: TestIngest,
+    /// The worker.
+    pub worker: TestWorker,
+    /// Fake Harbor.
+    pub harbor: FakeHarbor,
+    /// Fake Port.
+    pub port: FakePort,
+    /// The broker topology.
+    pub broker: crate::rabbit::TestTopology,
+}
+
+impl Stack {
+    /// Starts everything with the test defaults.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts everything, letting the test adjust the worker's settings.
+    pub async fn start_with(adjust: impl FnOnce(&mut WorkerSettings)) -> Self {
+        let broker = crate::rabbit::TestTopology::new().await;
+        let harbor = FakeHarbor::start().await;
+        let port = FakePort::start().await;
+        let mut settings = worker_settings(&broker.amqp, &harbor, &port);
+        adjust(&mut settings);
+        let worker = TestWorker::start(settings).await;
+        let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
+        Self {
+            ingest,
+            worker,
+            harbor,
+            port,
+            broker,
+        }
+    }
+
+    /// Posts a webhook as Harbor does (the secret as the Authorization header); expects 202.
+    pub async fn webhook(&self, body: &[u8]) {
+        let response = self.ingest.post(body, Some(SECRET)).await;
+        assert_eq!(response.status(), 202, "{:?}", response.text().await);
+    }
+
+    /// Waits until the worker counted `count` events with this outcome.
+    pub async fn wait_for_outcome(&self, outcome: &str, count: usize) {
+        let what = format!("{count} events {outcome}");
+        crate::wait_until(&what, Duration::from_secs(15), || async {
+            outcome_count(&self.worker.metrics().await, outcome) >= count
+        })
+        .await;
+    }
+}
+
+/// Sums `harbor_worker_events_total{outcome=...}` over event types.
+pub fn outcome_count(metrics: &str, outcome: &str) -> usize {
+    let label = format!("outcome=\"{outcome}\"");
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("harbor_worker_events_total{") && line.contains(&label))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as usize
+}
