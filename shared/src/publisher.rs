@@ -121,6 +121,18 @@ impl Publisher {
         }
     }
 
+    /// Closes the channels. Closing them before the connection keeps lapin from closing them
+    /// later, on drop, against a connection that is already closing (which it logs as an error).
+    /// Bounded: a broker that does not answer does not hold up a shutdown.
+    pub async fn close(&self) {
+        let close_all = async {
+            for channel in &self.channels {
+                let _ = channel.close(200, "closing".into()).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), close_all).await;
+    }
+
     /// Resolves once a publish found the connection unusable; the session should reconnect.
     pub async fn broken(&self) {
         self.broken.cancelled().await;

@@ -50,6 +50,7 @@ pub struct TestIngest {
 impl TestIngest {
     /// Starts an ingest; waits until `/readyz` says it can publish, unless told not to.
     pub async fn start(settings: IngestSettings, wait_ready: bool) -> Self {
+        init_logs();
         let application = Application::build(settings).await.unwrap();
         let base = format!("http://127.0.0.1:{}", application.port());
         let handle = application.handle();
@@ -120,6 +121,7 @@ pub struct TestWorker {
 impl TestWorker {
     /// Starts a worker and waits until it consumes.
     pub async fn start(settings: WorkerSettings) -> Self {
+        init_logs();
         let worker = Worker::build(settings).await.unwrap();
         let base = format!("http://127.0.0.1:{}", worker.metrics_port());
         let shutdown = worker.shutdown_token();
@@ -155,6 +157,11 @@ impl Drop for TestWorker {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Logs go to the test's output, shown by the test runner when a test fails.
+pub fn init_logs() {
+    harbor_shared::telemetry::init_tracing(harbor_shared::config::LogFormat::Pretty);
 }
 
 /// Waits until a `/readyz` answers 200.

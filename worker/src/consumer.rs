@@ -157,6 +157,12 @@ async fn session(
             );
         }
     }
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        channel.close(200, "stopping".into()),
+    )
+    .await;
+    parker.close().await;
     ended
 }
 
@@ -188,12 +194,13 @@ async fn process(
         metrics::gauge!("harbor_worker_events_in_flight").increment(1.0);
         let started = Instant::now();
         let (verdict, event_type, outcome) = decide(&delivery, handler).await;
+        // Before the ack: once acked, the broker sends the next delivery in its place.
+        metrics::gauge!("harbor_worker_events_in_flight").decrement(1.0);
         settle(delivery, verdict, &parker, &topology).await;
         metrics::counter!("harbor_worker_events_total", "event_type" => event_type.clone(), "outcome" => outcome)
             .increment(1);
         metrics::histogram!("harbor_worker_event_duration_seconds", "event_type" => event_type)
             .record(started.elapsed().as_secs_f64());
-        metrics::gauge!("harbor_worker_events_in_flight").decrement(1.0);
     }
     .instrument(span)
     .await;

@@ -1,0 +1,274 @@
+//! harbor-worker on its own: messages put straight on the queue, failures of Harbor, Port and
+//! the broker connection.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use harbor_sync_tests::apps::{Stack, outcome_count};
+use harbor_sync_tests::fakes::{PORT_TOKEN, harbor_json};
+use harbor_sync_tests::rabbit::close_connections;
+use harbor_sync_tests::samples;
+use lapin::BasicProperties;
+use lapin::types::AMQPValue;
+use serde_json::json;
+use wiremock::matchers::{header, method, path, path_regex};
+use wiremock::{Mock, ResponseTemplate};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn parked_reason(message: &lapin::message::BasicGetMessage) -> String {
+    let headers = message
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .unwrap()
+        .inner();
+    match headers.get("x-failure-reason") {
+        Some(AMQPValue::LongString(reason)) => reason.to_string(),
+        other => panic!("x-failure-reason: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn messages_that_are_not_events_are_parked_once_not_redelivered_in_a_loop() {
+    let stack = Stack::start().await;
+    let props = || BasicProperties::default().with_message_id("poison-1".into());
+    stack
+        .broker
+        .publish("PUSH_ARTIFACT", b"\xff not json at all", props())
+        .await;
+    stack
+        .broker
+        .publish("PUSH_ARTIFACT", br#"{"no_type": true}"#, props())
+        .await;
+    stack
+        .broker
+        .publish(
+            "PUSH_ARTIFACT",
+            br#"{"type":"PUSH_ARTIFACT","event_data":{"resources":"oops"}}"#,
+            props(),
+        )
+        .await;
+
+    stack.wait_for_outcome("parked", 3).await;
+    let parked = stack.broker.topology().parked_queue();
+    stack.broker.wait_ready(&parked, 3, WAIT).await;
+    let mut reasons = Vec::new();
+    while let Some(message) = stack.broker.take(&parked).await {
+        reasons.push(parked_reason(&message));
+    }
+    assert!(
+        reasons.iter().all(|r| r.starts_with("not a Harbor event")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("not JSON")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("malformed")),
+        "{reasons:?}"
+    );
+    assert!(stack.harbor.requests().await.is_empty());
+    let Stack { worker, broker, .. } = stack;
+    worker.stop().await;
+    assert_eq!(broker.work_ready().await, 0);
+}
+
+#[tokio::test]
+async fn the_worker_reconnects_by_itself_and_consumes_again_after_its_connection_is_closed() {
+    let stack = Stack::start().await;
+    let body = samples::load("push_artifact.default.docs.json");
+    let (repo, digest) = samples::subject(&body);
+    stack.harbor.holds(&repo, &digest, &["latest"], None).await;
+
+    let closed = close_connections(&format!(
+        "harbor-worker ({})",
+        stack.broker.topology().queue()
+    ))
+    .await;
+    assert_eq!(closed, 1);
+    stack.webhook(&body).await;
+
+    stack.port.wait_for_writes(3, WAIT).await;
+    stack.wait_for_outcome("synced", 1).await;
+}
+
+#[tokio::test]
+async fn a_port_401_fetches_a_new_token_once_and_retries() {
+    let stack = Stack::start().await;
+    let body = samples::load("scanning_completed.default.docs.json");
+    let (repo, digest) = samples::subject(&body);
+    stack
+        .harbor
+        .artifact(
+            &repo,
+            &digest,
+            harbor_json::artifact(&repo, &digest, &["3.17"], None),
+        )
+        .await;
+    // The first upsert finds the token revoked.
+    Mock::given(method("POST"))
+        .and(path_regex(r"^/v1/blueprints/harborArtifact/entities$"))
+        .and(header(
+            "authorization",
+            format!("Bearer {PORT_TOKEN}").as_str(),
+        ))
+        .respond_with(
+            ResponseTemplate::new(401)
+                .set_body_json(json!({"ok": false, "error": "token_expired"})),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&stack.port.server)
+        .await;
+
+    stack.webhook(&body).await;
+    stack.wait_for_outcome("synced", 1).await;
+
+    let requests = stack.port.server.received_requests().await.unwrap();
+    let paths: Vec<&str> = requests.iter().map(|r| r.url.path()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/auth/access_token",
+            "/v1/blueprints/harborArtifact/entities",
+            "/v1/auth/access_token",
+            "/v1/blueprints/harborArtifact/entities",
+        ]
+    );
+    assert_eq!(stack.broker.parked_ready().await, 0);
+}
+
+#[tokio::test]
+async fn a_harbor_that_times_out_is_retried_within_the_budget_then_the_event_is_parked() {
+    let stack = Stack::start_with(|settings| {
+        settings.http_timeout = Duration::from_millis(300);
+        settings.retry.max_elapsed = Duration::from_secs(2);
+    })
+    .await;
+    let body = samples::load("scanning_completed.default.docs.json");
+    let (repo, digest) = samples::subject(&body);
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(5)))
+        .mount(&stack.harbor.server)
+        .await;
+
+    let started = Instant::now();
+    stack.webhook(&body).await;
+    stack.wait_for_outcome("parked", 1).await;
+    let elapsed = started.elapsed();
+
+    assert!(
+        elapsed >= Duration::from_secs(2),
+        "parked before the budget was spent: {elapsed:?}"
+    );
+    let asked = stack.harbor.requests().await;
+    assert!(asked.len() >= 3, "the read was not retried: {asked:?}");
+    let parked = stack
+        .broker
+        .take(&stack.broker.topology().parked_queue())
+        .await
+        .unwrap();
+    let reason = parked_reason(&parked);
+    assert!(
+        reason.contains(&format!("Harbor GET artifact {repo}@{digest} timed out")),
+        "{reason}"
+    );
+    assert_eq!(stack.port.request_count().await, 0);
+}
+
+#[tokio::test]
+async fn no_more_events_are_in_flight_than_the_concurrency_allows() {
+    let stack = Stack::start_with(|settings| settings.concurrency = 4).await;
+    Mock::given(method("GET"))
+        .and(path_regex("/artifacts/"))
+        .respond_with(ResponseTemplate::new(404).set_delay(Duration::from_millis(600)))
+        .mount(&stack.harbor.server)
+        .await;
+    let body = samples::load("scanning_completed.default.docs.json");
+    for _ in 0..10 {
+        stack.webhook(&body).await;
+    }
+
+    let mut most = 0.0_f64;
+    let deadline = Instant::now() + WAIT;
+    while outcome_count(&stack.worker.metrics().await, "synced") < 10 {
+        assert!(Instant::now() < deadline, "the events were not all handled");
+        let metrics = stack.worker.metrics().await;
+        let in_flight = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("harbor_worker_events_in_flight "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        most = most.max(in_flight);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        most, 4.0,
+        "at most WORKER_CONCURRENCY events at once, and that many"
+    );
+}
+
+#[tokio::test]
+async fn the_blueprints_command_creates_missing_blueprints_and_updates_existing_ones() {
+    let port = harbor_sync_tests::fakes::FakePort::start().await;
+    let bearer = format!("Bearer {PORT_TOKEN}");
+    for (blueprint, status) in [
+        ("harborProject", 404),
+        ("harborRepository", 200),
+        ("harborArtifact", 404),
+    ] {
+        Mock::given(method("PATCH"))
+            .and(path(format!("/v1/blueprints/{blueprint}")))
+            .and(header("authorization", bearer.as_str()))
+            .respond_with(ResponseTemplate::new(status).set_body_json(json!({"ok": status == 200})))
+            .mount(&port.server)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .and(path("/v1/blueprints"))
+        .and(header("authorization", bearer.as_str()))
+        .respond_with(ResponseTemplate::new(201).set_body_json(json!({"ok": true})))
+        .mount(&port.server)
+        .await;
+
+    let settings = harbor_worker::settings::PortSettings {
+        url: port.url().parse().unwrap(),
+        client_id: harbor_sync_tests::fakes::PORT_CLIENT_ID.into(),
+        client_secret: harbor_sync_tests::fakes::PORT_CLIENT_SECRET.into(),
+    };
+    let http = harbor_worker::clients::http_client(Duration::from_secs(5)).unwrap();
+    let client = harbor_worker::startup::port_client(&settings, http);
+    let retry = harbor_worker::retry::RetryPolicy::with_budget(Duration::from_secs(5));
+    harbor_worker::blueprints::apply(&client, retry)
+        .await
+        .unwrap();
+
+    let requests = port.server.received_requests().await.unwrap();
+    let calls: Vec<String> = requests
+        .iter()
+        .filter(|r| r.url.path() != "/v1/auth/access_token")
+        .map(|r| {
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            format!(
+                "{} {} {}",
+                r.method,
+                r.url.path(),
+                body["identifier"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "PATCH /v1/blueprints/harborProject harborProject",
+            "POST /v1/blueprints harborProject",
+            "PATCH /v1/blueprints/harborRepository harborRepository",
+            "PATCH /v1/blueprints/harborArtifact harborArtifact",
+            "POST /v1/blueprints harborArtifact",
+        ]
+    );
+}
