@@ -272,3 +272,52 @@ async fn the_blueprints_command_creates_missing_blueprints_and_updates_existing_
         ]
     );
 }
+
+#[tokio::test]
+async fn stopping_the_worker_finishes_the_events_in_flight_before_it_exits() {
+    let stack = Stack::start().await;
+    let body = samples::load("scanning_completed.default.docs.json");
+    let (repo, digest) = samples::subject(&body);
+    // Slow enough that the stop arrives while all three are being handled.
+    Mock::given(method("GET"))
+        .and(path_regex("/artifacts/"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(harbor_json::artifact(&repo, &digest, &["3.17"], None))
+                .set_delay(Duration::from_millis(1500)),
+        )
+        .mount(&stack.harbor.server)
+        .await;
+    for _ in 0..3 {
+        stack.webhook(&body).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while !stack
+        .worker
+        .metrics()
+        .await
+        .contains("harbor_worker_events_in_flight 3")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the events never were in flight together"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let Stack {
+        worker,
+        port,
+        broker,
+        harbor,
+        ingest,
+    } = stack;
+    worker.stop().await;
+
+    // Each was written before the worker exited, and acked: nothing is left to redeliver.
+    let upserts = port.writes().await.len();
+    assert_eq!(upserts, 3);
+    assert_eq!(broker.work_ready().await, 0);
+    assert_eq!(broker.parked_ready().await, 0);
+    drop((harbor, ingest));
+}
