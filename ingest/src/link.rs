@@ -43,6 +43,7 @@ pub async fn maintain(
             readiness.set(false);
             metrics::gauge!("harbor_ingest_broker_connected").set(0.0);
             current.send_replace(None);
+            publisher.close().await;
             Ok(())
         },
     )

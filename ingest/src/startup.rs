@@ -17,8 +17,10 @@ use crate::link;
 use crate::routes::webhook::{WebhookState, webhook};
 use crate::settings::Settings;
 
-/// How long a stopping server waits for requests in flight.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopping server waits for its connections to finish. A request in flight needs at
+/// most the body read timeout (10 s) plus the confirm timeout (5 s). actix also waits for idle
+/// keep-alive connections, so this bounds how long every stop takes.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A bound, not yet running ingest.
 pub struct Application {
@@ -91,7 +93,7 @@ impl Application {
     }
 
     /// Serves until SIGTERM/SIGINT (or [`ServerHandle::stop`]): then stops accepting, lets
-    /// requests in flight finish (at most 30 s), and closes the broker connection.
+    /// requests in flight finish (at most 15 s), and closes the broker connection.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let served = self.server.await;
         self.shutdown.cancel();

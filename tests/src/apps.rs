@@ -80,21 +80,18 @@ impl TestIngest {
     }
 }
 
-/// The worker's settings for a test: the fakes, a short retry budget, port 0.
-pub fn worker_settings(
-    amqp: &AmqpSettings,
-    harbor: &FakeHarbor,
-    port: &FakePort,
-) -> WorkerSettings {
+/// The worker's settings for a test: Harbor and Port at these addresses with the fakes'
+/// credentials, a short retry budget, port 0.
+pub fn worker_settings(amqp: &AmqpSettings, harbor_url: &str, port_url: &str) -> WorkerSettings {
     WorkerSettings {
         amqp: amqp.clone(),
         harbor: HarborSettings {
-            url: harbor.url().parse().unwrap(),
+            url: harbor_url.parse().unwrap(),
             username: HARBOR_USER.into(),
             password: SecretString::from(HARBOR_PASSWORD),
         },
         port: PortSettings {
-            url: port.url().parse().unwrap(),
+            url: port_url.parse().unwrap(),
             client_id: PORT_CLIENT_ID.into(),
             client_secret: SecretString::from(PORT_CLIENT_SECRET),
         },
@@ -207,7 +204,7 @@ impl Stack {
         let broker = crate::rabbit::TestTopology::new().await;
         let harbor = FakeHarbor::start().await;
         let port = FakePort::start().await;
-        let mut settings = worker_settings(&broker.amqp, &harbor, &port);
+        let mut settings = worker_settings(&broker.amqp, &harbor.url(), &port.url());
         adjust(&mut settings);
         let worker = TestWorker::start(settings).await;
         let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;

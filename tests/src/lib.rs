@@ -12,6 +12,7 @@ pub mod apps;
 pub mod fakes;
 pub mod rabbit;
 pub mod samples;
+pub mod sandbox;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -1,0 +1,240 @@
+//! `/sandbox/...`: act as Harbor for a person, and show what Port holds.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, web};
+use harbor_worker::names::RepositoryName;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::state::{Artifact, Registry};
+use super::{PayloadFormat, Shared, lock};
+
+/// The host name the sandbox's registry pretends to have, in `resource_url`s.
+pub const REGISTRY_HOST: &str = "harbor.sandbox.local";
+
+/// Mounts `/sandbox/...`.
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .route("/sandbox/push", web::post().to(push))
+        .route("/sandbox/pull", web::post().to(pull))
+        .route("/sandbox/delete", web::post().to(delete))
+        .route("/sandbox/scan", web::post().to(scan))
+        .route("/sandbox/port/entities", web::get().to(entities))
+        .route("/sandbox/port/requests", web::get().to(requests))
+        .route("/sandbox/harbor", web::get().to(registry));
+}
+
+/// What to act on.
+#[derive(Debug, Deserialize)]
+pub struct Action {
+    /// `project/name`
+    pub repository: String,
+    /// A tag (or a digest for pull, delete and scan).
+    #[serde(default = "latest")]
+    pub tag: String,
+}
+
+fn latest() -> String {
+    "latest".to_owned()
+}
+
+fn bad_request(message: impl Into<String>) -> HttpResponse {
+    HttpResponse::BadRequest().json(json!({"error": "bad_request", "message": message.into()}))
+}
+
+/// Harbor's event types: (default name, CloudEvents name).
+fn names(kind: &str) -> (&'static str, &'static str) {
+    match kind {
+        "push" => ("PUSH_ARTIFACT", "harbor.artifact.pushed"),
+        "pull" => ("PULL_ARTIFACT", "harbor.artifact.pulled"),
+        "delete" => ("DELETE_ARTIFACT", "harbor.artifact.deleted"),
+        _ => ("SCANNING_COMPLETED", "harbor.scan.completed"),
+    }
+}
+
+async fn push(shared: web::Data<Shared>, action: web::Json<Action>) -> HttpResponse {
+    act(&shared, &action, "push", |registry, repo, tag| {
+        Ok(registry.push(repo, tag))
+    })
+    .await
+}
+
+async fn pull(shared: web::Data<Shared>, action: web::Json<Action>) -> HttpResponse {
+    act(&shared, &action, "pull", Registry::pull).await
+}
+
+async fn delete(shared: web::Data<Shared>, action: web::Json<Action>) -> HttpResponse {
+    act(&shared, &action, "delete", Registry::delete).await
+}
+
+async fn scan(shared: web::Data<Shared>, action: web::Json<Action>) -> HttpResponse {
+    act(&shared, &action, "scan", Registry::scan).await
+}
+
+/// Changes the registry, then sends the webhook Harbor would send.
+async fn act(
+    shared: &Shared,
+    action: &Action,
+    kind: &str,
+    change: impl FnOnce(&mut Registry, &RepositoryName, &str) -> Result<Artifact, String>,
+) -> HttpResponse {
+    let repository = match RepositoryName::parse(&action.repository) {
+        Ok(repository) => repository,
+        Err(error) => return bad_request(error.to_string()),
+    };
+    if action.tag.is_empty() || action.tag.len() > 128 || action.tag.contains(['/', ' ']) {
+        return bad_request("tag must be 1-128 characters without '/' or spaces");
+    }
+    let (artifact, created) = {
+        let mut registry = lock(&shared.registry);
+        let artifact = match change(&mut registry, &repository, &action.tag) {
+            Ok(artifact) => artifact,
+            Err(message) => {
+                return HttpResponse::NotFound()
+                    .json(json!({"error": "not_found", "message": message}));
+            }
+        };
+        let created = registry
+            .repositories
+            .get(repository.full())
+            .map(|r| r.created.clone());
+        (artifact, created)
+    };
+    let payload = webhook(
+        shared.settings.payload_format,
+        kind,
+        &repository,
+        &action.tag,
+        &artifact,
+        created.as_deref(),
+    );
+    let sent = shared
+        .http
+        .post(&shared.settings.webhook_url)
+        .header("content-type", "application/json")
+        .header("authorization", &shared.settings.webhook_auth)
+        .json(&payload)
+        .send()
+        .await;
+    let webhook = match sent {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let body = response.json::<Value>().await.unwrap_or(Value::Null);
+            json!({"url": shared.settings.webhook_url, "status": status, "answer": body})
+        }
+        Err(error) => json!({"url": shared.settings.webhook_url, "error": error.to_string()}),
+    };
+    let delivered = webhook["status"]
+        .as_u64()
+        .is_some_and(|s| (200..300).contains(&s));
+    let status = if delivered {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    HttpResponse::build(status).json(json!({
+        "event": payload["type"],
+        "repository": repository.full(),
+        "digest": artifact.digest,
+        "tags": artifact.tags,
+        "webhook": webhook,
+    }))
+}
+
+/// The webhook body Harbor sends for this change, in the configured format.
+pub fn webhook(
+    format: PayloadFormat,
+    kind: &str,
+    repository: &RepositoryName,
+    tag: &str,
+    artifact: &Artifact,
+    repository_created: Option<&str>,
+) -> Value {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let date_created = repository_created
+        .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(now, |d| d.as_secs());
+    let mut resource = json!({
+        "digest": artifact.digest,
+        "tag": tag,
+        "resource_url": format!("{REGISTRY_HOST}/{repository}:{tag}"),
+    });
+    let mut data = json!({
+        "resources": [],
+        "repository": {
+            "date_created": date_created,
+            "name": repository.name(),
+            "namespace": repository.project(),
+            "repo_full_name": repository.full(),
+            "repo_type": "private",
+        }
+    });
+    if kind == "scan" {
+        resource["scan_overview"] = artifact.scan.clone().unwrap_or(Value::Null);
+        data["scan"] = json!({"scan_type": "vulnerability"});
+    }
+    data["resources"] = json!([resource]);
+    let (default_type, cloudevents_type) = names(kind);
+    match format {
+        PayloadFormat::Default => json!({
+            "type": default_type,
+            "occur_at": now,
+            "operator": "admin",
+            "event_data": data,
+        }),
+        PayloadFormat::Cloudevents => json!({
+            "specversion": "1.0",
+            "id": uuid::Uuid::new_v4().to_string(),
+            "requestid": uuid::Uuid::new_v4().to_string(),
+            "source": "/projects/1/webhook/policies/1",
+            "type": cloudevents_type,
+            "datacontenttype": "application/json",
+            "time": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            "data": data,
+            "operator": "admin",
+        }),
+    }
+}
+
+async fn entities(shared: web::Data<Shared>) -> HttpResponse {
+    let store = lock(&shared.port);
+    let mut all = serde_json::Map::new();
+    for blueprint in store.blueprints.keys() {
+        let entities: Vec<&Value> = store
+            .entities
+            .get(blueprint)
+            .map(|e| e.values().collect())
+            .unwrap_or_default();
+        all.insert(blueprint.clone(), json!(entities));
+    }
+    HttpResponse::Ok().json(all)
+}
+
+async fn requests(shared: web::Data<Shared>) -> HttpResponse {
+    let store = lock(&shared.port);
+    HttpResponse::Ok().json(json!({"requests": store.requests}))
+}
+
+async fn registry(shared: web::Data<Shared>) -> HttpResponse {
+    let registry = lock(&shared.registry);
+    let repositories: Vec<Value> = registry
+        .repositories
+        .values()
+        .map(|r| {
+            let artifacts: Vec<Value> = registry
+                .artifacts
+                .get(&r.name)
+                .into_iter()
+                .flatten()
+                .map(|a| json!({"digest": a.digest, "tags": a.tags, "pull_time": a.pull_time, "scanned": a.scan.is_some()}))
+                .collect();
+            json!({"name": r.name, "pull_count": r.pull_count, "artifacts": artifacts})
+        })
+        .collect();
+    HttpResponse::Ok().json(json!({"repositories": repositories}))
+}

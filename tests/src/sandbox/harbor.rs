@@ -1,0 +1,173 @@
+//! The fake Harbor API: what the worker reads, shaped as Harbor v2.15 answers.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::prelude::{BASE64_STANDARD, Engine as _};
+use percent_encoding::percent_decode_str;
+use serde_json::{Value, json};
+
+use super::state::{Artifact, Project, Registry, Repository};
+use super::{Shared, lock};
+
+/// Mounts `/api/v2.0/...`.
+pub fn routes(config: &mut web::ServiceConfig) {
+    config.route("/api/v2.0/{tail:.*}", web::get().to(get));
+}
+
+fn errors(status: actix_web::http::StatusCode, code: &str, message: &str) -> HttpResponse {
+    HttpResponse::build(status)
+        .insert_header(("x-request-id", uuid::Uuid::new_v4().to_string()))
+        .json(json!({"errors": [{"code": code, "message": message}]}))
+}
+
+fn not_found(message: &str) -> HttpResponse {
+    errors(actix_web::http::StatusCode::NOT_FOUND, "NOT_FOUND", message)
+}
+
+fn authorized(request: &HttpRequest, shared: &Shared) -> bool {
+    let expected = format!(
+        "{}:{}",
+        shared.settings.harbor_username, shared.settings.harbor_password
+    );
+    request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b64| BASE64_STANDARD.decode(b64).ok())
+        .is_some_and(|decoded| decoded == expected.as_bytes())
+}
+
+/// A repository path segment as Harbor reads it: decoded twice, and a `/` after the first
+/// decoding means the client encoded it only once (Harbor would not find the route).
+fn repository_segment(raw: &str) -> Option<String> {
+    let once = percent_decode_str(raw).decode_utf8().ok()?;
+    if once.contains('/') {
+        return None;
+    }
+    Some(percent_decode_str(&once).decode_utf8().ok()?.into_owned())
+}
+
+async fn get(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
+    if !authorized(&request, &shared) {
+        return errors(
+            actix_web::http::StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "unauthorized",
+        );
+    }
+    let raw_path = request.uri().path().trim_start_matches("/api/v2.0/");
+    let segments: Vec<&str> = raw_path.split('/').collect();
+    let query =
+        web::Query::<std::collections::HashMap<String, String>>::from_query(request.query_string())
+            .map(web::Query::into_inner)
+            .unwrap_or_default();
+    let flag = |name: &str| query.get(name).is_some_and(|v| v == "true");
+    let registry = lock(&shared.registry);
+    match segments.as_slice() {
+        ["projects", name] => {
+            let name = percent_decode_str(name).decode_utf8_lossy();
+            match registry.projects.get(name.as_ref()) {
+                Some(project) => HttpResponse::Ok().json(project_json(&registry, project)),
+                None => not_found(&format!("project {name} not found")),
+            }
+        }
+        ["projects", project, "repositories", repo] => {
+            let Some(name) = repository_segment(repo) else {
+                return not_found("no route");
+            };
+            let full = format!("{project}/{name}");
+            match registry.repositories.get(&full) {
+                Some(repository) => HttpResponse::Ok().json(repository_json(&registry, repository)),
+                None => not_found(&format!("repository {full} not found")),
+            }
+        }
+        [
+            "projects",
+            project,
+            "repositories",
+            repo,
+            "artifacts",
+            reference,
+        ] => {
+            let Some(name) = repository_segment(repo) else {
+                return not_found("no route");
+            };
+            let full = format!("{project}/{name}");
+            let reference = percent_decode_str(reference).decode_utf8_lossy();
+            match (
+                registry.repositories.get(&full),
+                registry.find(&full, &reference),
+            ) {
+                (Some(repository), Some(artifact)) => HttpResponse::Ok().json(artifact_json(
+                    repository,
+                    artifact,
+                    flag("with_tag") || !query.contains_key("with_tag"),
+                    flag("with_scan_overview"),
+                )),
+                _ => not_found(&format!("artifact {full}:{reference} not found")),
+            }
+        }
+        _ => not_found("no such endpoint in the sandbox"),
+    }
+}
+
+/// `GET /projects/{name}`
+pub fn project_json(registry: &Registry, project: &Project) -> Value {
+    let repo_count = registry
+        .repositories
+        .values()
+        .filter(|r| r.project_id == project.id)
+        .count();
+    json!({
+        "project_id": project.id, "owner_id": 1, "name": project.name, "registry_id": null,
+        "creation_time": project.created, "update_time": project.created, "deleted": false,
+        "owner_name": "admin", "togglable": true, "current_user_role_id": 1,
+        "current_user_role_ids": [1], "repo_count": repo_count,
+        "metadata": {"public": "false", "auto_scan": "true"},
+    })
+}
+
+/// `GET /projects/{p}/repositories/{r}`
+pub fn repository_json(registry: &Registry, repository: &Repository) -> Value {
+    let artifact_count = registry.artifacts.get(&repository.name).map_or(0, Vec::len);
+    json!({
+        "id": repository.id, "project_id": repository.project_id, "name": repository.name,
+        "description": "", "artifact_count": artifact_count, "pull_count": repository.pull_count,
+        "creation_time": repository.created, "update_time": repository.updated,
+    })
+}
+
+/// `GET .../artifacts/{reference}`
+pub fn artifact_json(
+    repository: &Repository,
+    artifact: &Artifact,
+    with_tag: bool,
+    with_scan: bool,
+) -> Value {
+    let tags: Vec<Value> = artifact
+        .tags
+        .iter()
+        .enumerate()
+        .map(|(i, tag)| json!({
+            "id": artifact.id * 100 + i as i64, "repository_id": repository.id, "artifact_id": artifact.id,
+            "name": tag, "push_time": artifact.push_time,
+            "pull_time": artifact.pull_time.as_deref().unwrap_or("0001-01-01T00:00:00.000Z"),
+            "immutable": false,
+        }))
+        .collect();
+    json!({
+        "id": artifact.id, "type": "IMAGE",
+        "media_type": "application/vnd.oci.image.config.v1+json",
+        "manifest_media_type": "application/vnd.oci.image.manifest.v1+json",
+        "project_id": repository.project_id, "repository_id": repository.id,
+        "repository_name": repository.name, "digest": artifact.digest, "size": artifact.size,
+        "push_time": artifact.push_time,
+        "pull_time": artifact.pull_time.as_deref().unwrap_or("0001-01-01T00:00:00.000Z"),
+        "extra_attrs": {"architecture": "amd64", "os": "linux"},
+        "annotations": null, "references": null,
+        "tags": if with_tag { Value::Array(tags) } else { Value::Null },
+        "labels": null,
+        "scan_overview": if with_scan { artifact.scan.clone().unwrap_or(Value::Null) } else { Value::Null },
+        "accessories": null,
+    })
+}

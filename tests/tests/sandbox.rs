@@ -1,0 +1,257 @@
+//! The sandbox: realistic as Harbor and Port, and the whole path through it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use harbor_sync_tests::apps::{self, SECRET, TestIngest, TestWorker, ingest_settings, init_logs};
+use harbor_sync_tests::rabbit::TestTopology;
+use harbor_sync_tests::sandbox::{PayloadFormat, Sandbox, Settings};
+use harbor_sync_tests::wait_until;
+use harbor_worker::settings::Settings as WorkerSettings;
+use serde_json::{Value, json};
+
+struct Running {
+    base: String,
+    _handle: actix_web::dev::ServerHandle,
+}
+
+fn settings(webhook_url: &str, format: PayloadFormat) -> Settings {
+    Settings {
+        listen_addr: "127.0.0.1:0".parse().unwrap(),
+        webhook_url: webhook_url.to_owned(),
+        webhook_auth: SECRET.to_owned(),
+        payload_format: format,
+        harbor_username: "admin".into(),
+        harbor_password: "Harbor12345".into(),
+        port_client_id: "sandbox-client".into(),
+        port_client_secret: "sandbox-secret".into(),
+        empty_port: false,
+    }
+}
+
+async fn start_sandbox(settings: Settings) -> Running {
+    init_logs();
+    let sandbox = Sandbox::build(settings).unwrap();
+    let base = format!("http://127.0.0.1:{}", sandbox.port());
+    let handle = sandbox.handle();
+    tokio::spawn(sandbox.run());
+    Running {
+        base,
+        _handle: handle,
+    }
+}
+
+/// The test worker's settings, pointed at the sandbox with the sandbox's credentials.
+fn worker_settings(broker: &TestTopology, sandbox: &str) -> WorkerSettings {
+    let mut settings = apps::worker_settings(&broker.amqp, sandbox, sandbox);
+    settings.harbor.username = "admin".into();
+    settings.harbor.password = "Harbor12345".into();
+    settings.port.client_id = "sandbox-client".into();
+    settings.port.client_secret = "sandbox-secret".into();
+    settings
+}
+
+/// Acts in the sandbox's Harbor; the answer says whether the webhook was delivered (200) or
+/// not (502).
+async fn act(sandbox: &Running, action: &str, repository: &str, tag: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/sandbox/{action}", sandbox.base))
+        .json(&json!({"repository": repository, "tag": tag}))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+async fn act_delivered(sandbox: &Running, action: &str, repository: &str, tag: &str) -> Value {
+    let (status, answer) = act(sandbox, action, repository, tag).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+async fn entities(sandbox: &Running) -> Value {
+    reqwest::get(format!("{}/sandbox/port/entities", sandbox.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn ids(entities: &Value, blueprint: &str) -> Vec<String> {
+    entities[blueprint]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["identifier"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn whole_path(format: PayloadFormat) {
+    let broker = TestTopology::new().await;
+    let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
+    let sandbox = start_sandbox(settings(&format!("{}/webhook", ingest.base), format)).await;
+    let worker = TestWorker::start(worker_settings(&broker, &sandbox.base)).await;
+
+    let pushed = act_delivered(&sandbox, "push", "library/nginx", "1.27").await;
+    assert_eq!(pushed["webhook"]["status"], 202, "{pushed}");
+    let digest = pushed["digest"].as_str().unwrap().to_owned();
+    let artifact_id = format!("library/nginx@{digest}");
+    wait_until("the artifact in Port", Duration::from_secs(15), || async {
+        ids(&entities(&sandbox).await, "harborArtifact").contains(&artifact_id)
+    })
+    .await;
+    let held = entities(&sandbox).await;
+    assert_eq!(ids(&held, "harborRepository"), ["library/nginx"]);
+    assert_eq!(ids(&held, "harborProject"), ["library"]);
+    assert_eq!(held["harborArtifact"][0]["title"], "library/nginx:1.27");
+
+    act_delivered(&sandbox, "pull", "library/nginx", "1.27").await;
+    act_delivered(&sandbox, "scan", "library/nginx", "1.27").await;
+    wait_until(
+        "the pull count and the scan in Port",
+        Duration::from_secs(15),
+        || async {
+            let held = entities(&sandbox).await;
+            held["harborRepository"][0]["properties"]["pullCount"] == 1
+                && held["harborArtifact"][0]["properties"]["scanStatus"] == "Success"
+        },
+    )
+    .await;
+
+    act_delivered(&sandbox, "delete", "library/nginx", "1.27").await;
+    wait_until(
+        "the artifact gone from Port",
+        Duration::from_secs(15),
+        || async { ids(&entities(&sandbox).await, "harborArtifact").is_empty() },
+    )
+    .await;
+    worker.stop().await;
+    assert_eq!(broker.parked_ready().await, 0);
+}
+
+#[tokio::test]
+async fn sandbox_push_pull_scan_and_delete_reach_port_through_ingest_and_worker() {
+    whole_path(PayloadFormat::Default).await;
+}
+
+#[tokio::test]
+async fn the_sandbox_in_cloudevents_format_reaches_port_too() {
+    whole_path(PayloadFormat::Cloudevents).await;
+}
+
+#[tokio::test]
+async fn the_sandbox_harbor_is_strict_like_harbor() {
+    let sandbox = start_sandbox(settings(
+        "http://127.0.0.1:9/webhook",
+        PayloadFormat::Default,
+    ))
+    .await;
+    // No ingest listens: the registry changes and the answer says the webhook failed.
+    let (status, answer) = act(&sandbox, "push", "team/app/api", "v1").await;
+    assert_eq!(status, 502);
+    assert!(answer["webhook"]["error"].is_string(), "{answer}");
+    let client = reqwest::Client::new();
+    let get = |path: &str, password: &str| {
+        client
+            .get(format!("{}/api/v2.0{path}", sandbox.base))
+            .basic_auth("admin", Some(password))
+            .send()
+    };
+    assert_eq!(
+        get("/projects/team/repositories/app%252Fapi", "Harbor12345")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        get("/projects/team/repositories/app%2Fapi", "Harbor12345")
+            .await
+            .unwrap()
+            .status(),
+        404,
+        "encoded once"
+    );
+    assert_eq!(
+        get("/projects/team/repositories/app%252Fapi", "wrong")
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let answer: Value = get(
+        "/projects/team/repositories/app%252Fapi/artifacts/v1?with_tag=true",
+        "Harbor12345",
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(answer["tags"][0]["name"], "v1");
+    assert_eq!(answer["pull_time"], "0001-01-01T00:00:00.000Z");
+    let missing = get(
+        "/projects/team/repositories/app%252Fapi/artifacts/v2",
+        "Harbor12345",
+    )
+    .await
+    .unwrap();
+    assert_eq!(missing.status(), 404);
+    let errors: Value = missing.json().await.unwrap();
+    assert_eq!(errors["errors"][0]["code"], "NOT_FOUND");
+}
+
+#[tokio::test]
+async fn the_sandbox_port_checks_tokens_identifiers_and_schemas_like_port() {
+    let sandbox = start_sandbox(settings(
+        "http://127.0.0.1:9/webhook",
+        PayloadFormat::Default,
+    ))
+    .await;
+    let client = reqwest::Client::new();
+    let denied = client
+        .post(format!("{}/v1/auth/access_token", sandbox.base))
+        .json(&json!({"clientId": "sandbox-client", "clientSecret": "wrong"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 401);
+    let token: Value = client
+        .post(format!("{}/v1/auth/access_token", sandbox.base))
+        .json(&json!({"clientId": "sandbox-client", "clientSecret": "sandbox-secret"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["accessToken"].as_str().unwrap();
+    let upsert = |bearer: &str, entity: Value| {
+        client
+            .post(format!("{}/v1/blueprints/harborRepository/entities?upsert=true&merge=true&create_missing_related_entities=true", sandbox.base))
+            .bearer_auth(bearer)
+            .json(&entity)
+            .send()
+    };
+    let good = json!({"identifier": "a/b", "title": "a/b", "properties": {"pullCount": 1}, "relations": {"project": "a"}});
+    assert_eq!(
+        upsert("bad-token", good.clone()).await.unwrap().status(),
+        401
+    );
+    assert_eq!(upsert(token, good).await.unwrap().status(), 201);
+    let unknown = json!({"identifier": "a/b", "properties": {"colour": "red"}});
+    assert_eq!(upsert(token, unknown).await.unwrap().status(), 422);
+    let bad_id = json!({"identifier": "a b", "properties": {}});
+    assert_eq!(upsert(token, bad_id).await.unwrap().status(), 422);
+    // The missing related project was created, and the merge keeps earlier properties.
+    let merged = json!({"identifier": "a/b", "properties": {"artifactCount": 2}});
+    assert_eq!(upsert(token, merged).await.unwrap().status(), 201);
+    let held = entities(&sandbox).await;
+    assert_eq!(ids(&held, "harborProject"), ["a"]);
+    assert_eq!(
+        held["harborRepository"][0]["properties"],
+        json!({"pullCount": 1, "artifactCount": 2})
+    );
+}
