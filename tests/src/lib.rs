@@ -5,12 +5,15 @@
 //!
 //! The broker is the real one at `AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
 
-// Test support: a broken precondition should fail the test on the spot, with its message.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
+// Test support may unwrap: a broken precondition should fail the test on the spot, with its
+// message. The sandbox is a program people run, and may not.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod apps;
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod fakes;
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod rabbit;
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod samples;
 pub mod sandbox;
 

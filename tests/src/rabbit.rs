@@ -117,6 +117,51 @@ impl TestTopology {
         );
     }
 
+    /// Caps the work queue at `max_length` messages with a policy (removed on drop): beyond it
+    /// the broker refuses publishes with a nack, as a full queue does.
+    pub async fn limit_work_queue(&self, max_length: u32) {
+        let queue = self.topology().queue();
+        let body = serde_json::json!({
+            "pattern": format!("^{}$", queue.replace('.', "\\.")),
+            "definition": {"max-length": max_length},
+            "apply-to": "queues",
+            "priority": 100,
+        });
+        let (url, user, password) =
+            management(&format!("/api/policies/%2f/{}", policy_name(queue)));
+        let response = reqwest::Client::new()
+            .put(url)
+            .basic_auth(user, Some(password))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "policy not set: {}",
+            response.status()
+        );
+        // Policies apply asynchronously; wait until the queue reports it.
+        let (url, user, password) = management(&format!("/api/queues/%2f/{queue}"));
+        crate::wait_until(
+            "the policy on the queue",
+            Duration::from_secs(10),
+            || async {
+                let queue: serde_json::Value = reqwest::Client::new()
+                    .get(&url)
+                    .basic_auth(&user, Some(&password))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                queue["effective_policy_definition"]["max-length"] == max_length
+            },
+        )
+        .await;
+    }
+
     /// Deletes the work queue, leaving the exchange without a queue (publishes are unroutable).
     pub async fn delete_work_queue(&self) {
         self.channel
@@ -163,10 +208,23 @@ impl Drop for TestTopology {
                         .await;
                 }
                 let _ = connection.close(200, "cleaned up".into()).await;
+                let (url, user, password) = management(&format!(
+                    "/api/policies/%2f/{}",
+                    policy_name(topology.queue())
+                ));
+                let _ = reqwest::Client::new()
+                    .delete(url)
+                    .basic_auth(user, Some(password))
+                    .send()
+                    .await;
             });
         })
         .join();
     }
+}
+
+fn policy_name(queue: &str) -> String {
+    format!("{queue}-limit")
 }
 
 /// The management API (`RABBITMQ_MANAGEMENT_URL`, default `http://127.0.0.1:15672`), with the

@@ -164,6 +164,41 @@ async fn an_unroutable_event_is_answered_503_never_202() {
 }
 
 #[tokio::test]
+async fn a_full_queue_nacks_and_the_answer_is_503_never_202() {
+    let broker = TestTopology::new().await;
+    let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
+    let body = samples::load("push_artifact.default.docs.json");
+    broker.limit_work_queue(1).await;
+
+    // A quorum queue enforces its limit a little late; within a few publishes it refuses.
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let response = ingest.post(&body, Some(SECRET)).await;
+        if response.status() == 503 {
+            assert_eq!(response.headers()["retry-after"], "5");
+        }
+        statuses.push(response.status().as_u16());
+    }
+    assert!(
+        statuses.contains(&503),
+        "the broker never refused: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 202 || *s == 503),
+        "{statuses:?}"
+    );
+    let accepted = statuses.iter().filter(|s| **s == 202).count() as u32;
+    assert_eq!(
+        broker.work_ready().await,
+        accepted,
+        "every 202 is on the queue, no 503 is"
+    );
+    // A nack is not a broken connection: once there is room, the next publish is accepted.
+    while broker.take(broker.topology().queue()).await.is_some() {}
+    assert_eq!(ingest.post(&body, Some(SECRET)).await.status(), 202);
+}
+
+#[tokio::test]
 async fn without_a_broker_webhooks_get_503_at_once_and_readyz_says_not_ready() {
     let broker = TestTopology::new().await;
     let mut settings = ingest_settings(&broker.amqp);
