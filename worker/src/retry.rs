@@ -3,7 +3,8 @@
 //! Every call an event makes shares the event's budget (`RETRY_MAX_ELAPSED`): a call is retried
 //! while it fails transiently and the budget lasts, waiting what the server asked
 //! (`Retry-After`) or else an exponentially growing, jittered interval. A permanent failure, or
-//! a wait that would end past the budget, ends the event's attempts: it is then parked.
+//! a wait that would end past the budget, ends the event's attempts: it is then parked. (So an
+//! event may be parked up to one interval before its budget is spent: no retry could fit.)
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
