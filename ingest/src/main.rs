@@ -1,19 +1,16 @@
 use std::process::ExitCode;
 
+use anyhow::bail;
 use clap::Parser;
-use harbor_ingest::settings::Cli;
+use harbor_ingest::settings::{Cli, Command};
 use harbor_ingest::startup::Application;
-use harbor_shared::telemetry;
+use harbor_shared::{ops, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_tracing(cli.log.log_format);
-    let result = async {
-        let application = Application::build(cli.into_settings()?).await?;
-        application.run_until_stopped().await
-    };
-    match result.await {
+    match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(
@@ -21,6 +18,23 @@ async fn main() -> ExitCode {
                 "harbor-ingest stopped on an error"
             );
             ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command.clone().unwrap_or(Command::Serve) {
+        Command::Serve => {
+            Application::build(cli.into_settings()?)
+                .await?
+                .run_until_stopped()
+                .await
+        }
+        Command::Healthcheck => {
+            if !ops::probe(cli.listen_addr, "/readyz") {
+                bail!("the ingest on LISTEN_ADDR {} is not ready", cli.listen_addr);
+            }
+            Ok(())
         }
     }
 }

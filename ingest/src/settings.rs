@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use harbor_shared::config::{AmqpArgs, AmqpSettings, LogArgs, secret_from};
 use secrecy::{ExposeSecret, SecretString};
 
@@ -16,6 +16,9 @@ use crate::auth::{AuthMode, Authenticator};
 #[derive(Parser, Debug)]
 #[command(name = "harbor-ingest", version)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address to serve `POST /webhook`, `/healthz`, `/readyz` and `/metrics` on.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
     pub listen_addr: SocketAddr,
@@ -43,6 +46,15 @@ pub struct Cli {
 
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// What to do; serving is the default.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Serve webhooks (the default).
+    Serve,
+    /// Exit 0 if the ingest on LISTEN_ADDR is ready, 1 if not (for container health checks).
+    Healthcheck,
 }
 
 /// Everything the ingest needs, checked.

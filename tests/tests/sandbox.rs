@@ -18,6 +18,7 @@ struct Running {
 
 fn settings(webhook_url: &str, format: PayloadFormat) -> Settings {
     Settings {
+        command: None,
         listen_addr: "127.0.0.1:0".parse().unwrap(),
         webhook_url: webhook_url.to_owned(),
         webhook_auth: SECRET.to_owned(),

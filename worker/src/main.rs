@@ -1,8 +1,8 @@
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Parser;
-use harbor_shared::telemetry;
+use harbor_shared::{ops, telemetry};
 use harbor_worker::blueprints;
 use harbor_worker::clients::http_client;
 use harbor_worker::retry::RetryPolicy;
@@ -39,6 +39,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 http_client(cli.run.http_timeout).context("Failed to build the HTTP client")?;
             let retry = RetryPolicy::with_budget(cli.run.retry_max_elapsed);
             blueprints::apply(&port_client(&port, http), retry).await
+        }
+        Command::Healthcheck => {
+            if !ops::probe(cli.run.metrics_addr, "/readyz") {
+                bail!(
+                    "the worker on METRICS_ADDR {} is not ready",
+                    cli.run.metrics_addr
+                );
+            }
+            Ok(())
         }
     }
 }

@@ -44,6 +44,9 @@ pub enum Command {
     /// Create or update the harborProject, harborRepository and harborArtifact blueprints in
     /// Port, then exit.
     Blueprints,
+    /// Exit 0 if the worker on METRICS_ADDR is consuming, 1 if not (for container health
+    /// checks).
+    Healthcheck,
 }
 
 /// The Harbor API.

@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{App, HttpResponse, HttpServer, web};
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use state::{PortStore, Registry};
 
@@ -41,6 +41,9 @@ pub enum PayloadFormat {
 #[derive(Parser, Debug, Clone)]
 #[command(name = "harbor-sandbox", version)]
 pub struct Settings {
+    #[command(subcommand)]
+    pub command: Option<SandboxCommand>,
+
     /// Address to serve the fake Harbor API, the fake Port API and `/sandbox/...` on.
     #[arg(long, env = "SANDBOX_LISTEN_ADDR", default_value = "0.0.0.0:8090")]
     pub listen_addr: SocketAddr,
@@ -100,6 +103,15 @@ pub struct Settings {
     /// blueprints` to create them). By default they exist.
     #[arg(long, env = "SANDBOX_EMPTY_PORT")]
     pub empty_port: bool,
+}
+
+/// What to do; serving is the default.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum SandboxCommand {
+    /// Serve (the default).
+    Serve,
+    /// Exit 0 if the sandbox on SANDBOX_LISTEN_ADDR answers, 1 if not.
+    Healthcheck,
 }
 
 /// What every route shares.

@@ -1,0 +1,244 @@
+//! The three programs as separate processes, configured only through their environment, as
+//! `docker compose` and `deploy/local/run.sh` run them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harbor_sync_tests::rabbit::{TestTopology, amqp_url};
+use harbor_sync_tests::wait_until;
+use serde_json::{Value, json};
+
+const WEBHOOK_SECRET: &str = "process-test-webhook-secret";
+const HARBOR_PASSWORD: &str = "process-test-harbor-password";
+const PORT_CLIENT_SECRET: &str = "process-test-port-secret";
+
+/// The workspace's binaries sit next to the sandbox's (`target/<profile>/`); cargo builds the
+/// ingest's and the worker's for their own CLI tests.
+fn binary(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_harbor-sandbox")).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` (the test command builds it)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Child processes, killed if the test fails before it stopped them.
+struct Processes {
+    children: Vec<(&'static str, Child)>,
+    logs: PathBuf,
+}
+
+impl Processes {
+    fn spawn(&mut self, name: &'static str, env: &[(&str, String)], args: &[&str]) {
+        let log = std::fs::File::create(self.logs.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(binary(name))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.children.push((name, child));
+    }
+
+    /// SIGTERM to each, then waits for it to exit; returns the exit codes.
+    fn terminate(&mut self) -> Vec<(&'static str, Option<i32>)> {
+        let mut codes = Vec::new();
+        for (name, child) in &mut self.children {
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{name} did not stop within 20 s of SIGTERM"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            codes.push((*name, status.code()));
+        }
+        self.children.clear();
+        codes
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test]
+async fn sandbox_ingest_and_worker_as_processes_carry_a_push_to_port_and_stop_cleanly_on_sigterm() {
+    let broker = TestTopology::new().await;
+    let (ingest_port, worker_port, sandbox_port) = (free_port(), free_port(), free_port());
+    let sandbox = format!("http://127.0.0.1:{sandbox_port}");
+    let logs = std::env::temp_dir().join(format!("harbor-processes-{}", broker.topology().queue()));
+    std::fs::create_dir_all(&logs).unwrap();
+    let mut processes = Processes {
+        children: Vec::new(),
+        logs,
+    };
+
+    let common = |extra: &[(&'static str, String)]| -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("AMQP_URL", amqp_url()),
+            ("AMQP_EXCHANGE", broker.topology().exchange().to_owned()),
+            ("AMQP_QUEUE", broker.topology().queue().to_owned()),
+            ("WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+            ("HARBOR_USERNAME", "robot$sync".to_owned()),
+            ("HARBOR_PASSWORD", HARBOR_PASSWORD.to_owned()),
+            ("PORT_CLIENT_ID", "process-test-client".to_owned()),
+            ("PORT_CLIENT_SECRET", PORT_CLIENT_SECRET.to_owned()),
+        ];
+        env.extend(extra.iter().cloned());
+        env
+    };
+    processes.spawn(
+        "harbor-sandbox",
+        &common(&[
+            ("SANDBOX_LISTEN_ADDR", format!("127.0.0.1:{sandbox_port}")),
+            (
+                "SANDBOX_WEBHOOK_URL",
+                format!("http://127.0.0.1:{ingest_port}/webhook"),
+            ),
+        ]),
+        &[],
+    );
+    processes.spawn(
+        "harbor-ingest",
+        &common(&[("LISTEN_ADDR", format!("127.0.0.1:{ingest_port}"))]),
+        &[],
+    );
+    processes.spawn(
+        "harbor-worker",
+        &common(&[
+            ("METRICS_ADDR", format!("127.0.0.1:{worker_port}")),
+            ("HARBOR_URL", sandbox.clone()),
+            ("PORT_API_URL", sandbox.clone()),
+        ]),
+        &[],
+    );
+
+    // The health checks a container runtime would run.
+    let healthy = |name: &'static str, var: &'static str, port: u16| {
+        move || async move {
+            Command::new(binary(name))
+                .arg("healthcheck")
+                .env_clear()
+                .env(var, format!("127.0.0.1:{port}"))
+                .stdout(Stdio::null())
+                .status()
+                .unwrap()
+                .success()
+        }
+    };
+    wait_until(
+        "the sandbox to be healthy",
+        Duration::from_secs(20),
+        healthy("harbor-sandbox", "SANDBOX_LISTEN_ADDR", sandbox_port),
+    )
+    .await;
+    wait_until(
+        "the ingest to be ready",
+        Duration::from_secs(20),
+        healthy("harbor-ingest", "LISTEN_ADDR", ingest_port),
+    )
+    .await;
+    wait_until(
+        "the worker to be ready",
+        Duration::from_secs(20),
+        healthy("harbor-worker", "METRICS_ADDR", worker_port),
+    )
+    .await;
+
+    let pushed: Value = reqwest::Client::new()
+        .post(format!("{sandbox}/sandbox/push"))
+        .json(&json!({"repository": "library/nginx", "tag": "1.27"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pushed["webhook"]["status"], 202, "{pushed}");
+    let artifact = format!("library/nginx@{}", pushed["digest"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let held = loop {
+        let held: Value = reqwest::get(format!("{sandbox}/sandbox/port/entities"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let has = |blueprint: &str, id: &str| {
+            held[blueprint]
+                .as_array()
+                .is_some_and(|all| all.iter().any(|e| e["identifier"] == id))
+        };
+        if has("harborArtifact", &artifact) && has("harborRepository", "library/nginx") {
+            break held;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the entities never appeared: {held}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(held["harborArtifact"][0]["title"], "library/nginx:1.27");
+
+    let codes = processes.terminate();
+    assert_eq!(
+        codes,
+        [
+            ("harbor-sandbox", Some(0)),
+            ("harbor-ingest", Some(0)),
+            ("harbor-worker", Some(0))
+        ]
+    );
+    let worker_log = processes.log("harbor-worker");
+    assert!(worker_log.contains("Event synced"), "{worker_log}");
+    assert!(worker_log.contains("harbor-worker stopped"), "{worker_log}");
+    for name in ["harbor-sandbox", "harbor-ingest", "harbor-worker"] {
+        let log = processes.log(name);
+        for secret in [
+            WEBHOOK_SECRET,
+            HARBOR_PASSWORD,
+            PORT_CLIENT_SECRET,
+            "Bearer ",
+            "Basic ",
+        ] {
+            assert!(!log.contains(secret), "{name}'s log shows {secret:?}");
+        }
+    }
+}
