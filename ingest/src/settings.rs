@@ -41,6 +41,10 @@ pub struct Cli {
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1_048_576)]
     pub max_body_bytes: usize,
 
+    /// A client must send its request's headers within this time, or is cut off (slow clients).
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
     #[command(flatten)]
     pub amqp: AmqpArgs,
 
@@ -66,6 +70,8 @@ pub struct Settings {
     pub auth: Authenticator,
     /// Largest accepted body.
     pub max_body_bytes: usize,
+    /// Time for a client to send its request headers.
+    pub request_timeout: Duration,
     /// The broker.
     pub amqp: AmqpSettings,
     /// How long a publish may wait for the broker's confirm before the answer is 503.
@@ -87,10 +93,14 @@ impl Cli {
         if self.max_body_bytes == 0 {
             bail!("MAX_BODY_BYTES must be at least 1");
         }
+        if self.request_timeout.is_zero() {
+            bail!("REQUEST_TIMEOUT must be more than 0");
+        }
         Ok(Settings {
             listen_addr: self.listen_addr,
             auth: Authenticator::new(self.webhook_auth_mode, secrets)?,
             max_body_bytes: self.max_body_bytes,
+            request_timeout: self.request_timeout,
             amqp: self.amqp.into_settings()?,
             confirm_timeout: Duration::from_secs(5),
             publisher_channels: 4,

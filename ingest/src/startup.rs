@@ -17,11 +17,6 @@ use crate::link;
 use crate::routes::webhook::{WebhookState, webhook};
 use crate::settings::Settings;
 
-/// How long a stopping server waits for its connections to finish. A request in flight needs at
-/// most the body read timeout (10 s) plus the confirm timeout (5 s). actix also waits for idle
-/// keep-alive connections, so this bounds how long every stop takes.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(15);
-
 /// A bound, not yet running ingest.
 pub struct Application {
     port: u16,
@@ -67,11 +62,16 @@ impl Application {
         })
         .listen(listener)
         .context("Failed to listen")?
-        // Slow or idle clients are cut off instead of holding a connection forever.
-        .client_request_timeout(Duration::from_secs(10))
+        // Slow or idle clients are cut off instead of holding a connection forever: headers
+        // within REQUEST_TIMEOUT, an idle keep-alive connection after 75 s (longer than the
+        // usual 60 s of load balancers, so they close first).
+        .client_request_timeout(settings.request_timeout)
         .client_disconnect_timeout(Duration::from_secs(5))
         .keep_alive(Duration::from_secs(75))
-        .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
+        // A stopping server waits for its connections: a request in flight needs at most the
+        // request timeout and the confirm timeout. (actix also waits for idle keep-alive
+        // connections, so this bounds every stop.)
+        .shutdown_timeout((settings.request_timeout + settings.confirm_timeout).as_secs())
         .run();
         info!(port, "harbor-ingest listening");
         Ok(Self {
@@ -93,7 +93,7 @@ impl Application {
     }
 
     /// Serves until SIGTERM/SIGINT (or [`ServerHandle::stop`]): then stops accepting, lets
-    /// requests in flight finish (at most 15 s), and closes the broker connection.
+    /// requests in flight finish (at most REQUEST_TIMEOUT + 5 s), and closes the broker connection.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let served = self.server.await;
         self.shutdown.cancel();

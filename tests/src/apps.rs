@@ -33,6 +33,7 @@ pub fn ingest_settings(amqp: &AmqpSettings) -> IngestSettings {
         listen_addr: free_port(),
         auth: Authenticator::new(AuthMode::Auto, vec![SecretString::from(SECRET)]).unwrap(),
         max_body_bytes: 1_048_576,
+        request_timeout: Duration::from_secs(10),
         amqp: amqp.clone(),
         confirm_timeout: Duration::from_secs(5),
         publisher_channels: 2,

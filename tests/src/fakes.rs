@@ -123,6 +123,30 @@ impl FakeHarbor {
         .await;
     }
 
+    /// Harbor holds `repository` (and its project) and any artifact in it that is asked for,
+    /// after `delay`: for tests that push many digests.
+    pub async fn holds_any_artifact(&self, repository: &str, delay: Duration) {
+        let project = repository.split_once('/').unwrap().0;
+        self.project(project, harbor_json::project(project)).await;
+        self.repository(repository, harbor_json::repository(repository, 1, 0))
+            .await;
+        let full_name = repository.to_owned();
+        let p = format!(
+            "^{}/artifacts/sha256:[0-9a-f]{{64}}$",
+            harbor_repository_path(repository).replace('.', "[.]")
+        );
+        Mock::given(method("GET"))
+            .and(path_regex(p))
+            .respond_with(move |request: &Request| {
+                let digest = request.url.path().rsplit('/').next().unwrap_or_default();
+                ResponseTemplate::new(200)
+                    .set_body_json(harbor_json::artifact(&full_name, digest, &["latest"], None))
+                    .set_delay(delay)
+            })
+            .mount(&self.server)
+            .await;
+    }
+
     /// The paths (with query) Harbor was asked for, in order.
     pub async fn requests(&self) -> Vec<String> {
         self.server

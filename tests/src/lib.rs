@@ -12,6 +12,8 @@ pub mod apps;
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod fakes;
 #[allow(clippy::unwrap_used, clippy::expect_used)]
+pub mod processes;
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod rabbit;
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod samples;

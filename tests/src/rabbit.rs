@@ -22,8 +22,8 @@ pub fn amqp_url() -> String {
 pub struct TestTopology {
     /// What to hand to the ingest and the worker.
     pub amqp: AmqpSettings,
-    _connection: Connection,
-    channel: Channel,
+    /// A connection of the test's own, reopened if the broker was restarted.
+    link: tokio::sync::Mutex<(Connection, Channel)>,
 }
 
 impl TestTopology {
@@ -34,20 +34,21 @@ impl TestTopology {
             url: BrokerUrl::parse(&amqp_url()).unwrap(),
             topology: Topology::new(&name, &name).unwrap(),
         };
-        let connection = broker::connect(&amqp.url, "harbor-sync-tests")
-            .await
-            .expect("RabbitMQ must be running at AMQP_URL");
-        let channel = connection.create_channel().await.unwrap();
-        amqp.topology.declare(&channel).await.unwrap();
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
+        let link = open(&amqp).await;
+        amqp.topology.declare(&link.1).await.unwrap();
         Self {
             amqp,
-            _connection: connection,
-            channel,
+            link: tokio::sync::Mutex::new(link),
         }
+    }
+
+    /// The test's channel, on a new connection if the old one died (after a broker restart).
+    async fn channel(&self) -> Channel {
+        let mut link = self.link.lock().await;
+        if !link.1.status().connected() {
+            *link = open(&self.amqp).await;
+        }
+        link.1.clone()
     }
 
     /// The names.
@@ -61,7 +62,8 @@ impl TestTopology {
             passive: true,
             ..QueueDeclareOptions::default()
         };
-        self.channel
+        self.channel()
+            .await
             .queue_declare(queue.into(), options, FieldTable::default())
             .await
             .unwrap()
@@ -81,7 +83,11 @@ impl TestTopology {
     /// Takes (and acks) the next message of a queue.
     pub async fn take(&self, queue: &str) -> Option<BasicGetMessage> {
         let options = BasicGetOptions { no_ack: true };
-        self.channel.basic_get(queue.into(), options).await.unwrap()
+        self.channel()
+            .await
+            .basic_get(queue.into(), options)
+            .await
+            .unwrap()
     }
 
     /// Waits until a queue holds `count` ready messages.
@@ -96,7 +102,8 @@ impl TestTopology {
     /// Publishes straight to the exchange (confirmed), bypassing the ingest.
     pub async fn publish(&self, routing_key: &str, body: &[u8], properties: BasicProperties) {
         let confirm = self
-            .channel
+            .channel()
+            .await
             .basic_publish(
                 self.topology().exchange().into(),
                 routing_key.into(),
@@ -164,7 +171,8 @@ impl TestTopology {
 
     /// Deletes the work queue, leaving the exchange without a queue (publishes are unroutable).
     pub async fn delete_work_queue(&self) {
-        self.channel
+        self.channel()
+            .await
             .queue_delete(
                 self.topology().queue().into(),
                 QueueDeleteOptions::default(),
@@ -225,6 +233,19 @@ impl Drop for TestTopology {
 
 fn policy_name(queue: &str) -> String {
     format!("{queue}-limit")
+}
+
+/// A connection with a confirm-mode channel.
+async fn open(amqp: &AmqpSettings) -> (Connection, Channel) {
+    let connection = broker::connect(&amqp.url, "harbor-sync-tests")
+        .await
+        .expect("RabbitMQ must be running at AMQP_URL");
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    (connection, channel)
 }
 
 /// The management API (`RABBITMQ_MANAGEMENT_URL`, default `http://127.0.0.1:15672`), with the

@@ -29,3 +29,24 @@ pub fn subject(body: &[u8]) -> (String, String) {
         data["resources"][0]["digest"].as_str().unwrap().to_owned(),
     )
 }
+
+/// A push of `digest` to `repository` in Harbor's default format, as Harbor sends it.
+pub fn push(repository: &str, digest: &str) -> Vec<u8> {
+    let (namespace, name) = repository.split_once('/').unwrap();
+    serde_json::to_vec(&serde_json::json!({
+        "type": "PUSH_ARTIFACT",
+        "occur_at": 1_724_140_800,
+        "operator": "robot$ci",
+        "event_data": {
+            "resources": [{"digest": digest, "tag": "latest", "resource_url": format!("harbor.example.com/{repository}:latest")}],
+            "repository": {"date_created": 1_700_000_000, "name": name, "namespace": namespace, "repo_full_name": repository, "repo_type": "private"}
+        }
+    }))
+    .unwrap()
+}
+
+/// A distinct, valid digest for each number.
+pub fn digest(n: u64) -> String {
+    use sha2::{Digest as _, Sha256};
+    format!("sha256:{}", hex::encode(Sha256::digest(n.to_be_bytes())))
+}

@@ -4,10 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use harbor_sync_tests::processes::{Processes, binary};
 use harbor_sync_tests::rabbit::{TestTopology, amqp_url};
 use harbor_sync_tests::wait_until;
 use serde_json::{Value, json};
@@ -15,18 +15,6 @@ use serde_json::{Value, json};
 const WEBHOOK_SECRET: &str = "process-test-webhook-secret";
 const HARBOR_PASSWORD: &str = "process-test-harbor-password";
 const PORT_CLIENT_SECRET: &str = "process-test-port-secret";
-
-/// The workspace's binaries sit next to the sandbox's (`target/<profile>/`); cargo builds the
-/// ingest's and the worker's for their own CLI tests.
-fn binary(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_harbor-sandbox")).with_file_name(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --bins` (the test command builds it)",
-        path.display()
-    );
-    path
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -36,79 +24,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Child processes, killed if the test fails before it stopped them.
-struct Processes {
-    children: Vec<(&'static str, Child)>,
-    logs: PathBuf,
-}
-
-impl Processes {
-    fn spawn(&mut self, name: &'static str, env: &[(&str, String)], args: &[&str]) {
-        let log = std::fs::File::create(self.logs.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(binary(name))
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        self.children.push((name, child));
-    }
-
-    /// SIGTERM to each, then waits for it to exit; returns the exit codes.
-    fn terminate(&mut self) -> Vec<(&'static str, Option<i32>)> {
-        let mut codes = Vec::new();
-        for (name, child) in &mut self.children {
-            Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status()
-                .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let status = loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    break status;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{name} did not stop within 20 s of SIGTERM"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            };
-            codes.push((*name, status.code()));
-        }
-        self.children.clear();
-        codes
-    }
-
-    fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default()
-    }
-}
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[tokio::test]
 async fn sandbox_ingest_and_worker_as_processes_carry_a_push_to_port_and_stop_cleanly_on_sigterm() {
     let broker = TestTopology::new().await;
     let (ingest_port, worker_port, sandbox_port) = (free_port(), free_port(), free_port());
     let sandbox = format!("http://127.0.0.1:{sandbox_port}");
-    let logs = std::env::temp_dir().join(format!("harbor-processes-{}", broker.topology().queue()));
-    std::fs::create_dir_all(&logs).unwrap();
-    let mut processes = Processes {
-        children: Vec::new(),
-        logs,
-    };
+    let mut processes = Processes::new(broker.topology().queue());
 
     let common = |extra: &[(&'static str, String)]| -> Vec<(&'static str, String)> {
         let mut env = vec![
@@ -126,6 +47,7 @@ async fn sandbox_ingest_and_worker_as_processes_carry_a_push_to_port_and_stop_cl
     };
     processes.spawn(
         "harbor-sandbox",
+        "harbor-sandbox",
         &common(&[
             ("SANDBOX_LISTEN_ADDR", format!("127.0.0.1:{sandbox_port}")),
             (
@@ -133,21 +55,20 @@ async fn sandbox_ingest_and_worker_as_processes_carry_a_push_to_port_and_stop_cl
                 format!("http://127.0.0.1:{ingest_port}/webhook"),
             ),
         ]),
-        &[],
     );
     processes.spawn(
         "harbor-ingest",
+        "harbor-ingest",
         &common(&[("LISTEN_ADDR", format!("127.0.0.1:{ingest_port}"))]),
-        &[],
     );
     processes.spawn(
+        "harbor-worker",
         "harbor-worker",
         &common(&[
             ("METRICS_ADDR", format!("127.0.0.1:{worker_port}")),
             ("HARBOR_URL", sandbox.clone()),
             ("PORT_API_URL", sandbox.clone()),
         ]),
-        &[],
     );
 
     // The health checks a container runtime would run.
@@ -217,15 +138,12 @@ async fn sandbox_ingest_and_worker_as_processes_carry_a_push_to_port_and_stop_cl
     };
     assert_eq!(held["harborArtifact"][0]["title"], "library/nginx:1.27");
 
-    let codes = processes.terminate();
-    assert_eq!(
-        codes,
-        [
-            ("harbor-sandbox", Some(0)),
-            ("harbor-ingest", Some(0)),
-            ("harbor-worker", Some(0))
-        ]
-    );
+    let codes = processes.terminate_all();
+    let expected: Vec<(String, Option<i32>)> = ["harbor-sandbox", "harbor-ingest", "harbor-worker"]
+        .into_iter()
+        .map(|name| (name.to_owned(), Some(0)))
+        .collect();
+    assert_eq!(codes, expected);
     let worker_log = processes.log("harbor-worker");
     assert!(worker_log.contains("Event synced"), "{worker_log}");
     assert!(worker_log.contains("harbor-worker stopped"), "{worker_log}");
@@ -240,5 +158,15 @@ async fn sandbox_ingest_and_worker_as_processes_carry_a_push_to_port_and_stop_cl
         ] {
             assert!(!log.contains(secret), "{name}'s log shows {secret:?}");
         }
+        // The sandbox's access tokens are `sandbox-<32 hex digits>`.
+        let token = log.match_indices("sandbox-").any(|(at, _)| {
+            log[at + 8..]
+                .chars()
+                .take(32)
+                .filter(char::is_ascii_hexdigit)
+                .count()
+                == 32
+        });
+        assert!(!token, "{name}'s log shows a Port access token");
     }
 }

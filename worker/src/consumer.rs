@@ -1,5 +1,5 @@
 //! The RabbitMQ side of the worker: consume with manual acks and a bounded number of events in
-//! flight, hand each to the [`Handler`], and settle each delivery exactly once:
+//! flight, hand each to the [`HandleEvent`] handler, and settle each delivery exactly once:
 //!
 //! - handled (synced, ignored or skipped): ack;
 //! - failed after retries, unparseable, or the handler panicked: park (a confirmed publish of
@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::handler::{Handler, Outcome, Subject};
+use crate::handler::{HandleEvent, Outcome, Subject};
 
 /// How long parking may wait for the broker's confirm.
 const PARK_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,9 +49,9 @@ pub struct ConsumerSettings {
 }
 
 /// Consumes until `shutdown`, reconnecting whenever the connection is lost.
-pub async fn run(
+pub async fn run<H: HandleEvent>(
     settings: ConsumerSettings,
-    handler: Arc<Handler>,
+    handler: Arc<H>,
     readiness: Readiness,
     shutdown: CancellationToken,
 ) {
@@ -77,10 +77,10 @@ pub async fn run(
     .await;
 }
 
-async fn session(
+async fn session<H: HandleEvent>(
     connection: &Connection,
     settings: &ConsumerSettings,
-    handler: &Arc<Handler>,
+    handler: &Arc<H>,
     readiness: &Readiness,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -172,9 +172,9 @@ enum Verdict {
     Park { reason: String, attempts: u32 },
 }
 
-async fn process(
+async fn process<H: HandleEvent>(
     delivery: Delivery,
-    handler: Arc<Handler>,
+    handler: Arc<H>,
     parker: Arc<Publisher>,
     topology: Topology,
 ) {
@@ -207,7 +207,10 @@ async fn process(
 }
 
 /// Parses and handles; returns the verdict and the metric labels (event type, outcome).
-async fn decide(delivery: &Delivery, handler: Arc<Handler>) -> (Verdict, String, &'static str) {
+async fn decide<H: HandleEvent>(
+    delivery: &Delivery,
+    handler: Arc<H>,
+) -> (Verdict, String, &'static str) {
     let event = match HarborEvent::parse(&delivery.data) {
         Ok(event) => event,
         Err(error) => {

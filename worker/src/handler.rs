@@ -13,6 +13,7 @@
 //! deleted. A project's entity is written the first time one of its repositories is.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Mutex;
 
 use futures_util::future::try_join_all;
@@ -86,6 +87,19 @@ impl Subject {
             repository,
             digests,
         })
+    }
+}
+
+/// What the consumer hands each event to. [`Handler`] is the real one; tests put others in
+/// its place (one that panics, say) to exercise the consumer.
+pub trait HandleEvent: Send + Sync + 'static {
+    /// Handles one event, retries included.
+    fn handle(&self, event: &HarborEvent) -> impl Future<Output = Result<Outcome, Failure>> + Send;
+}
+
+impl HandleEvent for Handler {
+    fn handle(&self, event: &HarborEvent) -> impl Future<Output = Result<Outcome, Failure>> + Send {
+        Handler::handle(self, event)
     }
 }
 

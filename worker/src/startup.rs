@@ -16,7 +16,7 @@ use crate::clients::harbor::HarborClient;
 use crate::clients::http_client;
 use crate::clients::port::PortClient;
 use crate::consumer::{self, ConsumerSettings};
-use crate::handler::Handler;
+use crate::handler::{HandleEvent, Handler};
 use crate::settings::{PortSettings, Settings};
 
 /// The Port client for these settings.
@@ -40,13 +40,6 @@ pub struct Worker {
 impl Worker {
     /// Binds `METRICS_ADDR` (port 0 picks one) and starts consuming.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(settings.metrics_addr)
-            .with_context(|| format!("Failed to bind METRICS_ADDR {}", settings.metrics_addr))?;
-        let metrics_port = listener
-            .local_addr()
-            .context("Failed to read the bound address")?
-            .port();
-
         let http = http_client(settings.http_timeout).context("Failed to build the HTTP client")?;
         let harbor = HarborClient::new(
             http.clone(),
@@ -54,11 +47,22 @@ impl Worker {
             settings.harbor.username.clone(),
             settings.harbor.password.clone(),
         );
-        let handler = Arc::new(Handler::new(
-            harbor,
-            port_client(&settings.port, http),
-            settings.retry,
-        ));
+        let handler = Handler::new(harbor, port_client(&settings.port, http), settings.retry);
+        Self::start(settings, Arc::new(handler)).await
+    }
+
+    /// [`Worker::build`] with the event handler given: the consumer, the shutdown and the
+    /// endpoints are the production ones (tests use it to give a handler that fails on purpose).
+    pub async fn start<H: HandleEvent>(
+        settings: Settings,
+        handler: Arc<H>,
+    ) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(settings.metrics_addr)
+            .with_context(|| format!("Failed to bind METRICS_ADDR {}", settings.metrics_addr))?;
+        let metrics_port = listener
+            .local_addr()
+            .context("Failed to read the bound address")?
+            .port();
 
         let readiness = Readiness::default();
         let shutdown = CancellationToken::new();

@@ -1,0 +1,529 @@
+//! Breaking things on purpose: every webhook answered 202 must end as a Port write or a parked
+//! message, whatever fails in between.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use harbor_shared::event::HarborEvent;
+use harbor_sync_tests::apps::{SECRET, Stack, outcome_count, worker_settings};
+use harbor_sync_tests::fakes::{
+    FakePort, HARBOR_PASSWORD, HARBOR_USER, PORT_CLIENT_ID, PORT_CLIENT_SECRET,
+};
+use harbor_sync_tests::processes::Processes;
+use harbor_sync_tests::rabbit::{TestTopology, amqp_url, close_connections};
+use harbor_sync_tests::{samples, wait_until};
+use harbor_worker::handler::{Failure, HandleEvent, Outcome};
+use harbor_worker::startup::Worker;
+use lapin::BasicProperties;
+use lapin::options::{BasicConsumeOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::json;
+use wiremock::matchers::{body_partial_json, method, path_regex};
+use wiremock::{Mock, Request, Respond, ResponseTemplate};
+
+const REPOSITORY: &str = "harbor/alpine";
+
+/// Posts `count` distinct pushes from 4 concurrent senders; once `trigger_after` of them were
+/// accepted, runs `fault` (concurrently with the stream). Returns the accepted digests; every
+/// other answer must be a 503.
+async fn stream_with_fault<Fut>(
+    stack: &Stack,
+    count: u64,
+    trigger_after: usize,
+    fault: Fut,
+) -> BTreeSet<String>
+where
+    Fut: std::future::Future<Output = ()>,
+{
+    let accepted = Arc::new(Mutex::new(BTreeSet::new()));
+    let accepted_count = Arc::new(AtomicUsize::new(0));
+    let other = Arc::new(Mutex::new(Vec::new()));
+    let stream = futures_util::stream::iter(0..count)
+        .map(|i| {
+            let (accepted, accepted_count, other) =
+                (accepted.clone(), accepted_count.clone(), other.clone());
+            async move {
+                let digest = samples::digest(i);
+                let status = stack
+                    .ingest
+                    .post(&samples::push(REPOSITORY, &digest), Some(SECRET))
+                    .await
+                    .status()
+                    .as_u16();
+                match status {
+                    202 => {
+                        accepted.lock().unwrap().insert(digest);
+                        accepted_count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    503 => {}
+                    _ => other.lock().unwrap().push(status),
+                }
+                // A steady stream, not one burst: the fault lands in the middle of it.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .buffer_unordered(4)
+        .collect::<Vec<()>>();
+    let trigger = async {
+        while accepted_count.load(Ordering::SeqCst) < trigger_after {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        fault.await;
+    };
+    futures_util::join!(stream, trigger);
+    assert!(
+        other.lock().unwrap().is_empty(),
+        "answers other than 202 and 503: {:?}",
+        other.lock().unwrap()
+    );
+    accepted.lock().unwrap().clone()
+}
+
+/// Waits until every accepted digest was written to Port or parked; none may be lost.
+async fn assert_none_lost(
+    port: &FakePort,
+    broker: &TestTopology,
+    accepted: &BTreeSet<String>,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    let mut parked = BTreeSet::new();
+    loop {
+        while let Some(message) = broker.take(&broker.topology().parked_queue()).await {
+            let event = HarborEvent::parse(&message.delivery.data).unwrap();
+            parked.insert(event.data.resources[0].digest.clone().unwrap());
+        }
+        let written: BTreeSet<String> = port
+            .writes()
+            .await
+            .into_iter()
+            .filter(|w| w.blueprint == "harborArtifact" && w.action == "upsert")
+            .filter_map(|w| {
+                w.identifier
+                    .strip_prefix(&format!("{REPOSITORY}@"))
+                    .map(str::to_owned)
+            })
+            .collect();
+        let lost: Vec<&String> = accepted
+            .iter()
+            .filter(|d| !written.contains(*d) && !parked.contains(*d))
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} accepted events never reached Port nor the parked queue",
+            lost.len(),
+            accepted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn killing_the_broker_connections_mid_stream_loses_no_accepted_webhook() {
+    let stack = Stack::start().await;
+    stack
+        .harbor
+        .holds_any_artifact(REPOSITORY, Duration::ZERO)
+        .await;
+    let queue = stack.broker.topology().queue().to_owned();
+
+    let accepted = stream_with_fault(&stack, 300, 60, async {
+        // Both the ingest's and the worker's connections are named after the queue.
+        assert_eq!(close_connections(&format!("({queue})")).await, 2);
+    })
+    .await;
+
+    assert!(accepted.len() >= 60, "only {} accepted", accepted.len());
+    assert_none_lost(
+        &stack.port,
+        &stack.broker,
+        &accepted,
+        Duration::from_secs(60),
+    )
+    .await;
+}
+
+/// Restarts the broker's application; starts it again even if the test fails half-way.
+struct BrokerRestart;
+
+impl BrokerRestart {
+    fn stop() -> Self {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "stop_app"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "rabbitmqctl stop_app failed");
+        BrokerRestart
+    }
+}
+
+impl Drop for BrokerRestart {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "start_app"])
+            .status();
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "await_startup"])
+            .status();
+    }
+}
+
+/// Runs alone (see `.config/nextest.toml`): it stops the broker every other test uses.
+#[tokio::test]
+async fn broker_restart_loses_no_accepted_webhook_and_both_binaries_recover_by_themselves() {
+    let stack = Stack::start().await;
+    stack
+        .harbor
+        .holds_any_artifact(REPOSITORY, Duration::ZERO)
+        .await;
+
+    let accepted = stream_with_fault(&stack, 400, 60, async {
+        let restart = tokio::task::spawn_blocking(BrokerRestart::stop)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::task::spawn_blocking(move || drop(restart))
+            .await
+            .unwrap();
+    })
+    .await;
+
+    // Both recover by themselves: webhooks are accepted again, and reach Port.
+    let after = samples::digest(1_000_000);
+    let mut answer = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answer != 202 {
+        assert!(Instant::now() < deadline, "the ingest never accepted again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        answer = stack
+            .ingest
+            .post(&samples::push(REPOSITORY, &after), Some(SECRET))
+            .await
+            .status()
+            .as_u16();
+    }
+    let mut all = accepted.clone();
+    all.insert(after);
+    assert_none_lost(&stack.port, &stack.broker, &all, Duration::from_secs(60)).await;
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_batch_loses_nothing_a_new_worker_finishes_the_work() {
+    let stack = Stack::start().await;
+    // Slow enough that the kill finds events in flight.
+    stack
+        .harbor
+        .holds_any_artifact(REPOSITORY, Duration::from_millis(300))
+        .await;
+    // The in-process worker stops; two worker processes take over, one after the other.
+    let Stack {
+        worker,
+        ingest,
+        harbor,
+        port,
+        broker,
+    } = stack;
+    worker.stop().await;
+
+    let mut processes = Processes::new(broker.topology().queue());
+    let env = |metrics: u16| -> Vec<(&'static str, String)> {
+        vec![
+            ("AMQP_URL", amqp_url()),
+            ("AMQP_EXCHANGE", broker.topology().exchange().to_owned()),
+            ("AMQP_QUEUE", broker.topology().queue().to_owned()),
+            ("HARBOR_URL", harbor.url()),
+            ("HARBOR_USERNAME", HARBOR_USER.to_owned()),
+            ("HARBOR_PASSWORD", HARBOR_PASSWORD.to_owned()),
+            ("PORT_API_URL", port.url()),
+            ("PORT_CLIENT_ID", PORT_CLIENT_ID.to_owned()),
+            ("PORT_CLIENT_SECRET", PORT_CLIENT_SECRET.to_owned()),
+            ("WORKER_CONCURRENCY", "8".to_owned()),
+            ("METRICS_ADDR", format!("127.0.0.1:{metrics}")),
+        ]
+    };
+    let mut accepted = BTreeSet::new();
+    for i in 0..40 {
+        let digest = samples::digest(i);
+        assert_eq!(
+            ingest
+                .post(&samples::push(REPOSITORY, &digest), Some(SECRET))
+                .await
+                .status(),
+            202
+        );
+        accepted.insert(digest);
+    }
+    processes.spawn("first-worker", "harbor-worker", &env(free_port()));
+    wait_until(
+        "the first worker to write something",
+        Duration::from_secs(20),
+        || async {
+            port.writes()
+                .await
+                .iter()
+                .any(|w| w.blueprint == "harborArtifact")
+        },
+    )
+    .await;
+    processes.signal("first-worker", "KILL");
+    let written_before = port.writes().await.len();
+    assert!(
+        written_before < 3 * 40,
+        "the kill came too late to test anything"
+    );
+
+    processes.spawn("second-worker", "harbor-worker", &env(free_port()));
+    assert_none_lost(&port, &broker, &accepted, Duration::from_secs(60)).await;
+    assert_eq!(processes.signal("second-worker", "TERM"), Some(0));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Answers by attempt number (1, 2, ...) and remembers when each attempt came.
+struct ByAttempt {
+    times: Arc<Mutex<Vec<Instant>>>,
+    answer: fn(usize, Duration) -> ResponseTemplate,
+    started: Instant,
+}
+
+impl Respond for ByAttempt {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let mut times = self.times.lock().unwrap();
+        times.push(Instant::now());
+        let entity: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        (self.answer)(times.len(), self.started.elapsed())
+            .set_body_json(json!({"ok": true, "entity": entity}))
+    }
+}
+
+async fn answer_upserts_of(
+    port: &FakePort,
+    identifier: &str,
+    answer: fn(usize, Duration) -> ResponseTemplate,
+) -> Arc<Mutex<Vec<Instant>>> {
+    let times = Arc::new(Mutex::new(Vec::new()));
+    Mock::given(method("POST"))
+        .and(path_regex(r"^/v1/blueprints/harborArtifact/entities$"))
+        .and(body_partial_json(json!({"identifier": identifier})))
+        .respond_with(ByAttempt {
+            times: times.clone(),
+            answer,
+            started: Instant::now(),
+        })
+        .with_priority(1)
+        .mount(&port.server)
+        .await;
+    times
+}
+
+#[tokio::test]
+async fn port_down_for_longer_than_a_retry_delays_that_event_and_the_queue_keeps_flowing() {
+    let stack =
+        Stack::start_with(|settings| settings.retry.max_elapsed = Duration::from_secs(20)).await;
+    stack
+        .harbor
+        .holds_any_artifact(REPOSITORY, Duration::ZERO)
+        .await;
+    let (slow, fast) = (samples::digest(1), samples::digest(2));
+    // Port answers 503 to this entity for 3 s, then accepts it.
+    let attempts = answer_upserts_of(&stack.port, &format!("{REPOSITORY}@{slow}"), |_, since| {
+        ResponseTemplate::new(if since < Duration::from_secs(3) {
+            503
+        } else {
+            201
+        })
+    })
+    .await;
+
+    stack.webhook(&samples::push(REPOSITORY, &slow)).await;
+    stack.webhook(&samples::push(REPOSITORY, &fast)).await;
+
+    // The other event is written while the first one still waits.
+    wait_until(
+        "the second event written",
+        Duration::from_secs(10),
+        || async {
+            stack
+                .port
+                .writes()
+                .await
+                .iter()
+                .any(|w| w.identifier.ends_with(&fast))
+        },
+    )
+    .await;
+    let synced = outcome_count(&stack.worker.metrics().await, "synced");
+    assert_eq!(synced, 1, "only the second event is done yet");
+    stack.wait_for_outcome("synced", 2).await;
+    assert!(
+        attempts.lock().unwrap().len() >= 3,
+        "retried while Port was down"
+    );
+    assert_eq!(stack.broker.parked_ready().await, 0);
+}
+
+#[tokio::test]
+async fn a_429_retry_after_is_waited_out_before_the_next_attempt() {
+    let stack = Stack::start().await;
+    stack
+        .harbor
+        .holds_any_artifact(REPOSITORY, Duration::ZERO)
+        .await;
+    let digest = samples::digest(7);
+    let attempts = answer_upserts_of(
+        &stack.port,
+        &format!("{REPOSITORY}@{digest}"),
+        |attempt, _| {
+            if attempt == 1 {
+                ResponseTemplate::new(429).insert_header("retry-after", "2")
+            } else {
+                ResponseTemplate::new(201)
+            }
+        },
+    )
+    .await;
+
+    stack.webhook(&samples::push(REPOSITORY, &digest)).await;
+    stack.wait_for_outcome("synced", 1).await;
+
+    let times = attempts.lock().unwrap().clone();
+    assert_eq!(times.len(), 2);
+    let gap = times[1] - times[0];
+    assert!(
+        gap >= Duration::from_secs(2),
+        "retried after {gap:?}, not after the 2 s Port asked for"
+    );
+}
+
+/// A handler that panics on every event.
+struct Panics;
+
+impl HandleEvent for Panics {
+    async fn handle(&self, _event: &HarborEvent) -> Result<Outcome, Failure> {
+        panic!("a bug in the handler");
+    }
+}
+
+#[tokio::test]
+async fn an_event_whose_handler_panics_is_parked_and_the_worker_keeps_consuming() {
+    let stack = Stack::start().await;
+    let Stack {
+        worker,
+        ingest,
+        harbor,
+        port,
+        broker,
+    } = stack;
+    worker.stop().await;
+    let settings = worker_settings(&broker.amqp, &harbor.url(), &port.url());
+    let panicking = Worker::start(settings, Arc::new(Panics)).await.unwrap();
+    let metrics = format!("http://127.0.0.1:{}", panicking.metrics_port());
+    let shutdown = panicking.shutdown_token();
+    let running = tokio::spawn(panicking.run_until_stopped());
+    harbor_sync_tests::apps::wait_ready_at(&format!("{metrics}/readyz")).await;
+
+    for i in 0..2 {
+        let response = ingest
+            .post(
+                &samples::push(REPOSITORY, &samples::digest(i)),
+                Some(SECRET),
+            )
+            .await;
+        assert_eq!(response.status(), 202);
+    }
+    broker
+        .wait_ready(
+            &broker.topology().parked_queue(),
+            2,
+            Duration::from_secs(15),
+        )
+        .await;
+    let parked = broker
+        .take(&broker.topology().parked_queue())
+        .await
+        .unwrap();
+    let headers = parked
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .unwrap()
+        .inner()
+        .clone();
+    let Some(AMQPValue::LongString(reason)) = headers.get("x-failure-reason") else {
+        panic!("{headers:?}")
+    };
+    assert!(reason.to_string().contains("panicked"), "{reason}");
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!(broker.work_ready().await, 0);
+}
+
+#[tokio::test]
+async fn a_message_that_keeps_coming_back_is_dead_lettered_by_the_delivery_limit() {
+    let stack = Stack::start().await;
+    let Stack { worker, broker, .. } = stack;
+    worker.stop().await;
+    broker
+        .publish("PUSH_ARTIFACT", b"a crash loop", BasicProperties::default())
+        .await;
+
+    // A consumer that dies on the message every time: requeued, delivered again, ...
+    let connection = harbor_shared::broker::connect(&broker.amqp.url, "crash-loop")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            broker.topology().queue().into(),
+            "crash-loop".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut deliveries = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while broker.parked_ready().await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "never dead-lettered after {deliveries} deliveries"
+        );
+        if let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+        {
+            deliveries += 1;
+            delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+                .unwrap();
+        }
+    }
+    assert!(
+        (10..=11).contains(&deliveries),
+        "dead-lettered after {deliveries} deliveries"
+    );
+    let parked = broker
+        .take(&broker.topology().parked_queue())
+        .await
+        .unwrap();
+    assert_eq!(parked.delivery.data, b"a crash loop");
+    assert_eq!(broker.work_ready().await, 0);
+}
