@@ -52,6 +52,7 @@ impl Application {
             publisher: publisher_rx,
             topology: settings.amqp.topology,
             max_body_bytes: settings.max_body_bytes,
+            request_timeout: settings.request_timeout,
         });
         let ops = ops::configure(readiness, telemetry::metrics());
         let server = HttpServer::new(move || {
@@ -69,9 +70,9 @@ impl Application {
         .client_disconnect_timeout(Duration::from_secs(5))
         .keep_alive(Duration::from_secs(75))
         // A stopping server waits for its connections: a request in flight needs at most the
-        // request timeout and the confirm timeout. (actix also waits for idle keep-alive
-        // connections, so this bounds every stop.)
-        .shutdown_timeout((settings.request_timeout + settings.confirm_timeout).as_secs())
+        // request timeout twice (headers, then body) and the confirm timeout. (actix also waits
+        // for idle keep-alive connections, so this bounds every stop.)
+        .shutdown_timeout((settings.request_timeout * 2 + settings.confirm_timeout).as_secs())
         .run();
         info!(port, "harbor-ingest listening");
         Ok(Self {
@@ -93,7 +94,7 @@ impl Application {
     }
 
     /// Serves until SIGTERM/SIGINT (or [`ServerHandle::stop`]): then stops accepting, lets
-    /// requests in flight finish (at most REQUEST_TIMEOUT + 5 s), and closes the broker connection.
+    /// requests in flight finish (at most twice REQUEST_TIMEOUT + 5 s), and closes the broker connection.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let served = self.server.await;
         self.shutdown.cancel();

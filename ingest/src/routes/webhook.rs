@@ -6,6 +6,7 @@
 //! | missing or wrong `Authorization`                  | 401                    |
 //! | not JSON, or no string `type`                     | 400                    |
 //! | body over `MAX_BODY_BYTES`                        | 413                    |
+//! | body not received within `REQUEST_TIMEOUT`        | 408                    |
 //! | broker down, nack, unroutable, no confirm in 5 s  | 503 + `Retry-After: 5` |
 //!
 //! The checks run in that order of cost: size (from `Content-Length`, before reading), then
@@ -39,6 +40,8 @@ pub struct WebhookState {
     pub topology: Topology,
     /// Largest accepted body.
     pub max_body_bytes: usize,
+    /// Time for the body to arrive.
+    pub request_timeout: std::time::Duration,
 }
 
 /// Why a webhook was not accepted; each variant is one status code.
@@ -50,6 +53,9 @@ pub enum WebhookError {
     /// 400: the body could not be read (client went away, broken chunked encoding).
     #[error("request body could not be read")]
     Unreadable,
+    /// 408: the body did not arrive within REQUEST_TIMEOUT (a slow client).
+    #[error("request body did not arrive in time")]
+    Timeout,
     /// 401
     #[error("{0}")]
     Unauthorized(AuthError),
@@ -66,6 +72,7 @@ impl WebhookError {
         match self {
             Self::TooLarge(_) => "payload_too_large",
             Self::Unreadable => "unreadable_body",
+            Self::Timeout => "request_timeout",
             Self::Unauthorized(_) => "unauthorized",
             Self::NotAnEvent(EventError::NotJson(_)) => "invalid_json",
             Self::NotAnEvent(_) => "invalid_event",
@@ -79,6 +86,7 @@ impl ResponseError for WebhookError {
         match self {
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unreadable | Self::NotAnEvent(_) => StatusCode::BAD_REQUEST,
+            Self::Timeout => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -134,8 +142,11 @@ async fn accept(
         .peer_addr()
         .map(|a| a.ip().to_string())
         .unwrap_or_default();
-    let body = read_body(request, payload, state.max_body_bytes)
+    // The body must arrive within REQUEST_TIMEOUT too (actix times the headers only).
+    let read = read_body(request, payload, state.max_body_bytes);
+    let body = tokio::time::timeout(state.request_timeout, read)
         .await
+        .unwrap_or(Err(WebhookError::Timeout))
         .inspect_err(|error| {
             warn!(%request_id, %peer, %error, "Webhook refused");
         })?;
@@ -215,6 +226,10 @@ async fn read_body(
             return Err(WebhookError::TooLarge(limit));
         }
         body.extend_from_slice(&chunk);
+    }
+    if declared.is_some_and(|length| body.len() < length) {
+        // The client went away mid-body.
+        return Err(WebhookError::Unreadable);
     }
     Ok(body)
 }
