@@ -273,3 +273,65 @@ mod tests {
         assert!(!format!("{a:?}").contains("s3cret"));
     }
 }
+
+/// Fuzzing the check with generated headers and bodies (a bounded number of cases, so it runs
+/// in CI like any test).
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn authenticator() -> Authenticator {
+        Authenticator::new(
+            AuthMode::Auto,
+            vec![SecretString::from("s3cret"), SecretString::from("n3xt")],
+        )
+        .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        #[test]
+        fn any_header_and_body_is_checked_without_panicking(
+            header in proptest::collection::vec(any::<u8>(), 0..300),
+            body in proptest::collection::vec(any::<u8>(), 0..2000),
+        ) {
+            let verdict = authenticator().verify(Some(&header), &body);
+            // Random bytes do not guess a secret or a signature.
+            let is_secret = ["s3cret", "n3xt"].iter().any(|s| header.trim_ascii().ends_with(s.as_bytes()));
+            prop_assert!(verdict.is_err() || is_secret);
+        }
+
+        #[test]
+        fn a_signature_of_any_body_with_any_secret_is_accepted(
+            body in proptest::collection::vec(any::<u8>(), 0..5000),
+            secret in "[ -~]{1,64}",
+            prefix in prop_oneof![Just("sha256="), Just("Harbor-Secret "), Just("SHA256=")],
+        ) {
+            let auth = Authenticator::new(AuthMode::Hmac, vec![SecretString::from(secret.clone())]).unwrap();
+            let header = format!("{prefix}{}", hex::encode(sign(&SecretString::from(secret), &body)));
+            prop_assert_eq!(auth.verify(Some(header.as_bytes()), &body), Ok(()));
+        }
+
+        #[test]
+        fn changing_one_bit_of_the_body_or_the_signature_is_refused(
+            body in proptest::collection::vec(any::<u8>(), 1..2000),
+            flip_body in any::<bool>(),
+            position in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+        ) {
+            let secret = SecretString::from("s3cret");
+            let mut signature = sign(&secret, &body);
+            let mut tampered = body.clone();
+            if flip_body {
+                tampered[position.index(body.len())] ^= 1 << bit;
+            } else {
+                signature[position.index(32)] ^= 1 << bit;
+            }
+            let header = format!("sha256={}", hex::encode(signature));
+            prop_assert_eq!(authenticator().verify(Some(header.as_bytes()), &tampered), Err(AuthError::Mismatch));
+        }
+    }
+}

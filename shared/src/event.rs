@@ -493,3 +493,64 @@ mod tests {
         assert!(seen >= 30, "only {seen} samples found in {}", dir.display());
     }
 }
+
+/// Fuzzing the parsers with generated bodies (a bounded number of cases, so it runs in CI).
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    /// Arbitrary JSON, nested a few levels.
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            ".{0,20}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(".{0,10}", inner, 0..8)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        #[test]
+        fn any_bytes_are_parsed_or_refused_without_panicking(body in proptest::collection::vec(any::<u8>(), 0..4000)) {
+            let envelope = Envelope::parse(&body);
+            let event = HarborEvent::parse(&body);
+            // What the worker can read, the ingest accepts.
+            prop_assert!(event.is_err() || envelope.is_ok());
+        }
+
+        #[test]
+        fn any_object_with_a_printable_type_is_an_event_with_a_stable_id(
+            event_type in "[!-~]{1,60}",
+            data in json_value(),
+            cloudevents in any::<bool>(),
+        ) {
+            let body = if cloudevents {
+                json!({"specversion": "1.0", "id": "e-1", "type": event_type, "data": data})
+            } else {
+                json!({"type": event_type, "event_data": data, "occur_at": 1})
+            };
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let envelope = Envelope::parse(&bytes).unwrap();
+            prop_assert_eq!(&envelope, &Envelope::parse(&bytes).unwrap());
+            let expected_id = if cloudevents { "e-1".to_owned() } else { hex::encode(Sha256::digest(&bytes)) };
+            prop_assert_eq!(envelope.message_id, expected_id);
+            // The worker reads it too, or says its data is malformed; never anything else.
+            match HarborEvent::parse(&bytes) {
+                Ok(event) => prop_assert_eq!(event.event_type, envelope.event_type),
+                Err(error) => prop_assert!(matches!(error, EventError::InvalidData(_)), "{error}"),
+            }
+        }
+    }
+}
