@@ -5,15 +5,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A workspace binary (`harbor-ingest`, `harbor-worker`, `harbor-sandbox`). Test executables run
-/// from `target/<profile>/deps/`; the binaries sit one level up, built by the test command
+/// from `target/<profile>/deps/`, other binaries from `target/<profile>/`, where they all sit, built by the test command
 /// (each package's CLI tests make cargo build its binary).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join(name);
+    let mut dir = exe.parent().unwrap();
+    if dir.ends_with("deps") {
+        dir = dir.parent().unwrap();
+    }
+    let path = dir.join(name);
     assert!(
         path.exists(),
         "{} is missing: run `cargo build --bins` (the test command builds it)",
