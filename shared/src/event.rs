@@ -263,6 +263,59 @@ pub struct EventData {
     pub resources: Vec<Resource>,
     /// The repository the artifacts are in.
     pub repository: Option<RepositoryRef>,
+    /// `TAG_RETENTION`: the retention run.
+    pub retention: Option<Retention>,
+    /// `REPLICATION`: the replication task.
+    pub replication: Option<Replication>,
+}
+
+/// A tag retention run (`TAG_RETENTION`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Retention {
+    /// The project the run was in.
+    pub project_name: Option<String>,
+    /// What it deleted (`name_tag` is `repository:tag`).
+    pub deleted_artifact: Vec<ArtifactRef>,
+}
+
+/// A replication task's status change (`REPLICATION`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Replication {
+    /// Where it copied from.
+    pub src_resource: Option<ReplicationEnd>,
+    /// Where it copied to.
+    pub dest_resource: Option<ReplicationEnd>,
+    /// What was copied (`name_tag` is `repository [n item(s) in total]`).
+    pub successful_artifact: Vec<ArtifactRef>,
+    /// What failed to copy.
+    pub failed_artifact: Vec<ArtifactRef>,
+}
+
+/// One end of a replication.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct ReplicationEnd {
+    /// The project (namespace) on that registry.
+    pub namespace: Option<String>,
+}
+
+/// An artifact as retention and replication events name it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct ArtifactRef {
+    /// `alpine:3.8`, `alpine [1 item(s) in total]`, ...
+    pub name_tag: Option<String>,
+}
+
+impl ArtifactRef {
+    /// The repository name inside its project: `name_tag` up to the tag, digest or count.
+    pub fn repository_name(&self) -> Option<&str> {
+        let name_tag = self.name_tag.as_deref()?;
+        let end = name_tag.find([':', '@', ' ']).unwrap_or(name_tag.len());
+        Some(&name_tag[..end]).filter(|name| !name.is_empty())
+    }
 }
 
 /// One artifact named by an event.
@@ -409,6 +462,49 @@ mod tests {
         assert_eq!(event.data, EventData::default());
         let event = HarborEvent::parse(br#"{"type":"PUSH_ARTIFACT"}"#).unwrap();
         assert!(event.data.repository.is_none());
+    }
+
+    #[test]
+    fn retention_and_replication_name_their_repositories() {
+        let name = |s: &str| {
+            ArtifactRef {
+                name_tag: Some(s.into()),
+            }
+            .repository_name()
+            .map(str::to_owned)
+        };
+        assert_eq!(name("alpine:3.8").as_deref(), Some("alpine"));
+        assert_eq!(
+            name("alpine [1 item(s) in total]").as_deref(),
+            Some("alpine")
+        );
+        assert_eq!(name("team/api@sha256:abc").as_deref(), Some("team/api"));
+        assert_eq!(name(":3.8"), None);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/harbor/webhook-samples");
+        let retention = HarborEvent::parse(
+            &std::fs::read(dir.join("tag_retention.default.docs.json")).unwrap(),
+        )
+        .unwrap();
+        let retention = retention.data.retention.unwrap();
+        assert_eq!(retention.project_name.as_deref(), Some("harbor"));
+        assert_eq!(
+            retention.deleted_artifact[0].repository_name(),
+            Some("alpine")
+        );
+        let replication = HarborEvent::parse(
+            &std::fs::read(dir.join("replication.default.reconstructed-head.json")).unwrap(),
+        )
+        .unwrap();
+        let replication = replication.data.replication.unwrap();
+        assert_eq!(
+            replication.dest_resource.unwrap().namespace.as_deref(),
+            Some("myproj")
+        );
+        assert_eq!(
+            replication.successful_artifact[0].repository_name(),
+            Some("alpine")
+        );
     }
 
     #[test]

@@ -260,13 +260,13 @@ async fn nested_repository_names_are_double_encoded_for_harbor_and_kept_whole_fo
 }
 
 #[tokio::test]
-async fn unknown_and_unhandled_event_types_are_acked_without_any_call() {
+async fn unknown_event_types_are_acked_without_any_call() {
     let stack = Stack::start().await;
     stack
-        .webhook(&samples::load("quota_exceed.default.docs.json"))
+        .webhook(br#"{"type":"ROBOT_CREATED","occur_at":1,"event_data":{}}"#)
         .await;
     stack
-        .webhook(br#"{"type":"ROBOT_CREATED","occur_at":1,"event_data":{}}"#)
+        .webhook(br#"{"specversion":"1.0","id":"x-1","type":"harbor.robot.created","data":{}}"#)
         .await;
 
     stack.wait_for_outcome("ignored", 2).await;
@@ -275,14 +275,104 @@ async fn unknown_and_unhandled_event_types_are_acked_without_any_call() {
     assert_eq!(stack.port.request_count().await, 0);
     let metrics = stack.worker.metrics().await;
     assert!(
-        metrics.contains(
-            r#"harbor_worker_events_total{event_type="QUOTA_EXCEED",outcome="ignored"} 1"#
-        ),
+        metrics.contains(r#"harbor_worker_events_total{event_type="other",outcome="ignored"} 2"#),
         "{metrics}"
     );
+    assert_all_acked(stack).await;
+}
+
+#[tokio::test]
+async fn tag_retention_refreshes_the_repositories_it_names() {
+    let stack = Stack::start().await;
+    stack
+        .harbor
+        .project("harbor", harbor_json::project("harbor"))
+        .await;
+    stack
+        .harbor
+        .repository(
+            "harbor/alpine",
+            harbor_json::repository("harbor/alpine", 2, 9),
+        )
+        .await;
+
+    stack
+        .webhook(&samples::load("tag_retention.default.docs.json"))
+        .await;
+    let writes = stack.port.wait_for_writes(2, WAIT).await;
+
+    assert_eq!(
+        writes,
+        [
+            project_entity("harbor"),
+            repository_entity(&stack, "harbor/alpine", 2, 9)
+        ]
+    );
+    assert_all_acked(stack).await;
+}
+
+#[tokio::test]
+async fn replication_refreshes_the_copied_repositories_at_both_ends() {
+    let stack = Stack::start().await;
+    // Pulled from Docker Hub's library/alpine into myproj/alpine: only the latter is here.
+    stack
+        .harbor
+        .project("myproj", harbor_json::project("myproj"))
+        .await;
+    stack
+        .harbor
+        .repository(
+            "myproj/alpine",
+            harbor_json::repository("myproj/alpine", 1, 0),
+        )
+        .await;
+    stack.harbor.repository_gone("library/alpine").await;
+
+    stack
+        .webhook(&samples::load(
+            "replication.default.reconstructed-head.json",
+        ))
+        .await;
+    let mut writes = stack.port.wait_for_writes(3, WAIT).await;
+
+    writes.sort_by(|a, b| (a.action, &a.identifier).cmp(&(b.action, &b.identifier)));
+    assert_eq!(
+        writes,
+        [
+            delete("harborRepository", "library/alpine"),
+            project_entity("myproj"),
+            repository_entity(&stack, "myproj/alpine", 1, 0),
+        ]
+    );
+    assert_all_acked(stack).await;
+}
+
+#[tokio::test]
+async fn quota_events_update_the_project() {
+    let stack = Stack::start().await;
+    stack
+        .harbor
+        .project("myproj", harbor_json::project("myproj"))
+        .await;
+
+    stack
+        .webhook(&samples::load(
+            "quota_exceed.default.reconstructed-head.json",
+        ))
+        .await;
+    stack
+        .webhook(&samples::load("quota_warning.default.docs.json"))
+        .await;
+    stack.wait_for_outcome("synced", 2).await;
+
+    let writes = stack.port.writes().await;
+    assert!(writes.contains(&project_entity("myproj")), "{writes:?}");
+    let asked = stack.harbor.requests().await;
     assert!(
-        metrics.contains(r#"harbor_worker_events_total{event_type="other",outcome="ignored"} 1"#),
-        "{metrics}"
+        asked
+            .iter()
+            .all(|p| p.starts_with("/api/v2.0/projects/") && !p.contains("repositories")),
+        "{asked:?}"
     );
     assert_all_acked(stack).await;
 }

@@ -7,6 +7,8 @@
 //! |------------------------------------|--------------------------------|-------------------------------|
 //! | `PUSH_ARTIFACT`, `PULL_ARTIFACT`, `DELETE_ARTIFACT` | each artifact, the repository | upsert what exists, delete what answers 404 |
 //! | `SCANNING_COMPLETED` / `_FAILED` / `_STOPPED` | each artifact (with scan overview) | upsert it, or delete on 404 |
+//! | `TAG_RETENTION`, `REPLICATION`     | each repository they name      | upsert it, or delete on 404   |
+//! | `QUOTA_EXCEED`, `QUOTA_WARNING`    | the project                    | upsert it, or delete on 404   |
 //! | anything else                      | none                           | none (ignored)                |
 //!
 //! A repository that answers 404 is gone: its entity and those of the named artifacts are
@@ -24,7 +26,7 @@ use crate::clients::CallError;
 use crate::clients::harbor::HarborClient;
 use crate::clients::port::PortClient;
 use crate::entities::{self, ARTIFACT, PROJECT, REPOSITORY};
-use crate::names::{Digest, RepositoryName};
+use crate::names::{Digest, RepositoryName, project_name};
 use crate::retry::{Budget, RetryPolicy};
 
 /// What became of an event that did not fail.
@@ -103,6 +105,94 @@ impl HandleEvent for Handler {
     }
 }
 
+/// What an event asks to refresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Work {
+    /// Artifact events: the artifacts, and the repository unless it is a scan event.
+    Artifacts {
+        subject: Subject,
+        refresh_repository: bool,
+    },
+    /// `TAG_RETENTION`, `REPLICATION`: the repositories they name.
+    Repositories(Vec<RepositoryName>),
+    /// `QUOTA_*`: the project.
+    Project(String),
+}
+
+impl Work {
+    /// What to do for an event, or the outcome when there is nothing to do.
+    fn of(event: &HarborEvent) -> Result<Self, Outcome> {
+        let data = &event.data;
+        match event.event_type {
+            EventType::PushArtifact
+            | EventType::PullArtifact
+            | EventType::DeleteArtifact
+            | EventType::ScanningCompleted
+            | EventType::ScanningFailed
+            | EventType::ScanningStopped => Ok(Work::Artifacts {
+                subject: Subject::of(data).map_err(Outcome::Skipped)?,
+                refresh_repository: matches!(
+                    event.event_type,
+                    EventType::PushArtifact | EventType::PullArtifact | EventType::DeleteArtifact
+                ),
+            }),
+            EventType::TagRetention => {
+                let retention = data.retention.clone().unwrap_or_default();
+                let project = retention.project_name.unwrap_or_default();
+                let names = retention
+                    .deleted_artifact
+                    .iter()
+                    .filter_map(|a| a.repository_name());
+                repositories(names.map(|name| format!("{project}/{name}")))
+            }
+            EventType::Replication => {
+                let replication = data.replication.clone().unwrap_or_default();
+                let namespaces: Vec<String> =
+                    [&replication.src_resource, &replication.dest_resource]
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|end| end.namespace.clone())
+                        .collect();
+                let copied = replication
+                    .successful_artifact
+                    .iter()
+                    .chain(&replication.failed_artifact);
+                let names: Vec<&str> = copied.filter_map(|a| a.repository_name()).collect();
+                repositories(
+                    namespaces
+                        .iter()
+                        .flat_map(|ns| names.iter().map(move |name| format!("{ns}/{name}"))),
+                )
+            }
+            EventType::QuotaExceed | EventType::QuotaWarning => {
+                let namespace = data.repository.as_ref().and_then(|r| r.namespace.clone());
+                let namespace = namespace
+                    .ok_or_else(|| Outcome::Skipped("the event names no project".into()))?;
+                let project =
+                    project_name(&namespace).map_err(|e| Outcome::Skipped(e.to_string()))?;
+                Ok(Work::Project(project.to_owned()))
+            }
+            EventType::Other(_) => Err(Outcome::Ignored),
+        }
+    }
+}
+
+/// The valid, distinct repository names among `full_names`; skipped when there are none.
+fn repositories(full_names: impl Iterator<Item = String>) -> Result<Work, Outcome> {
+    let mut names: Vec<RepositoryName> = Vec::new();
+    for full in full_names {
+        match RepositoryName::parse(&full) {
+            Ok(name) if !names.contains(&name) => names.push(name),
+            Ok(_) => {}
+            Err(error) => warn!(%error, "Ignoring a repository the event names"),
+        }
+    }
+    if names.is_empty() {
+        return Err(Outcome::Skipped("the event names no repository".into()));
+    }
+    Ok(Work::Repositories(names))
+}
+
 /// Turns events into Port writes.
 pub struct Handler {
     harbor: HarborClient,
@@ -129,24 +219,87 @@ impl Handler {
 
     /// Handles one event, retrying failed calls within the event's budget.
     pub async fn handle(&self, event: &HarborEvent) -> Result<Outcome, Failure> {
-        let refresh_repository = match event.event_type {
-            EventType::PushArtifact | EventType::PullArtifact | EventType::DeleteArtifact => true,
-            EventType::ScanningCompleted
-            | EventType::ScanningFailed
-            | EventType::ScanningStopped => false,
-            _ => return Ok(Outcome::Ignored),
-        };
-        let subject = match Subject::of(&event.data) {
-            Ok(subject) => subject,
-            Err(missing) => return Ok(Outcome::Skipped(missing)),
+        let work = match Work::of(event) {
+            Ok(work) => work,
+            Err(outcome) => return Ok(outcome),
         };
         let budget = Budget::start(self.retry);
-        self.sync(&subject, refresh_repository, &budget)
-            .await
-            .map_err(|error| Failure {
-                reason: error.to_string(),
-                attempts: budget.attempts(),
-            })
+        let done = match &work {
+            Work::Artifacts {
+                subject,
+                refresh_repository,
+            } => self.sync(subject, *refresh_repository, &budget).await,
+            Work::Repositories(names) => self.refresh_repositories(names, &budget).await,
+            Work::Project(name) => self.refresh_project(name, &budget).await,
+        };
+        done.map_err(|error| Failure {
+            reason: error.to_string(),
+            attempts: budget.attempts(),
+        })
+    }
+
+    /// Reads each repository from Harbor and upserts it (with its project, the first time), or
+    /// deletes its entity if Harbor no longer has it.
+    async fn refresh_repositories(
+        &self,
+        names: &[RepositoryName],
+        budget: &Budget,
+    ) -> Result<Outcome, CallError> {
+        let refreshed = try_join_all(names.iter().map(|name| async move {
+            match budget
+                .run("harbor", || self.harbor.repository(name))
+                .await?
+            {
+                Some(repository) => {
+                    let projects = self.ensure_project(name.project(), budget).await?;
+                    let entity = entities::repository(name, &repository, self.harbor.base());
+                    budget
+                        .run("port", || self.port.upsert(REPOSITORY, &entity))
+                        .await?;
+                    Ok::<_, CallError>((projects + 1, 0))
+                }
+                None => {
+                    budget
+                        .run("port", || self.port.delete(REPOSITORY, name.full()))
+                        .await?;
+                    Ok((0, 1))
+                }
+            }
+        }))
+        .await?;
+        Ok(Outcome::Synced {
+            upserted: refreshed.iter().map(|(u, _)| u).sum(),
+            deleted: refreshed.iter().map(|(_, d)| d).sum(),
+        })
+    }
+
+    /// Reads the project from Harbor and upserts its entity, or deletes it if Harbor no longer
+    /// has it.
+    async fn refresh_project(&self, name: &str, budget: &Budget) -> Result<Outcome, CallError> {
+        match budget.run("harbor", || self.harbor.project(name)).await? {
+            Some(project) => {
+                let entity = entities::project(&project);
+                budget
+                    .run("port", || self.port.upsert(PROJECT, &entity))
+                    .await?;
+                if let Ok(mut set) = self.known_projects.lock() {
+                    set.insert(name.to_owned());
+                }
+                Ok(Outcome::Synced {
+                    upserted: 1,
+                    deleted: 0,
+                })
+            }
+            None => {
+                budget
+                    .run("port", || self.port.delete(PROJECT, name))
+                    .await?;
+                Ok(Outcome::Synced {
+                    upserted: 0,
+                    deleted: 1,
+                })
+            }
+        }
     }
 
     /// Reads the subject from Harbor (all reads at once) and writes it to Port.

@@ -27,15 +27,6 @@ pub struct RepositoryName {
 impl RepositoryName {
     /// Checks a full name.
     pub fn parse(full: &str) -> Result<Self, NameError> {
-        let component_ok = |c: &str| {
-            let bytes = c.as_bytes();
-            !bytes.is_empty()
-                && bytes
-                    .iter()
-                    .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'))
-                && bytes[0].is_ascii_alphanumeric()
-                && bytes[bytes.len() - 1].is_ascii_alphanumeric()
-        };
         match full.find('/') {
             Some(slash) if full.len() <= 255 && full.split('/').all(component_ok) => Ok(Self {
                 full: full.to_owned(),
@@ -65,6 +56,27 @@ impl RepositoryName {
     /// the second encoding (`%` → `%25`).
     pub fn encoded_once(&self) -> String {
         utf8_percent_encode(self.name(), UNRESERVED_ONLY).to_string()
+    }
+}
+
+/// One path component: lowercase letters, digits, `.`, `_` and `-`, starting and ending with a
+/// letter or digit.
+fn component_ok(component: &str) -> bool {
+    let bytes = component.as_bytes();
+    !bytes.is_empty()
+        && bytes
+            .iter()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'))
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+}
+
+/// Checks a project name (one component, as in a repository's full name).
+pub fn project_name(name: &str) -> Result<&str, NameError> {
+    if name.len() <= 255 && component_ok(name) {
+        Ok(name)
+    } else {
+        Err(NameError::Repository(name.to_owned()))
     }
 }
 
