@@ -53,6 +53,29 @@ impl BrokerUrl {
         })
     }
 
+    /// User, password and vhost, for the management API (`guest`, `guest`, `/` by default).
+    pub fn credentials_and_vhost(&self) -> (String, String, String) {
+        let Ok(url) = url::Url::parse(self.expose()) else {
+            return ("guest".into(), "guest".into(), "/".into());
+        };
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let user = if url.username().is_empty() {
+            "guest".to_owned()
+        } else {
+            decode(url.username())
+        };
+        let password = url.password().map_or_else(|| "guest".to_owned(), decode);
+        let vhost = match url.path().trim_start_matches('/') {
+            "" => "/".to_owned(),
+            vhost => decode(vhost),
+        };
+        (user, password, vhost)
+    }
+
     /// The URL with its password, for the connection only.
     fn expose(&self) -> &str {
         self.url.expose_secret()
@@ -187,6 +210,20 @@ mod tests {
         assert_eq!(url.to_string(), "amqp://user:***@rabbit:5672/%2f");
         assert!(!format!("{url:?}").contains("hunter2"));
         assert_eq!(url.expose(), "amqp://user:hunter2@rabbit:5672/%2f");
+    }
+
+    #[test]
+    fn credentials_and_vhost_are_decoded_with_amqp_defaults() {
+        let url = BrokerUrl::parse("amqp://sync:p%40s+s@rabbit:5672/%2f").unwrap();
+        assert_eq!(
+            url.credentials_and_vhost(),
+            ("sync".into(), "p@s+s".into(), "/".into())
+        );
+        let url = BrokerUrl::parse("amqp://rabbit/prod").unwrap();
+        assert_eq!(
+            url.credentials_and_vhost(),
+            ("guest".into(), "guest".into(), "prod".into())
+        );
     }
 
     #[test]

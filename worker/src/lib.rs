@@ -5,12 +5,14 @@
 //! [`handler`] holds the event logic and knows nothing of RabbitMQ; [`consumer`] holds the
 //! RabbitMQ loop and knows nothing of Harbor.
 
+pub mod backlog;
 pub mod blueprints;
 pub mod clients;
 pub mod consumer;
 pub mod entities;
 pub mod handler;
 pub mod names;
+pub mod parked;
 pub mod retry;
 pub mod settings;
 pub mod startup;

@@ -3,11 +3,12 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Parser;
 use harbor_shared::{ops, telemetry};
-use harbor_worker::blueprints;
 use harbor_worker::clients::http_client;
+use harbor_worker::parked::{self, Selection};
 use harbor_worker::retry::RetryPolicy;
-use harbor_worker::settings::{Cli, Command};
+use harbor_worker::settings::{Cli, Command, ParkedAction};
 use harbor_worker::startup::{Worker, port_client};
+use harbor_worker::{backlog, blueprints};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -39,6 +40,67 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 http_client(cli.run.http_timeout).context("Failed to build the HTTP client")?;
             let retry = RetryPolicy::with_budget(cli.run.retry_max_elapsed);
             blueprints::apply(&port_client(&port, http), retry).await
+        }
+        Command::Backlog {
+            json,
+            management_url,
+        } => {
+            let amqp = cli.amqp.into_settings()?;
+            let counts = backlog::backlog(&amqp, management_url.as_ref()).await?;
+            if json {
+                println!("{}", serde_json::json!({ "queues": counts }));
+            } else {
+                println!(
+                    "{:<40} {:>10} {:>10} {:>10}",
+                    "queue", "ready", "unacked", "consumers"
+                );
+                for q in counts {
+                    let unacked = q.unacked.map_or_else(|| "-".to_owned(), |n| n.to_string());
+                    println!(
+                        "{:<40} {:>10} {:>10} {:>10}",
+                        q.queue, q.ready, unacked, q.consumers
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Parked {
+            action: ParkedAction::List { json, limit },
+        } => {
+            let events = parked::list(&cli.amqp.into_settings()?, limit).await?;
+            if json {
+                println!("{}", serde_json::json!({ "parked": events }));
+            } else {
+                for e in &events {
+                    let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                    let attempts = e.attempts.map_or_else(|| "-".into(), |n| n.to_string());
+                    println!(
+                        "{}  {}  {}  attempts={}  {}",
+                        show(&e.failed_at),
+                        show(&e.message_id),
+                        e.event_type,
+                        attempts,
+                        show(&e.reason)
+                    );
+                }
+                println!("{} parked event(s) shown", events.len());
+            }
+            Ok(())
+        }
+        Command::Parked {
+            action: ParkedAction::Replay { all, ids },
+        } => {
+            let selection = if all {
+                Selection::All
+            } else {
+                Selection::Ids(ids)
+            };
+            let done = parked::replay(&cli.amqp.into_settings()?, &selection).await?;
+            println!("replayed {}, still parked {}", done.replayed, done.kept);
+            if !done.not_found.is_empty() {
+                println!("not found: {}", done.not_found.join(", "));
+            }
+            Ok(())
         }
         Command::Healthcheck => {
             if !ops::probe(cli.run.metrics_addr, "/readyz") {

@@ -47,6 +47,44 @@ pub enum Command {
     /// Exit 0 if the worker on METRICS_ADDR is consuming, 1 if not (for container health
     /// checks).
     Healthcheck,
+    /// Print how many events wait in the work and parked queues.
+    Backlog {
+        /// Print JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// The RabbitMQ management API (e.g. `http://rabbitmq:15672`), for the unacked counts.
+        #[arg(long, env = "RABBITMQ_MANAGEMENT_URL")]
+        management_url: Option<Url>,
+    },
+    /// List or replay the parked events.
+    Parked {
+        #[command(subcommand)]
+        action: ParkedAction,
+    },
+}
+
+/// What to do with the parked events.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum ParkedAction {
+    /// Print the parked events (oldest first): id, type, when, attempts, why. Removes nothing.
+    List {
+        /// Print JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Send parked events back to the work queue; each leaves the parked queue only once the
+    /// broker confirmed its republish.
+    Replay {
+        /// Every parked event.
+        #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+        all: bool,
+        /// The event with this message id (repeatable).
+        #[arg(long = "id", value_name = "MESSAGE_ID")]
+        ids: Vec<String>,
+    },
 }
 
 /// The Harbor API.

@@ -1,0 +1,151 @@
+//! The operator's commands: backlog, parked list, parked replay.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use harbor_sync_tests::apps::Stack;
+use harbor_sync_tests::samples;
+use harbor_worker::backlog::backlog;
+use harbor_worker::parked::{self, Selection};
+use lapin::BasicProperties;
+use sha2::Digest as _;
+
+const REPOSITORY: &str = "harbor/alpine";
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A stack where Port refuses (422) the first upsert of each of these artifacts, so that their
+/// events are parked; later upserts succeed.
+async fn with_parked(digests: &[String]) -> Stack {
+    let stack = Stack::start().await;
+    stack
+        .harbor
+        .holds_any_artifact(REPOSITORY, Duration::ZERO)
+        .await;
+    for digest in digests {
+        stack
+            .port
+            .fail_upsert(&format!("{REPOSITORY}@{digest}"), 422, None, 1)
+            .await;
+        stack.webhook(&samples::push(REPOSITORY, digest)).await;
+    }
+    stack
+        .broker
+        .wait_ready(
+            &stack.broker.topology().parked_queue(),
+            digests.len() as u32,
+            WAIT,
+        )
+        .await;
+    stack
+}
+
+#[tokio::test]
+async fn parked_list_shows_what_failed_when_and_why_and_removes_nothing() {
+    let digest = samples::digest(1);
+    let stack = with_parked(std::slice::from_ref(&digest)).await;
+
+    let listed = parked::list(&stack.broker.amqp, 10).await.unwrap();
+
+    assert_eq!(listed.len(), 1);
+    let event = &listed[0];
+    assert_eq!(event.event_type, "PUSH_ARTIFACT");
+    assert_eq!(
+        event.message_id.as_deref(),
+        Some(hex::encode(sha2::Sha256::digest(samples::push(REPOSITORY, &digest))).as_str())
+    );
+    assert!(
+        event.reason.as_deref().is_some_and(|r| r.contains("422")),
+        "{event:?}"
+    );
+    assert!(event.failed_at.is_some() && event.request_id.is_some());
+    assert_eq!(
+        event.attempts,
+        Some(6),
+        "three reads, three writes (the last refused)"
+    );
+    assert_eq!(
+        stack.broker.parked_ready().await,
+        1,
+        "listing removes nothing"
+    );
+}
+
+#[tokio::test]
+async fn replay_all_brings_parked_events_to_port_and_empties_the_parked_queue() {
+    let digests = [samples::digest(1), samples::digest(2)];
+    let stack = with_parked(&digests).await;
+
+    let done = parked::replay(&stack.broker.amqp, &Selection::All)
+        .await
+        .unwrap();
+
+    assert_eq!((done.replayed, done.kept), (2, 0));
+    stack.wait_for_outcome("synced", 2).await;
+    let written = stack.port.writes().await;
+    for digest in &digests {
+        let id = format!("{REPOSITORY}@{digest}");
+        let attempts = written.iter().filter(|w| w.identifier == id).count();
+        assert_eq!(attempts, 2, "refused once, then written after the replay");
+    }
+    assert_eq!(stack.broker.parked_ready().await, 0);
+}
+
+#[tokio::test]
+async fn replay_by_id_moves_only_the_named_event() {
+    let digests = [samples::digest(1), samples::digest(2)];
+    let stack = with_parked(&digests).await;
+    let listed = parked::list(&stack.broker.amqp, 10).await.unwrap();
+    let first = listed[0].message_id.clone().unwrap();
+
+    let done = parked::replay(
+        &stack.broker.amqp,
+        &Selection::Ids(vec![first, "nope".into()]),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!((done.replayed, done.kept), (1, 1));
+    assert_eq!(done.not_found, ["nope"]);
+    stack.wait_for_outcome("synced", 1).await;
+    assert_eq!(stack.broker.parked_ready().await, 1);
+    let unknown = parked::replay(&stack.broker.amqp, &Selection::Ids(vec!["nope".into()])).await;
+    assert!(
+        unknown.is_err(),
+        "asking only for an unknown id is an error"
+    );
+    assert_eq!(stack.broker.parked_ready().await, 1);
+}
+
+#[tokio::test]
+async fn backlog_counts_ready_unacked_and_parked_events() {
+    let digest = samples::digest(1);
+    let stack = with_parked(std::slice::from_ref(&digest)).await;
+    let Stack { worker, broker, .. } = stack;
+    worker.stop().await;
+    for i in 0..3 {
+        broker
+            .publish(
+                "PUSH_ARTIFACT",
+                &samples::push(REPOSITORY, &samples::digest(10 + i)),
+                BasicProperties::default(),
+            )
+            .await;
+    }
+    let management: url::Url = std::env::var("RABBITMQ_MANAGEMENT_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:15672".into())
+        .parse()
+        .unwrap();
+
+    let counts = backlog(&broker.amqp, None).await.unwrap();
+    assert_eq!(counts.len(), 2);
+    assert_eq!(
+        (counts[0].queue.as_str(), counts[0].ready, counts[0].unacked),
+        (broker.topology().queue(), 3, None)
+    );
+    assert_eq!((counts[1].ready, counts[1].consumers), (1, 0));
+    let counts = backlog(&broker.amqp, Some(&management)).await.unwrap();
+    assert_eq!(counts[0].unacked, Some(0));
+    let json = serde_json::to_value(&counts).unwrap();
+    assert_eq!(json[1]["queue"], broker.topology().parked_queue());
+}

@@ -1,0 +1,84 @@
+//! `harbor-worker backlog`: how many events wait, per queue.
+
+use anyhow::Context;
+use harbor_shared::broker;
+use harbor_shared::config::AmqpSettings;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use serde::Serialize;
+use url::Url;
+
+/// One queue's counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QueueBacklog {
+    /// The queue.
+    pub queue: String,
+    /// Messages waiting for a consumer.
+    pub ready: u32,
+    /// Messages delivered and not yet acknowledged (only with the management API).
+    pub unacked: Option<u64>,
+    /// Consumers.
+    pub consumers: u32,
+}
+
+/// Counts of the work and parked queues: exact ready counts from passive declares, and the
+/// unacked count from the management API when its address is given.
+pub async fn backlog(
+    amqp: &AmqpSettings,
+    management: Option<&Url>,
+) -> anyhow::Result<Vec<QueueBacklog>> {
+    let connection = broker::connect(&amqp.url, "harbor-worker backlog").await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .context("Failed to open a channel")?;
+    let mut counts = Vec::new();
+    for queue in [
+        amqp.topology.queue().to_owned(),
+        amqp.topology.parked_queue(),
+    ] {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await
+            .with_context(|| format!("The queue {queue} does not exist"))?;
+        let unacked = match management {
+            Some(base) => Some(unacked(base, amqp, &queue).await?),
+            None => None,
+        };
+        counts.push(QueueBacklog {
+            queue,
+            ready: declared.message_count(),
+            unacked,
+            consumers: declared.consumer_count(),
+        });
+    }
+    let _ = connection.close(200, "counted".into()).await;
+    Ok(counts)
+}
+
+/// `messages_unacknowledged` from `GET /api/queues/{vhost}/{queue}`, with the broker URL's
+/// credentials.
+async fn unacked(base: &Url, amqp: &AmqpSettings, queue: &str) -> anyhow::Result<u64> {
+    let (user, password, vhost) = amqp.url.credentials_and_vhost();
+    let mut url = base.clone();
+    url.path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("RABBITMQ_MANAGEMENT_URL cannot have a path"))?
+        .pop_if_empty()
+        .extend(["api", "queues", &vhost, queue]);
+    let answer: serde_json::Value = reqwest::Client::new()
+        .get(url)
+        .basic_auth(user, Some(password))
+        .send()
+        .await
+        .context("Failed to reach the management API")?
+        .error_for_status()
+        .context("The management API refused the request")?
+        .json()
+        .await
+        .context("The management API's answer is unreadable")?;
+    Ok(answer["messages_unacknowledged"].as_u64().unwrap_or(0))
+}
