@@ -105,6 +105,7 @@ pub fn worker_settings(amqp: &AmqpSettings, harbor_url: &str, port_url: &str) ->
         metrics_addr: free_port(),
         http_timeout: Duration::from_secs(2),
         shutdown_timeout: Duration::from_secs(10),
+        resync_interval: None,
     }
 }
 
@@ -242,4 +243,111 @@ pub fn outcome_count(metrics: &str, outcome: &str) -> usize {
         .filter(|line| line.starts_with("harbor_worker_events_total{") && line.contains(&label))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as usize
+}
+
+/// A running sandbox (fake Harbor and Port), credentials `admin` / `Harbor12345` and
+/// `sandbox-client` / `sandbox-secret`, sending its webhooks to `webhook_url` with [`SECRET`].
+pub struct TestSandbox {
+    /// `http://127.0.0.1:<port>`
+    pub base: String,
+    _handle: ServerHandle,
+}
+
+/// Starts a sandbox in this process, through its production `build`.
+pub async fn start_sandbox(
+    webhook_url: &str,
+    format: crate::sandbox::PayloadFormat,
+) -> TestSandbox {
+    init_logs();
+    let settings = crate::sandbox::Settings {
+        command: None,
+        listen_addr: free_port(),
+        webhook_url: webhook_url.to_owned(),
+        webhook_auth: SECRET.to_owned(),
+        payload_format: format,
+        harbor_username: "admin".into(),
+        harbor_password: "Harbor12345".into(),
+        port_client_id: "sandbox-client".into(),
+        port_client_secret: "sandbox-secret".into(),
+        empty_port: false,
+    };
+    let sandbox = crate::sandbox::Sandbox::build(settings).unwrap();
+    let base = format!("http://127.0.0.1:{}", sandbox.port());
+    let handle = sandbox.handle();
+    tokio::spawn(sandbox.run());
+    TestSandbox {
+        base,
+        _handle: handle,
+    }
+}
+
+impl TestSandbox {
+    /// The worker's settings pointed at this sandbox, with its credentials.
+    pub fn worker_settings(&self, amqp: &AmqpSettings) -> WorkerSettings {
+        let mut settings = worker_settings(amqp, &self.base, &self.base);
+        settings.harbor.username = "admin".into();
+        settings.harbor.password = "Harbor12345".into();
+        settings.port.client_id = "sandbox-client".into();
+        settings.port.client_secret = "sandbox-secret".into();
+        settings
+    }
+
+    /// `POST /sandbox/{action}`; the status (200 when the webhook was delivered, 502 when not)
+    /// and the answer.
+    pub async fn act(&self, action: &str, repository: &str, tag: &str) -> (u16, serde_json::Value) {
+        let response = reqwest::Client::new()
+            .post(format!("{}/sandbox/{action}", self.base))
+            .json(&serde_json::json!({"repository": repository, "tag": tag}))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
+    /// What the sandbox's Port holds, by blueprint.
+    pub async fn entities(&self) -> serde_json::Value {
+        reqwest::get(format!("{}/sandbox/port/entities", self.base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// The identifiers of one blueprint's entities.
+    pub async fn ids(&self, blueprint: &str) -> Vec<String> {
+        let held = self.entities().await;
+        held[blueprint]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["identifier"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Upserts an entity straight into the sandbox's Port, as another writer would.
+    pub async fn put_entity(&self, blueprint: &str, entity: serde_json::Value) {
+        let client = reqwest::Client::new();
+        let token: serde_json::Value = client
+            .post(format!("{}/v1/auth/access_token", self.base))
+            .json(&serde_json::json!({"clientId": "sandbox-client", "clientSecret": "sandbox-secret"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let url = format!(
+            "{}/v1/blueprints/{blueprint}/entities?upsert=true&merge=true&create_missing_related_entities=true",
+            self.base
+        );
+        let response = client
+            .post(url)
+            .bearer_auth(token["accessToken"].as_str().unwrap())
+            .json(&entity)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+    }
 }

@@ -4,80 +4,18 @@
 
 use std::time::Duration;
 
-use harbor_sync_tests::apps::{self, SECRET, TestIngest, TestWorker, ingest_settings, init_logs};
+use harbor_sync_tests::apps::{
+    TestIngest, TestSandbox, TestWorker, ingest_settings, start_sandbox,
+};
 use harbor_sync_tests::rabbit::TestTopology;
-use harbor_sync_tests::sandbox::{PayloadFormat, Sandbox, Settings};
+use harbor_sync_tests::sandbox::PayloadFormat;
 use harbor_sync_tests::wait_until;
-use harbor_worker::settings::Settings as WorkerSettings;
 use serde_json::{Value, json};
 
-struct Running {
-    base: String,
-    _handle: actix_web::dev::ServerHandle,
-}
-
-fn settings(webhook_url: &str, format: PayloadFormat) -> Settings {
-    Settings {
-        command: None,
-        listen_addr: "127.0.0.1:0".parse().unwrap(),
-        webhook_url: webhook_url.to_owned(),
-        webhook_auth: SECRET.to_owned(),
-        payload_format: format,
-        harbor_username: "admin".into(),
-        harbor_password: "Harbor12345".into(),
-        port_client_id: "sandbox-client".into(),
-        port_client_secret: "sandbox-secret".into(),
-        empty_port: false,
-    }
-}
-
-async fn start_sandbox(settings: Settings) -> Running {
-    init_logs();
-    let sandbox = Sandbox::build(settings).unwrap();
-    let base = format!("http://127.0.0.1:{}", sandbox.port());
-    let handle = sandbox.handle();
-    tokio::spawn(sandbox.run());
-    Running {
-        base,
-        _handle: handle,
-    }
-}
-
-/// The test worker's settings, pointed at the sandbox with the sandbox's credentials.
-fn worker_settings(broker: &TestTopology, sandbox: &str) -> WorkerSettings {
-    let mut settings = apps::worker_settings(&broker.amqp, sandbox, sandbox);
-    settings.harbor.username = "admin".into();
-    settings.harbor.password = "Harbor12345".into();
-    settings.port.client_id = "sandbox-client".into();
-    settings.port.client_secret = "sandbox-secret".into();
-    settings
-}
-
-/// Acts in the sandbox's Harbor; the answer says whether the webhook was delivered (200) or
-/// not (502).
-async fn act(sandbox: &Running, action: &str, repository: &str, tag: &str) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .post(format!("{}/sandbox/{action}", sandbox.base))
-        .json(&json!({"repository": repository, "tag": tag}))
-        .send()
-        .await
-        .unwrap();
-    (response.status().as_u16(), response.json().await.unwrap())
-}
-
-async fn act_delivered(sandbox: &Running, action: &str, repository: &str, tag: &str) -> Value {
-    let (status, answer) = act(sandbox, action, repository, tag).await;
+async fn act_delivered(sandbox: &TestSandbox, action: &str, repository: &str, tag: &str) -> Value {
+    let (status, answer) = sandbox.act(action, repository, tag).await;
     assert_eq!(status, 200, "{answer}");
     answer
-}
-
-async fn entities(sandbox: &Running) -> Value {
-    reqwest::get(format!("{}/sandbox/port/entities", sandbox.base))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 fn ids(entities: &Value, blueprint: &str) -> Vec<String> {
@@ -92,18 +30,18 @@ fn ids(entities: &Value, blueprint: &str) -> Vec<String> {
 async fn whole_path(format: PayloadFormat) {
     let broker = TestTopology::new().await;
     let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
-    let sandbox = start_sandbox(settings(&format!("{}/webhook", ingest.base), format)).await;
-    let worker = TestWorker::start(worker_settings(&broker, &sandbox.base)).await;
+    let sandbox = start_sandbox(&format!("{}/webhook", ingest.base), format).await;
+    let worker = TestWorker::start(sandbox.worker_settings(&broker.amqp)).await;
 
     let pushed = act_delivered(&sandbox, "push", "library/nginx", "1.27").await;
     assert_eq!(pushed["webhook"]["status"], 202, "{pushed}");
     let digest = pushed["digest"].as_str().unwrap().to_owned();
     let artifact_id = format!("library/nginx@{digest}");
     wait_until("the artifact in Port", Duration::from_secs(15), || async {
-        ids(&entities(&sandbox).await, "harborArtifact").contains(&artifact_id)
+        ids(&sandbox.entities().await, "harborArtifact").contains(&artifact_id)
     })
     .await;
-    let held = entities(&sandbox).await;
+    let held = sandbox.entities().await;
     assert_eq!(ids(&held, "harborRepository"), ["library/nginx"]);
     assert_eq!(ids(&held, "harborProject"), ["library"]);
     assert_eq!(held["harborArtifact"][0]["title"], "library/nginx:1.27");
@@ -114,7 +52,7 @@ async fn whole_path(format: PayloadFormat) {
         "the pull count and the scan in Port",
         Duration::from_secs(15),
         || async {
-            let held = entities(&sandbox).await;
+            let held = sandbox.entities().await;
             held["harborRepository"][0]["properties"]["pullCount"] == 1
                 && held["harborArtifact"][0]["properties"]["scanStatus"] == "Success"
         },
@@ -125,7 +63,7 @@ async fn whole_path(format: PayloadFormat) {
     wait_until(
         "the artifact gone from Port",
         Duration::from_secs(15),
-        || async { ids(&entities(&sandbox).await, "harborArtifact").is_empty() },
+        || async { ids(&sandbox.entities().await, "harborArtifact").is_empty() },
     )
     .await;
     worker.stop().await;
@@ -144,13 +82,9 @@ async fn the_sandbox_in_cloudevents_format_reaches_port_too() {
 
 #[tokio::test]
 async fn the_sandbox_harbor_is_strict_like_harbor() {
-    let sandbox = start_sandbox(settings(
-        "http://127.0.0.1:9/webhook",
-        PayloadFormat::Default,
-    ))
-    .await;
+    let sandbox = start_sandbox("http://127.0.0.1:9/webhook", PayloadFormat::Default).await;
     // No ingest listens: the registry changes and the answer says the webhook failed.
-    let (status, answer) = act(&sandbox, "push", "team/app/api", "v1").await;
+    let (status, answer) = sandbox.act("push", "team/app/api", "v1").await;
     assert_eq!(status, 502);
     assert!(answer["webhook"]["error"].is_string(), "{answer}");
     let client = reqwest::Client::new();
@@ -206,11 +140,7 @@ async fn the_sandbox_harbor_is_strict_like_harbor() {
 
 #[tokio::test]
 async fn the_sandbox_port_checks_tokens_identifiers_and_schemas_like_port() {
-    let sandbox = start_sandbox(settings(
-        "http://127.0.0.1:9/webhook",
-        PayloadFormat::Default,
-    ))
-    .await;
+    let sandbox = start_sandbox("http://127.0.0.1:9/webhook", PayloadFormat::Default).await;
     let client = reqwest::Client::new();
     let denied = client
         .post(format!("{}/v1/auth/access_token", sandbox.base))
@@ -249,7 +179,7 @@ async fn the_sandbox_port_checks_tokens_identifiers_and_schemas_like_port() {
     // The missing related project was created, and the merge keeps earlier properties.
     let merged = json!({"identifier": "a/b", "properties": {"artifactCount": 2}});
     assert_eq!(upsert(token, merged).await.unwrap().status(), 201);
-    let held = entities(&sandbox).await;
+    let held = sandbox.entities().await;
     assert_eq!(ids(&held, "harborProject"), ["a"]);
     assert_eq!(
         held["harborRepository"][0]["properties"],

@@ -217,6 +217,16 @@ impl Handler {
         &self.port
     }
 
+    /// The Harbor client, for commands that read Harbor directly.
+    pub fn harbor(&self) -> &HarborClient {
+        &self.harbor
+    }
+
+    /// The retry policy.
+    pub fn retry(&self) -> RetryPolicy {
+        self.retry
+    }
+
     /// Handles one event, retrying failed calls within the event's budget.
     pub async fn handle(&self, event: &HarborEvent) -> Result<Outcome, Failure> {
         let work = match Work::of(event) {

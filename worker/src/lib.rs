@@ -13,6 +13,7 @@ pub mod entities;
 pub mod handler;
 pub mod names;
 pub mod parked;
+pub mod resync;
 pub mod retry;
 pub mod settings;
 pub mod startup;

@@ -3,12 +3,13 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Parser;
 use harbor_shared::{ops, telemetry};
+use harbor_worker::clients::harbor::HarborClient;
 use harbor_worker::clients::http_client;
 use harbor_worker::parked::{self, Selection};
 use harbor_worker::retry::RetryPolicy;
 use harbor_worker::settings::{Cli, Command, ParkedAction};
 use harbor_worker::startup::{Worker, port_client};
-use harbor_worker::{backlog, blueprints};
+use harbor_worker::{backlog, blueprints, resync};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -40,6 +41,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 http_client(cli.run.http_timeout).context("Failed to build the HTTP client")?;
             let retry = RetryPolicy::with_budget(cli.run.retry_max_elapsed);
             blueprints::apply(&port_client(&port, http), retry).await
+        }
+        Command::Resync { json } => {
+            let (harbor, port) = (cli.harbor.into_settings()?, cli.port.into_settings()?);
+            let http =
+                http_client(cli.run.http_timeout).context("Failed to build the HTTP client")?;
+            let harbor =
+                HarborClient::new(http.clone(), harbor.url, harbor.username, harbor.password);
+            let retry = RetryPolicy::with_budget(cli.run.retry_max_elapsed);
+            let summary = resync::resync(&harbor, &port_client(&port, http), retry).await;
+            if json {
+                println!("{}", serde_json::json!(summary));
+            } else {
+                println!(
+                    "seen {}, upserted {}, deleted {}, failed {}",
+                    summary.seen, summary.upserted, summary.deleted, summary.failed
+                );
+            }
+            if summary.failed > 0 {
+                bail!(
+                    "{} item(s) could not be synced; see the log",
+                    summary.failed
+                );
+            }
+            Ok(())
         }
         Command::Backlog {
             json,

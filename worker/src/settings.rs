@@ -47,6 +47,13 @@ pub enum Command {
     /// Exit 0 if the worker on METRICS_ADDR is consuming, 1 if not (for container health
     /// checks).
     Healthcheck,
+    /// Walk every project, repository and artifact in Harbor, upsert them into Port, and delete
+    /// the entities Harbor no longer has; prints a summary. Safe while webhooks flow.
+    Resync {
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print how many events wait in the work and parked queues.
     Backlog {
         /// Print JSON, for scripts.
@@ -147,6 +154,10 @@ pub struct RunArgs {
     #[arg(long, env = "HTTP_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub http_timeout: Duration,
 
+    /// Also run a full resync (see `resync`) this often, e.g. `6h`; off by default.
+    #[arg(long, env = "RESYNC_INTERVAL", value_parser = humantime::parse_duration)]
+    pub resync_interval: Option<Duration>,
+
     /// On SIGTERM, how long events in flight may take to finish before the worker exits anyway
     /// (they are then redelivered).
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -194,6 +205,8 @@ pub struct Settings {
     pub http_timeout: Duration,
     /// Drain time on shutdown.
     pub shutdown_timeout: Duration,
+    /// How often to resync, if at all.
+    pub resync_interval: Option<Duration>,
 }
 
 /// An `http(s)://` base URL without credentials, query or fragment.
@@ -263,6 +276,12 @@ impl Cli {
         if run.http_timeout.is_zero() {
             bail!("HTTP_TIMEOUT must be more than 0");
         }
+        if run
+            .resync_interval
+            .is_some_and(|i| i < Duration::from_secs(60))
+        {
+            bail!("RESYNC_INTERVAL must be at least 1m");
+        }
         Ok(Settings {
             amqp: self.amqp.into_settings()?,
             harbor: self.harbor.into_settings()?,
@@ -272,6 +291,7 @@ impl Cli {
             metrics_addr: run.metrics_addr,
             http_timeout: run.http_timeout,
             shutdown_timeout: run.shutdown_timeout,
+            resync_interval: run.resync_interval,
         })
     }
 }

@@ -2,6 +2,7 @@
 
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer};
@@ -17,6 +18,7 @@ use crate::clients::http_client;
 use crate::clients::port::PortClient;
 use crate::consumer::{self, ConsumerSettings};
 use crate::handler::{HandleEvent, Handler};
+use crate::resync;
 use crate::settings::{PortSettings, Settings};
 
 /// The Port client for these settings.
@@ -47,8 +49,17 @@ impl Worker {
             settings.harbor.username.clone(),
             settings.harbor.password.clone(),
         );
-        let handler = Handler::new(harbor, port_client(&settings.port, http), settings.retry);
-        Self::start(settings, Arc::new(handler)).await
+        let handler = Arc::new(Handler::new(
+            harbor,
+            port_client(&settings.port, http),
+            settings.retry,
+        ));
+        let interval = settings.resync_interval;
+        let worker = Self::start(settings, Arc::clone(&handler)).await?;
+        if let Some(interval) = interval {
+            tokio::spawn(resync_every(interval, handler, worker.shutdown_token()));
+        }
+        Ok(worker)
     }
 
     /// [`Worker::build`] with the event handler given: the consumer, the shutdown and the
@@ -119,6 +130,21 @@ impl Worker {
         let _ = serving.await;
         info!("harbor-worker stopped");
         Ok(())
+    }
+}
+
+/// Runs a resync every `interval` (the first after one interval) until shutdown; one cut short
+/// by the shutdown is simply redone next time.
+async fn resync_every(interval: Duration, handler: Arc<Handler>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = shutdown.cancelled() => return,
+        }
+        tokio::select! {
+            _ = resync::resync(handler.harbor(), handler.port(), handler.retry()) => {}
+            () = shutdown.cancelled() => return,
+        }
     }
 }
 

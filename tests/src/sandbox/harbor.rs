@@ -63,7 +63,40 @@ async fn get(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
             .unwrap_or_default();
     let flag = |name: &str| query.get(name).is_some_and(|v| v == "true");
     let registry = lock(&shared.registry);
+    let page = |items: Vec<Value>| paginate(items, &query);
     match segments.as_slice() {
+        ["projects"] => page(
+            registry
+                .projects
+                .values()
+                .map(|p| project_json(&registry, p))
+                .collect(),
+        ),
+        ["projects", project, "repositories"] => page(
+            registry
+                .repositories
+                .values()
+                .filter(|r| r.name.split_once('/').is_some_and(|(p, _)| p == *project))
+                .map(|r| repository_json(&registry, r))
+                .collect(),
+        ),
+        ["projects", project, "repositories", repo, "artifacts"] => {
+            let Some(name) = repository_segment(repo) else {
+                return not_found("no route");
+            };
+            let full = format!("{project}/{name}");
+            let Some(repository) = registry.repositories.get(&full) else {
+                return not_found(&format!("repository {full} not found"));
+            };
+            let artifacts = registry.artifacts.get(&full).into_iter().flatten();
+            page(
+                artifacts
+                    .map(|a| {
+                        artifact_json(repository, a, flag("with_tag"), flag("with_scan_overview"))
+                    })
+                    .collect(),
+            )
+        }
         ["projects", name] => {
             let name = percent_decode_str(name).decode_utf8_lossy();
             match registry.projects.get(name.as_ref()) {
@@ -109,6 +142,28 @@ async fn get(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
         }
         _ => not_found("no such endpoint in the sandbox"),
     }
+}
+
+/// One page of a list, as Harbor pages: `page` from 1, `page_size` 10 by default and at most
+/// 100, the total in `X-Total-Count`.
+fn paginate(items: Vec<Value>, query: &std::collections::HashMap<String, String>) -> HttpResponse {
+    let number = |key: &str, default: usize| {
+        query
+            .get(key)
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(default)
+    };
+    let page = number("page", 1).max(1);
+    let size = number("page_size", 10).clamp(1, 100);
+    let total = items.len();
+    let slice: Vec<Value> = items
+        .into_iter()
+        .skip((page - 1) * size)
+        .take(size)
+        .collect();
+    HttpResponse::Ok()
+        .insert_header(("x-total-count", total.to_string()))
+        .json(slice)
 }
 
 /// `GET /projects/{name}`

@@ -13,6 +13,7 @@ use url::Url;
 
 use super::{CallError, success, transport_error};
 use crate::names::{Digest, RepositoryName};
+use crate::retry::Budget;
 
 /// Scan report types the worker reads, in order of preference.
 pub const VULNERABILITY_REPORTS: &str = "application/vnd.security.vulnerability.report; version=1.1, application/vnd.scanner.adapter.vuln.report.harbor+json; version=1.0";
@@ -164,6 +165,75 @@ impl HarborClient {
             .await
             .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))?;
         Ok(Some(found))
+    }
+
+    /// Every item of a paginated list (`page_size` 100, Harbor's maximum), page by page.
+    async fn list_all<T: for<'de> Deserialize<'de>>(
+        &self,
+        what: &str,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        budget: &Budget,
+    ) -> Result<Vec<T>, CallError> {
+        const PAGE_SIZE: usize = 100;
+        let mut all = Vec::new();
+        for page in 1.. {
+            let mut url = self.endpoint(segments);
+            url.query_pairs_mut()
+                .append_pair("page", &page.to_string())
+                .append_pair("page_size", &PAGE_SIZE.to_string())
+                .extend_pairs(query);
+            let what = format!("{what} (page {page})");
+            let items: Vec<T> = budget
+                .run("harbor", || self.get(&what, self.http.get(url.clone())))
+                .await?
+                .unwrap_or_default();
+            let last = items.len() < PAGE_SIZE;
+            all.extend(items);
+            if last {
+                break;
+            }
+        }
+        Ok(all)
+    }
+
+    /// Every project.
+    pub async fn projects(&self, budget: &Budget) -> Result<Vec<Project>, CallError> {
+        self.list_all("Harbor GET projects", &["projects"], &[], budget)
+            .await
+    }
+
+    /// Every repository of a project (404 for a project that is gone: none).
+    pub async fn repositories(
+        &self,
+        project: &str,
+        budget: &Budget,
+    ) -> Result<Vec<Repository>, CallError> {
+        let what = format!("Harbor GET repositories of {project}");
+        self.list_all(&what, &["projects", project, "repositories"], &[], budget)
+            .await
+    }
+
+    /// Every artifact of a repository, with tags, labels and scan overview.
+    pub async fn artifacts(
+        &self,
+        repository: &RepositoryName,
+        budget: &Budget,
+    ) -> Result<Vec<Artifact>, CallError> {
+        let what = format!("Harbor GET artifacts of {repository}");
+        let segments = [
+            "projects",
+            repository.project(),
+            "repositories",
+            &repository.encoded_once(),
+            "artifacts",
+        ];
+        let query = [
+            ("with_tag", "true"),
+            ("with_label", "true"),
+            ("with_scan_overview", "true"),
+        ];
+        self.list_all(&what, &segments, &query, budget).await
     }
 
     /// The project, or `None` if it does not exist.
