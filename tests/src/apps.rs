@@ -325,10 +325,9 @@ impl TestSandbox {
             .collect()
     }
 
-    /// Upserts an entity straight into the sandbox's Port, as another writer would.
-    pub async fn put_entity(&self, blueprint: &str, entity: serde_json::Value) {
-        let client = reqwest::Client::new();
-        let token: serde_json::Value = client
+    /// A Port access token from the sandbox, as the worker gets one.
+    pub async fn token(&self) -> String {
+        let token: serde_json::Value = reqwest::Client::new()
             .post(format!("{}/v1/auth/access_token", self.base))
             .json(&serde_json::json!({"clientId": "sandbox-client", "clientSecret": "sandbox-secret"}))
             .send()
@@ -337,13 +336,19 @@ impl TestSandbox {
             .json()
             .await
             .unwrap();
+        token["accessToken"].as_str().unwrap().to_owned()
+    }
+
+    /// Upserts an entity straight into the sandbox's Port, as another writer would.
+    pub async fn put_entity(&self, blueprint: &str, entity: serde_json::Value) {
         let url = format!(
             "{}/v1/blueprints/{blueprint}/entities?upsert=true&merge=true&create_missing_related_entities=true",
             self.base
         );
-        let response = client
+        let token = self.token().await;
+        let response = reqwest::Client::new()
             .post(url)
-            .bearer_auth(token["accessToken"].as_str().unwrap())
+            .bearer_auth(token)
             .json(&entity)
             .send()
             .await

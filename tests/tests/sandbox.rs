@@ -149,16 +149,8 @@ async fn the_sandbox_port_checks_tokens_identifiers_and_schemas_like_port() {
         .await
         .unwrap();
     assert_eq!(denied.status(), 401);
-    let token: Value = client
-        .post(format!("{}/v1/auth/access_token", sandbox.base))
-        .json(&json!({"clientId": "sandbox-client", "clientSecret": "sandbox-secret"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = token["accessToken"].as_str().unwrap();
+    let token = sandbox.token().await;
+    let token = token.as_str();
     let upsert = |bearer: &str, entity: Value| {
         client
             .post(format!("{}/v1/blueprints/harborRepository/entities?upsert=true&merge=true&create_missing_related_entities=true", sandbox.base))
