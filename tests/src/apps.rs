@@ -97,6 +97,8 @@ pub fn worker_settings(amqp: &AmqpSettings, harbor_url: &str, port_url: &str) ->
             client_secret: SecretString::from(PORT_CLIENT_SECRET),
         },
         concurrency: 8,
+        prefetch: 100,
+        pull_window: Duration::ZERO,
         retry: RetryPolicy {
             max_elapsed: Duration::from_secs(5),
             initial_interval: Duration::from_millis(50),

@@ -277,20 +277,15 @@ async fn the_blueprints_command_creates_missing_blueprints_and_updates_existing_
 #[tokio::test]
 async fn stopping_the_worker_finishes_the_events_in_flight_before_it_exits() {
     let stack = Stack::start().await;
-    let body = samples::load("scanning_completed.default.docs.json");
-    let (repo, digest) = samples::subject(&body);
     // Slow enough that the stop arrives while all three are being handled.
-    Mock::given(method("GET"))
-        .and(path_regex("/artifacts/"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(harbor_json::artifact(&repo, &digest, &["3.17"], None))
-                .set_delay(Duration::from_millis(1500)),
-        )
-        .mount(&stack.harbor.server)
+    stack
+        .harbor
+        .holds_any_artifact("harbor/alpine", Duration::from_millis(1500))
         .await;
-    for _ in 0..3 {
-        stack.webhook(&body).await;
+    for n in 0..3 {
+        stack
+            .webhook(&samples::push("harbor/alpine", &samples::digest(n)))
+            .await;
     }
     let deadline = Instant::now() + WAIT;
     while !stack
@@ -316,9 +311,144 @@ async fn stopping_the_worker_finishes_the_events_in_flight_before_it_exits() {
     worker.stop().await;
 
     // Each was written before the worker exited, and acked: nothing is left to redeliver.
-    let upserts = port.writes().await.len();
-    assert_eq!(upserts, 3);
+    let artifacts = port
+        .writes()
+        .await
+        .into_iter()
+        .filter(|w| w.blueprint == "harborArtifact")
+        .count();
+    assert_eq!(artifacts, 3);
     assert_eq!(broker.work_ready().await, 0);
     assert_eq!(broker.parked_ready().await, 0);
     drop((harbor, ingest));
+}
+
+#[tokio::test]
+async fn a_flood_of_pulls_of_one_artifact_is_folded_into_one_refresh_after_the_window() {
+    let stack =
+        Stack::start_with(|settings| settings.pull_window = Duration::from_millis(800)).await;
+    let body = samples::load("pull_artifact.default.harbor-unit-test.json");
+    let (repo, digest) = samples::subject(&body);
+    stack
+        .harbor
+        .project("library", harbor_json::project("library"))
+        .await;
+    stack
+        .harbor
+        .repository(&repo, harbor_json::repository(&repo, 1, 20))
+        .await;
+    stack
+        .harbor
+        .artifact(
+            &repo,
+            &digest,
+            harbor_json::artifact(&repo, &digest, &["1.36"], None),
+        )
+        .await;
+    // Harbor sends the same bytes only on a retry; distinct pulls differ in occur_at.
+    let pull = |n: u64| {
+        let mut event: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        event["occur_at"] = json!(1_678_082_303 + n);
+        serde_json::to_vec(&event).unwrap()
+    };
+
+    let started = Instant::now();
+    for n in 0..20 {
+        stack.webhook(&pull(n)).await;
+    }
+    stack.wait_for_outcome("synced", 20).await;
+
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "refreshed before the window ended"
+    );
+    let artifact_reads = stack
+        .harbor
+        .requests()
+        .await
+        .iter()
+        .filter(|p| p.contains("/artifacts/"))
+        .count();
+    assert!(
+        artifact_reads <= 2,
+        "{artifact_reads} Harbor reads for 20 pulls"
+    );
+    let writes = stack.port.writes().await;
+    let artifact_writes = writes
+        .iter()
+        .filter(|w| w.blueprint == "harborArtifact")
+        .count();
+    assert!(
+        artifact_writes <= 2,
+        "{artifact_writes} Port writes for 20 pulls"
+    );
+    let repository = writes
+        .iter()
+        .rev()
+        .find(|w| w.blueprint == "harborRepository")
+        .unwrap();
+    assert_eq!(
+        repository.entity.as_ref().unwrap()["properties"]["pullCount"],
+        20
+    );
+    let metrics = stack.worker.metrics().await;
+    assert!(
+        metrics.contains("harbor_worker_events_coalesced_total"),
+        "{metrics}"
+    );
+    let Stack { worker, broker, .. } = stack;
+    worker.stop().await;
+    assert_eq!(
+        broker.work_ready().await,
+        0,
+        "every folded delivery was acked"
+    );
+}
+
+#[tokio::test]
+async fn events_of_different_artifacts_are_not_folded_together() {
+    let stack =
+        Stack::start_with(|settings| settings.pull_window = Duration::from_millis(300)).await;
+    stack
+        .harbor
+        .holds_any_artifact("harbor/alpine", Duration::ZERO)
+        .await;
+    for n in 0..5 {
+        stack
+            .webhook(&samples::push("harbor/alpine", &samples::digest(n)))
+            .await;
+    }
+    stack.wait_for_outcome("synced", 5).await;
+    let artifacts: std::collections::BTreeSet<String> = stack
+        .port
+        .writes()
+        .await
+        .into_iter()
+        .filter(|w| w.blueprint == "harborArtifact")
+        .map(|w| w.identifier)
+        .collect();
+    assert_eq!(artifacts.len(), 5);
+}
+
+#[tokio::test]
+async fn an_unchanged_entity_is_not_written_twice() {
+    let stack = Stack::start().await;
+    let body = samples::load("push_artifact.default.docs.json");
+    let (repo, digest) = samples::subject(&body);
+    stack.harbor.holds(&repo, &digest, &["latest"], None).await;
+
+    stack.webhook(&body).await;
+    stack.wait_for_outcome("synced", 1).await;
+    let first = stack.port.writes().await.len();
+    // Harbor resends the webhook: nothing changed, nothing is written.
+    stack.webhook(&body).await;
+    stack.wait_for_outcome("synced", 2).await;
+
+    assert_eq!(first, 3);
+    assert_eq!(stack.port.writes().await.len(), first);
+    let metrics = stack.worker.metrics().await;
+    assert!(
+        metrics.contains("harbor_worker_unchanged_writes_skipped_total 2"),
+        "{metrics}"
+    );
 }

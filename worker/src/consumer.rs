@@ -11,14 +11,15 @@
 //! Nothing is acked before its writes are done: a crash or a lost connection leaves the
 //! delivery unacked, and the broker delivers it again.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, anyhow};
 use futures_util::StreamExt;
 use harbor_shared::broker;
 use harbor_shared::config::AmqpSettings;
-use harbor_shared::event::HarborEvent;
+use harbor_shared::event::{EventError, EventType, HarborEvent};
 use harbor_shared::ops::Readiness;
 use harbor_shared::publisher::{Outgoing, Publisher};
 use harbor_shared::topology::Topology;
@@ -28,11 +29,12 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::handler::{HandleEvent, Outcome, Subject};
+use crate::handler::{HandleEvent, Outcome, Subject, refresh_key};
 
 /// How long parking may wait for the broker's confirm.
 const PARK_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,8 +44,14 @@ const PARK_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ConsumerSettings {
     /// The broker and the queue names.
     pub amqp: AmqpSettings,
-    /// Prefetch: events in flight at once.
+    /// Events handled at once.
     pub concurrency: u16,
+    /// Deliveries held at once (the consumer's prefetch): handled, or waiting to be folded
+    /// into a refresh of the same subject. At least `concurrency`.
+    pub prefetch: u16,
+    /// A pull is refreshed this long after the last pull of the same artifacts (Harbor updates
+    /// pull counts about every 10 s); pulls in between are folded into that one refresh.
+    pub pull_window: Duration,
     /// On shutdown, how long events in flight may take to finish.
     pub drain_timeout: Duration,
 }
@@ -92,7 +100,10 @@ async fn session<H: HandleEvent>(
         .context("Failed to open the consuming channel")?;
     // Per-consumer prefetch (quorum queues refuse global QoS).
     channel
-        .basic_qos(settings.concurrency, BasicQosOptions { global: false })
+        .basic_qos(
+            settings.prefetch.max(settings.concurrency),
+            BasicQosOptions { global: false },
+        )
         .await
         .context("Failed to set the prefetch")?;
     let tag = format!("harbor-worker-{}", uuid::Uuid::new_v4());
@@ -108,24 +119,27 @@ async fn session<H: HandleEvent>(
     readiness.set(true);
     info!(
         queue = topology.queue(),
-        prefetch = settings.concurrency,
+        prefetch = settings.prefetch,
+        concurrency = settings.concurrency,
         "Consuming"
     );
 
+    let shared = Arc::new(Shared {
+        handler: Arc::clone(handler),
+        parker: Arc::clone(&parker),
+        topology: topology.clone(),
+        slots: Semaphore::new(usize::from(settings.concurrency)),
+        pending: Mutex::new(HashMap::new()),
+        pull_window: settings.pull_window,
+        shutdown: shutdown.clone(),
+    });
     let in_flight = TaskTracker::new();
     let closed = broker::closed(connection);
     tokio::pin!(closed);
     let ended = loop {
         tokio::select! {
             delivery = deliveries.next() => match delivery {
-                Some(Ok(delivery)) => {
-                    in_flight.spawn(process(
-                        delivery,
-                        Arc::clone(handler),
-                        Arc::clone(&parker),
-                        topology.clone(),
-                    ));
-                }
+                Some(Ok(delivery)) => dispatch(delivery, &shared, &in_flight),
                 Some(Err(error)) => break Err(anyhow::Error::new(error).context("Consuming failed")),
                 None => break Err(anyhow!("The broker ended the consumer")),
             },
@@ -167,16 +181,68 @@ async fn session<H: HandleEvent>(
 }
 
 /// What to do with a delivery.
+#[derive(Clone)]
 enum Verdict {
     Ack,
     Park { reason: String, attempts: u32 },
 }
 
-async fn process<H: HandleEvent>(
-    delivery: Delivery,
+/// What the delivery tasks of one session share.
+struct Shared<H> {
     handler: Arc<H>,
     parker: Arc<Publisher>,
     topology: Topology,
+    /// One permit per event handled at once.
+    slots: Semaphore,
+    /// Deliveries waiting to be folded into a refresh that has not started yet, by what it
+    /// refreshes.
+    pending: Mutex<HashMap<String, Group>>,
+    pull_window: Duration,
+    shutdown: CancellationToken,
+}
+
+/// Deliveries folded into one refresh, besides the one that started it.
+struct Group {
+    followers: Vec<Delivery>,
+    last_arrival: Instant,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Starts a refresh for a delivery, or folds it into a pending refresh of the same subject:
+/// Harbor is read when the refresh starts, so one read answers every event that came before.
+fn dispatch<H: HandleEvent>(delivery: Delivery, shared: &Arc<Shared<H>>, tasks: &TaskTracker) {
+    let event = HarborEvent::parse(&delivery.data);
+    let key = event.as_ref().ok().and_then(refresh_key);
+    let is_pull = matches!(&event, Ok(e) if e.event_type == EventType::PullArtifact);
+    if let Some(key) = &key {
+        let mut pending = lock(&shared.pending);
+        if let Some(group) = pending.get_mut(key) {
+            group.followers.push(delivery);
+            group.last_arrival = Instant::now();
+            return;
+        }
+        pending.insert(
+            key.clone(),
+            Group {
+                followers: Vec::new(),
+                last_arrival: Instant::now(),
+            },
+        );
+    }
+    tasks.spawn(process(delivery, event, key, is_pull, Arc::clone(shared)));
+}
+
+async fn process<H: HandleEvent>(
+    delivery: Delivery,
+    event: Result<HarborEvent, EventError>,
+    key: Option<String>,
+    is_pull: bool,
+    shared: Arc<Shared<H>>,
 ) {
     let message_id = delivery
         .properties
@@ -191,14 +257,31 @@ async fn process<H: HandleEvent>(
         redelivered = delivery.redelivered,
     );
     async move {
-        metrics::gauge!("harbor_worker_events_in_flight").increment(1.0);
         let started = Instant::now();
-        let (verdict, event_type, outcome) = decide(&delivery, handler).await;
+        if is_pull {
+            wait_for_pull_counts(&shared, key.as_deref(), started).await;
+        }
+        let Ok(_slot) = shared.slots.acquire().await else { return };
+        // From here on, deliveries of the same subject start a refresh of their own.
+        let followers = key
+            .and_then(|key| lock(&shared.pending).remove(&key))
+            .map(|group| group.followers)
+            .unwrap_or_default();
+        metrics::gauge!("harbor_worker_events_in_flight").increment(1.0);
+        let (verdict, event_type, outcome) = decide(event, Arc::clone(&shared.handler)).await;
         // Before the ack: once acked, the broker sends the next delivery in its place.
         metrics::gauge!("harbor_worker_events_in_flight").decrement(1.0);
-        settle(delivery, verdict, &parker, &topology).await;
+        if !followers.is_empty() {
+            debug!(folded = followers.len(), "Events folded into this refresh");
+            metrics::counter!("harbor_worker_events_coalesced_total").increment(followers.len() as u64);
+        }
+        let settled = 1 + followers.len() as u64;
+        for follower in followers {
+            settle(follower, verdict.clone(), &shared.parker, &shared.topology).await;
+        }
+        settle(delivery, verdict, &shared.parker, &shared.topology).await;
         metrics::counter!("harbor_worker_events_total", "event_type" => event_type.clone(), "outcome" => outcome)
-            .increment(1);
+            .increment(settled);
         metrics::histogram!("harbor_worker_event_duration_seconds", "event_type" => event_type)
             .record(started.elapsed().as_secs_f64());
     }
@@ -206,12 +289,33 @@ async fn process<H: HandleEvent>(
     .await;
 }
 
+/// Waits until `pull_window` has passed since the last pull of the same artifacts (so that
+/// Harbor has counted them all), at most five windows in all, or until shutdown.
+async fn wait_for_pull_counts<H>(shared: &Shared<H>, key: Option<&str>, started: Instant) {
+    let window = shared.pull_window;
+    let latest_end = started + window * 5;
+    loop {
+        let last = key
+            .and_then(|key| lock(&shared.pending).get(key).map(|g| g.last_arrival))
+            .unwrap_or(started)
+            .max(started);
+        let until = (last + window).min(latest_end);
+        if Instant::now() >= until {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(until.into()) => {}
+            () = shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// Parses and handles; returns the verdict and the metric labels (event type, outcome).
 async fn decide<H: HandleEvent>(
-    delivery: &Delivery,
+    event: Result<HarborEvent, EventError>,
     handler: Arc<H>,
 ) -> (Verdict, String, &'static str) {
-    let event = match HarborEvent::parse(&delivery.data) {
+    let event = match event {
         Ok(event) => event,
         Err(error) => {
             let reason = format!("not a Harbor event: {error}");

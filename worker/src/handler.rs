@@ -16,16 +16,19 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::num::NonZeroUsize;
 use std::sync::Mutex;
 
 use futures_util::future::try_join_all;
 use harbor_shared::event::{EventData, EventType, HarborEvent};
+use lru::LruCache;
 use tracing::warn;
 
 use crate::clients::CallError;
 use crate::clients::harbor::HarborClient;
 use crate::clients::port::PortClient;
-use crate::entities::{self, ARTIFACT, PROJECT, REPOSITORY};
+use crate::entities::{self, ARTIFACT, Entity, PROJECT, REPOSITORY};
 use crate::names::{Digest, RepositoryName, project_name};
 use crate::retry::{Budget, RetryPolicy};
 
@@ -177,6 +180,19 @@ impl Work {
     }
 }
 
+/// What an event refreshes, as a key: events with the same key are answered by one read of
+/// Harbor made after they all arrived. Pulls are kept apart from other events (they wait for
+/// Harbor's pull counts). `None` for events with nothing to refresh.
+pub fn refresh_key(event: &HarborEvent) -> Option<String> {
+    let work = Work::of(event).ok()?;
+    let class = if event.event_type == EventType::PullArtifact {
+        "pull"
+    } else {
+        "change"
+    };
+    Some(format!("{class} {work:?}"))
+}
+
 /// The valid, distinct repository names among `full_names`; skipped when there are none.
 fn repositories(full_names: impl Iterator<Item = String>) -> Result<Work, Outcome> {
     let mut names: Vec<RepositoryName> = Vec::new();
@@ -199,7 +215,14 @@ pub struct Handler {
     port: PortClient,
     retry: RetryPolicy,
     known_projects: Mutex<HashSet<String>>,
+    /// A hash of the last entity written per identifier, so that an identical upsert is not
+    /// sent again (a pull that changed nothing, a duplicate push). Bounded: the least recently
+    /// written are forgotten first.
+    written: Mutex<LruCache<String, u64>>,
 }
+
+/// How many entities [`Handler`] remembers having written.
+const REMEMBERED_WRITES: usize = 100_000;
 
 impl Handler {
     /// A handler with its clients.
@@ -209,7 +232,56 @@ impl Handler {
             port,
             retry,
             known_projects: Mutex::new(HashSet::new()),
+            written: Mutex::new(LruCache::new(
+                NonZeroUsize::new(REMEMBERED_WRITES).unwrap_or(NonZeroUsize::MIN),
+            )),
         }
+    }
+
+    /// Upserts the entity unless this exact entity is the last one written under its
+    /// identifier; returns how many were written (0 or 1).
+    async fn upsert(
+        &self,
+        blueprint: &str,
+        entity: &Entity,
+        budget: &Budget,
+    ) -> Result<usize, CallError> {
+        let key = format!("{blueprint}/{}", entity.identifier);
+        let mut hasher = std::hash::DefaultHasher::new();
+        serde_json::to_string(entity)
+            .unwrap_or_default()
+            .hash(&mut hasher);
+        let hash = hasher.finish();
+        let unchanged = self
+            .written
+            .lock()
+            .is_ok_and(|mut w| w.get(&key) == Some(&hash));
+        if unchanged {
+            metrics::counter!("harbor_worker_unchanged_writes_skipped_total").increment(1);
+            return Ok(0);
+        }
+        budget
+            .run("port", || self.port.upsert(blueprint, entity))
+            .await?;
+        if let Ok(mut written) = self.written.lock() {
+            written.put(key, hash);
+        }
+        Ok(1)
+    }
+
+    /// Deletes the entity (and forgets having written it).
+    async fn delete(
+        &self,
+        blueprint: &str,
+        identifier: &str,
+        budget: &Budget,
+    ) -> Result<(), CallError> {
+        if let Ok(mut written) = self.written.lock() {
+            written.pop(&format!("{blueprint}/{identifier}"));
+        }
+        budget
+            .run("port", || self.port.delete(blueprint, identifier))
+            .await
     }
 
     /// The Port client, for commands that write to Port directly.
@@ -263,15 +335,11 @@ impl Handler {
                 Some(repository) => {
                     let projects = self.ensure_project(name.project(), budget).await?;
                     let entity = entities::repository(name, &repository, self.harbor.base());
-                    budget
-                        .run("port", || self.port.upsert(REPOSITORY, &entity))
-                        .await?;
-                    Ok::<_, CallError>((projects + 1, 0))
+                    let written = self.upsert(REPOSITORY, &entity, budget).await?;
+                    Ok::<_, CallError>((projects + written, 0))
                 }
                 None => {
-                    budget
-                        .run("port", || self.port.delete(REPOSITORY, name.full()))
-                        .await?;
+                    self.delete(REPOSITORY, name.full(), budget).await?;
                     Ok((0, 1))
                 }
             }
@@ -289,21 +357,17 @@ impl Handler {
         match budget.run("harbor", || self.harbor.project(name)).await? {
             Some(project) => {
                 let entity = entities::project(&project);
-                budget
-                    .run("port", || self.port.upsert(PROJECT, &entity))
-                    .await?;
+                let upserted = self.upsert(PROJECT, &entity, budget).await?;
                 if let Ok(mut set) = self.known_projects.lock() {
                     set.insert(name.to_owned());
                 }
                 Ok(Outcome::Synced {
-                    upserted: 1,
+                    upserted,
                     deleted: 0,
                 })
             }
             None => {
-                budget
-                    .run("port", || self.port.delete(PROJECT, name))
-                    .await?;
+                self.delete(PROJECT, name, budget).await?;
                 Ok(Outcome::Synced {
                     upserted: 0,
                     deleted: 1,
@@ -342,12 +406,10 @@ impl Handler {
             // The repository is gone, and with it every artifact it had.
             let deletes = subject.digests.iter().map(|digest| {
                 let id = entities::artifact_id(name, digest);
-                async move { budget.run("port", || self.port.delete(ARTIFACT, &id)).await }
+                async move { self.delete(ARTIFACT, &id, budget).await }
             });
             try_join_all(deletes).await?;
-            budget
-                .run("port", || self.port.delete(REPOSITORY, name.full()))
-                .await?;
+            self.delete(REPOSITORY, name.full(), budget).await?;
             return Ok(Outcome::Synced {
                 upserted: 0,
                 deleted: subject.digests.len() + 1,
@@ -358,10 +420,7 @@ impl Handler {
         if let Some(Some(repository)) = &repository {
             upserted += self.ensure_project(name.project(), budget).await?;
             let entity = entities::repository(name, repository, self.harbor.base());
-            budget
-                .run("port", || self.port.upsert(REPOSITORY, &entity))
-                .await?;
-            upserted += 1;
+            upserted += self.upsert(REPOSITORY, &entity, budget).await?;
         }
 
         let mut deleted = 0;
@@ -369,26 +428,19 @@ impl Handler {
             match found {
                 Some(artifact) => {
                     let entity = entities::artifact(name, digest, artifact, self.harbor.base());
-                    budget
-                        .run("port", || self.port.upsert(ARTIFACT, &entity))
-                        .await?;
-                    Ok::<_, CallError>(true)
+                    let written = self.upsert(ARTIFACT, &entity, budget).await?;
+                    Ok::<_, CallError>((written, 0))
                 }
                 None => {
                     let id = entities::artifact_id(name, digest);
-                    budget
-                        .run("port", || self.port.delete(ARTIFACT, &id))
-                        .await?;
-                    Ok(false)
+                    self.delete(ARTIFACT, &id, budget).await?;
+                    Ok((0, 1))
                 }
             }
         });
-        for was_upsert in try_join_all(writes).await? {
-            if was_upsert {
-                upserted += 1;
-            } else {
-                deleted += 1;
-            }
+        for (written, removed) in try_join_all(writes).await? {
+            upserted += written;
+            deleted += removed;
         }
         Ok(Outcome::Synced { upserted, deleted })
     }
@@ -407,12 +459,10 @@ impl Handler {
             return Ok(0);
         };
         let entity = entities::project(&found);
-        budget
-            .run("port", || self.port.upsert(PROJECT, &entity))
-            .await?;
+        let written = self.upsert(PROJECT, &entity, budget).await?;
         if let Ok(mut set) = self.known_projects.lock() {
             set.insert(project.to_owned());
         }
-        Ok(1)
+        Ok(written)
     }
 }

@@ -137,9 +137,20 @@ pub struct PortArgs {
 /// How the consumer runs.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Events in flight at once (the consumer's prefetch), 1-1000.
+    /// Events handled at once, 1-1000.
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 32)]
     pub worker_concurrency: u16,
+
+    /// Deliveries held at once (the consumer's prefetch): handled, or waiting to be folded into
+    /// one refresh with others of the same subject. At least WORKER_CONCURRENCY.
+    #[arg(long, env = "WORKER_PREFETCH", default_value_t = 1000)]
+    pub worker_prefetch: u16,
+
+    /// A pull is refreshed this long after the last pull of the same artifacts, so that the
+    /// pull count written is Harbor's (it counts pulls about every 10 s); the pulls in between
+    /// are folded into that one refresh. `0s` refreshes at once.
+    #[arg(long, env = "PULL_COALESCE_WINDOW", default_value = "11s", value_parser = humantime::parse_duration)]
+    pub pull_coalesce_window: Duration,
 
     /// Time budget for retrying one event's failed calls before the event is parked (at most
     /// 15 minutes: the broker takes back a delivery held for 30).
@@ -195,8 +206,12 @@ pub struct Settings {
     pub harbor: HarborSettings,
     /// Port.
     pub port: PortSettings,
-    /// Events in flight.
+    /// Events handled at once.
     pub concurrency: u16,
+    /// Deliveries held at once.
+    pub prefetch: u16,
+    /// How long pulls wait to be folded.
+    pub pull_window: Duration,
     /// Retry budget per event and spacing.
     pub retry: RetryPolicy,
     /// Where `/healthz`, `/readyz`, `/metrics` are served; port 0 picks one.
@@ -268,6 +283,12 @@ impl Cli {
         if !(1..=1000).contains(&run.worker_concurrency) {
             bail!("WORKER_CONCURRENCY must be between 1 and 1000");
         }
+        if run.worker_prefetch < run.worker_concurrency {
+            bail!("WORKER_PREFETCH must be at least WORKER_CONCURRENCY");
+        }
+        if run.pull_coalesce_window > Duration::from_secs(120) {
+            bail!("PULL_COALESCE_WINDOW must be at most 2m (pulls wait up to five windows)");
+        }
         if run.retry_max_elapsed > Duration::from_secs(15 * 60) {
             bail!(
                 "RETRY_MAX_ELAPSED must be at most 15m (RabbitMQ takes back deliveries held 30m)"
@@ -287,6 +308,8 @@ impl Cli {
             harbor: self.harbor.into_settings()?,
             port: self.port.into_settings()?,
             concurrency: run.worker_concurrency,
+            prefetch: run.worker_prefetch,
+            pull_window: run.pull_coalesce_window,
             retry: RetryPolicy::with_budget(run.retry_max_elapsed),
             metrics_addr: run.metrics_addr,
             http_timeout: run.http_timeout,

@@ -81,6 +81,8 @@ impl Worker {
             ConsumerSettings {
                 amqp: settings.amqp,
                 concurrency: settings.concurrency,
+                prefetch: settings.prefetch,
+                pull_window: settings.pull_window,
                 drain_timeout: settings.shutdown_timeout,
             },
             handler,
