@@ -128,8 +128,10 @@ impl Worker {
         }
         self.shutdown.cancel();
         let _ = self.consumer.await;
-        server.stop(true).await;
-        let _ = serving.await;
+        // The health and metrics server holds no work worth waiting for: stop it at once (a
+        // graceful stop would wait for idle keep-alive connections).
+        server.stop(false).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
         info!("harbor-worker stopped");
         Ok(())
     }
