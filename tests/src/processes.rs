@@ -86,6 +86,14 @@ impl Processes {
             .collect()
     }
 
+    /// The process id of a running process.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, child)| child.id())
+    }
+
     /// Everything a process logged.
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default()

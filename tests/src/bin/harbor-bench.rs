@@ -1,0 +1,606 @@
+//! `harbor-bench`: figures, not assertions. Each mode runs against the local RabbitMQ in a
+//! topology of its own (deleted afterwards), with the binaries from this build as processes.
+//!
+//!   cargo build --release --bins
+//!   target/release/harbor-bench ingest --connections 64 --seconds 10
+//!   target/release/harbor-bench worker --events 5000 --latency-ms 20
+//!   target/release/harbor-bench pull-flood
+//!   target/release/harbor-bench e2e --rate 500 --seconds 10
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a measuring program: fail loudly
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use harbor_sync_tests::apps::SECRET;
+use harbor_sync_tests::fakes::{
+    FakeHarbor, FakePort, HARBOR_PASSWORD, HARBOR_USER, PORT_CLIENT_ID, PORT_CLIENT_SECRET,
+    harbor_json,
+};
+use harbor_sync_tests::processes::Processes;
+use harbor_sync_tests::rabbit::{TestTopology, amqp_url};
+use harbor_sync_tests::samples;
+use lapin::BasicProperties;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use serde_json::json;
+use wiremock::matchers::{method, path_regex};
+use wiremock::{Mock, Request, Respond, ResponseTemplate};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Signed PUSH webhooks from K keep-alive connections for T s, against the broker's own
+    /// ceiling for confirmed persistent publishes into a quorum queue.
+    Ingest {
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// N preloaded events through the worker, Harbor and Port faked with a latency.
+    Worker {
+        #[arg(long, default_value_t = 5000)]
+        events: u64,
+        #[arg(long, default_value_t = 20)]
+        latency_ms: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: u16,
+    },
+    /// 10,000 PULL_ARTIFACT events for 10 repositories within 10 s; Harbor counts pulls every 10 s.
+    PullFlood,
+    /// Webhook → Port write latency at a steady rate.
+    E2e {
+        #[arg(long, default_value_t = 500)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// `VmHWM` (peak resident set) of a process, in MB.
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+fn common_env(broker: &TestTopology) -> Vec<(&'static str, String)> {
+    vec![
+        ("AMQP_URL", amqp_url()),
+        ("AMQP_EXCHANGE", broker.topology().exchange().to_owned()),
+        ("AMQP_QUEUE", broker.topology().queue().to_owned()),
+        ("RUST_LOG", "warn".to_owned()),
+    ]
+}
+
+async fn start_ingest(processes: &mut Processes, broker: &TestTopology) -> String {
+    let port = free_port();
+    let mut env = common_env(broker);
+    env.push(("LISTEN_ADDR", format!("127.0.0.1:{port}")));
+    env.push(("WEBHOOK_SECRET", SECRET.to_owned()));
+    processes.spawn("ingest", "harbor-ingest", &env);
+    let base = format!("http://127.0.0.1:{port}");
+    harbor_sync_tests::apps::wait_ready_at(&format!("{base}/readyz")).await;
+    base
+}
+
+async fn start_worker(
+    processes: &mut Processes,
+    broker: &TestTopology,
+    harbor: &FakeHarbor,
+    port: &FakePort,
+    extra: &[(&'static str, String)],
+) -> String {
+    let metrics = free_port();
+    let mut env = common_env(broker);
+    env.extend([
+        ("HARBOR_URL", harbor.url()),
+        ("HARBOR_USERNAME", HARBOR_USER.to_owned()),
+        ("HARBOR_PASSWORD", HARBOR_PASSWORD.to_owned()),
+        ("PORT_API_URL", port.url()),
+        ("PORT_CLIENT_ID", PORT_CLIENT_ID.to_owned()),
+        ("PORT_CLIENT_SECRET", PORT_CLIENT_SECRET.to_owned()),
+        ("METRICS_ADDR", format!("127.0.0.1:{metrics}")),
+    ]);
+    env.extend(extra.iter().cloned());
+    processes.spawn("worker", "harbor-worker", &env);
+    let base = format!("http://127.0.0.1:{metrics}");
+    harbor_sync_tests::apps::wait_ready_at(&format!("{base}/readyz")).await;
+    base
+}
+
+async fn handled(metrics_base: &str) -> usize {
+    let text = reqwest::get(format!("{metrics_base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("harbor_worker_events_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as usize
+}
+
+/// A ~1.2 KB PUSH payload, shaped like Harbor's, unique per `n`.
+fn push_payload(n: u64) -> Vec<u8> {
+    let digest = samples::digest(n);
+    serde_json::to_vec(&json!({
+        "type": "PUSH_ARTIFACT", "occur_at": 1_724_140_800 + n, "operator": "robot$myproj+ci-pipeline-runner",
+        "event_data": {
+            "resources": [{"digest": digest, "tag": format!("1.{n}.0"), "resource_url": format!("harbor.example.com/myproj/team/api:1.{n}.0")}],
+            "repository": {"date_created": 1_700_000_000, "name": "team/api", "namespace": "myproj", "repo_full_name": "myproj/team/api", "repo_type": "private"},
+            "custom_attributes": {"pipeline": "https://ci.example.com/myproj/team-api/pipelines/123456789", "commit": "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d", "note": "x".repeat(600)}
+        }
+    }))
+    .unwrap()
+}
+
+/// The broker's own rate for persistent, confirmed publishes, 64 in flight, into a quorum
+/// queue like ours.
+async fn broker_ceiling(seconds: u64) -> f64 {
+    let broker = TestTopology::new().await;
+    let connection = harbor_shared::broker::connect(&broker.amqp.url, "harbor-bench ceiling")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let body = push_payload(0);
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    let started = Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    let mut confirmed = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        while in_flight.len() < 64 {
+            let confirm = channel
+                .basic_publish(
+                    broker.topology().exchange().into(),
+                    "PUSH_ARTIFACT".into(),
+                    options,
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+            in_flight.push(confirm);
+        }
+        if let Some(Ok(confirmation)) = in_flight.next().await
+            && confirmation.is_ack()
+        {
+            confirmed += 1;
+        }
+    }
+    confirmed as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn ingest(connections: usize, seconds: u64) {
+    let broker = TestTopology::new().await;
+    let mut processes = Processes::new(&format!("bench-{}", broker.topology().queue()));
+    let base = start_ingest(&mut processes, &broker).await;
+    let url = format!("{base}/webhook");
+    let counter = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (url, counter) = (url.clone(), counter.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()
+                .unwrap();
+            let (mut latencies, mut accepted, mut other) = (Vec::new(), 0u64, 0u64);
+            while Instant::now() < deadline {
+                let body = push_payload(counter.fetch_add(1, Ordering::Relaxed));
+                let signature =
+                    hex::encode(harbor_ingest::auth::sign(&SECRET.to_owned().into(), &body));
+                let sent = Instant::now();
+                let status = client
+                    .post(&url)
+                    .header("authorization", format!("sha256={signature}"))
+                    .body(body)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16());
+                latencies.push(sent.elapsed());
+                if status.is_ok_and(|s| s == 202) {
+                    accepted += 1
+                } else {
+                    other += 1
+                }
+            }
+            (latencies, accepted, other)
+        }));
+    }
+    let started = Instant::now();
+    let (mut latencies, mut accepted, mut other) = (Vec::new(), 0, 0);
+    for task in tasks {
+        let (l, a, o) = task.await.unwrap();
+        latencies.extend(l);
+        accepted += a;
+        other += o;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let rss = processes.pid("ingest").map_or(0.0, peak_rss_mb);
+    let queued = broker.work_ready().await;
+    let rate = accepted as f64 / elapsed;
+    let ceiling = broker_ceiling(seconds).await;
+    println!(
+        "ingest: {connections} connections, {seconds} s, signed ~{} B PUSH payloads",
+        push_payload(0).len()
+    );
+    println!("  requests/s      {rate:.0}");
+    println!(
+        "  latency         p50 {:?}  p99 {:?}  p99.9 {:?}",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.999)
+    );
+    println!("  non-2xx         {other}");
+    println!("  ingest peak RSS {rss:.1} MB");
+    println!(
+        "  queue check     {queued} queued for {accepted} answered 202: {}",
+        if u64::from(queued) == accepted {
+            "exact"
+        } else {
+            "MISMATCH"
+        }
+    );
+    println!(
+        "  broker ceiling  {ceiling:.0} confirmed persistent publishes/s (1 process, 64 in flight, quorum queue)"
+    );
+    println!("  ingest/ceiling  {:.2}", rate / ceiling);
+    let _ = processes.signal("ingest", "TERM");
+}
+
+/// Port's entity upserts, answered after a delay; counted.
+struct SlowPort {
+    delay: Duration,
+    writes: Arc<AtomicUsize>,
+    first: Arc<Mutex<BTreeMap<String, (Instant, serde_json::Value)>>>,
+}
+
+impl Respond for SlowPort {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        let entity: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        if let Some(id) = entity["identifier"].as_str() {
+            let mut first = self.first.lock().unwrap();
+            let now = Instant::now();
+            first
+                .entry(id.to_owned())
+                .and_modify(|e| e.1 = entity.clone())
+                .or_insert((now, entity.clone()));
+        }
+        ResponseTemplate::new(201)
+            .set_body_json(json!({"ok": true, "entity": entity}))
+            .set_delay(self.delay)
+    }
+}
+
+async fn slow_port(
+    delay: Duration,
+) -> (
+    FakePort,
+    Arc<AtomicUsize>,
+    Arc<Mutex<BTreeMap<String, (Instant, serde_json::Value)>>>,
+) {
+    let port = FakePort::start().await;
+    let writes = Arc::new(AtomicUsize::new(0));
+    let first = Arc::new(Mutex::new(BTreeMap::new()));
+    Mock::given(method("POST"))
+        .and(path_regex(r"^/v1/blueprints/[^/]+/entities$"))
+        .respond_with(SlowPort {
+            delay,
+            writes: writes.clone(),
+            first: first.clone(),
+        })
+        .with_priority(1)
+        .mount(&port.server)
+        .await;
+    (port, writes, first)
+}
+
+async fn worker(events: u64, latency_ms: u64, concurrency: u16) {
+    let latency = Duration::from_millis(latency_ms);
+    let broker = TestTopology::new().await;
+    let harbor = FakeHarbor::start().await;
+    harbor.holds_any_artifact("myproj/team/api", latency).await;
+    let (port, _, _) = slow_port(latency).await;
+    for n in 0..events {
+        broker
+            .publish(
+                "PUSH_ARTIFACT",
+                &push_payload(n),
+                BasicProperties::default(),
+            )
+            .await;
+    }
+    let mut processes = Processes::new(&format!("bench-{}", broker.topology().queue()));
+    let metrics = start_worker(
+        &mut processes,
+        &broker,
+        &harbor,
+        &port,
+        &[("WORKER_CONCURRENCY", concurrency.to_string())],
+    )
+    .await;
+    // Timed from readiness: process start is not throughput.
+    let started = Instant::now();
+    while handled(&metrics).await < events as usize {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let rate = events as f64 / elapsed;
+    let rss = processes.pid("worker").map_or(0.0, peak_rss_mb);
+    let harbor_calls = harbor.requests().await.len();
+    let port_calls = port.request_count().await;
+    // Per event: the Harbor reads (at once), then the artifact upsert; the repository's upsert
+    // is skipped once unchanged.
+    let per_event = 2.0 * latency.as_secs_f64();
+    println!(
+        "worker: {events} preloaded PUSH events, fakes at {latency_ms} ms, WORKER_CONCURRENCY {concurrency}"
+    );
+    println!("  events/s        {rate:.0}");
+    println!("  Harbor calls    {harbor_calls}");
+    println!("  Port calls      {port_calls}");
+    println!("  worker peak RSS {rss:.1} MB");
+    if per_event > 0.0 {
+        let bound = f64::from(concurrency) / per_event;
+        println!(
+            "  bound           {bound:.0}/s (concurrency ÷ {:.0} ms per event)",
+            per_event * 1000.0
+        );
+        println!("  events/bound    {:.2}", rate / bound);
+    }
+    let _ = processes.signal("worker", "TERM");
+}
+
+/// Harbor's repository endpoint for the pull flood: `pull_count` is what Harbor counted at its
+/// last 10 s flush.
+struct FlushedPulls {
+    repository: String,
+    pulls: Arc<Mutex<Vec<Instant>>>,
+    epoch: Instant,
+}
+
+impl Respond for FlushedPulls {
+    fn respond(&self, _: &Request) -> ResponseTemplate {
+        let since = self.epoch.elapsed();
+        let last_flush = self.epoch + Duration::from_secs(since.as_secs() / 10 * 10);
+        let counted = self
+            .pulls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| **t <= last_flush)
+            .count();
+        ResponseTemplate::new(200).set_body_json(harbor_json::repository(
+            &self.repository,
+            1,
+            counted as i64,
+        ))
+    }
+}
+
+async fn pull_flood() {
+    const REPOSITORIES: u64 = 10;
+    const PULLS: u64 = 10_000;
+    let broker = TestTopology::new().await;
+    let harbor = FakeHarbor::start().await;
+    let epoch = Instant::now();
+    let mut pulls = Vec::new();
+    for r in 0..REPOSITORIES {
+        let name = format!("library/app{r}");
+        harbor.holds_any_artifact(&name, Duration::ZERO).await;
+        let counted = Arc::new(Mutex::new(Vec::new()));
+        Mock::given(method("GET"))
+            .and(path_regex(format!(
+                "^/api/v2.0/projects/library/repositories/app{r}$"
+            )))
+            .respond_with(FlushedPulls {
+                repository: name.clone(),
+                pulls: counted.clone(),
+                epoch,
+            })
+            .with_priority(1)
+            .mount(&harbor.server)
+            .await;
+        pulls.push((name, counted));
+    }
+    let (port, writes, last) = slow_port(Duration::ZERO).await;
+    let mut processes = Processes::new(&format!("bench-{}", broker.topology().queue()));
+    let ingest = start_ingest(&mut processes, &broker).await;
+    let _metrics = start_worker(&mut processes, &broker, &harbor, &port, &[]).await;
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let sends = futures_util::stream::iter(0..PULLS).map(|n| {
+        let (client, url, pulls) = (client.clone(), format!("{ingest}/webhook"), &pulls);
+        async move {
+            let (name, counted) = &pulls[(n % REPOSITORIES) as usize];
+            let digest = samples::digest(n % REPOSITORIES);
+            let mut body: serde_json::Value =
+                serde_json::from_slice(&samples::push(name, &digest)).unwrap();
+            body["type"] = json!("PULL_ARTIFACT");
+            body["occur_at"] = json!(n);
+            counted.lock().unwrap().push(Instant::now());
+            let status = client
+                .post(url)
+                .header("authorization", SECRET)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(status, 202);
+        }
+    });
+    sends.buffer_unordered(32).collect::<Vec<()>>().await;
+    let sent_in = started.elapsed();
+    // Wait for Port to show every repository's true count (at most 90 s).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let true_counts = loop {
+        let last = last.lock().unwrap().clone();
+        let ok = pulls.iter().all(|(name, counted)| {
+            last.get(name)
+                .is_some_and(|(_, e)| e["properties"]["pullCount"] == counted.lock().unwrap().len())
+        });
+        if ok || Instant::now() > deadline {
+            break ok;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let repository_reads = harbor
+        .requests()
+        .await
+        .iter()
+        .filter(|p| !p.contains("/artifacts/") && p.contains("/repositories/"))
+        .count();
+    println!(
+        "pull-flood: {PULLS} PULL_ARTIFACT events for {REPOSITORIES} repositories, sent in {sent_in:.1?}"
+    );
+    println!("  Port writes     {}", writes.load(Ordering::Relaxed));
+    println!(
+        "  Harbor calls    {} ({repository_reads} repository reads)",
+        harbor.requests().await.len()
+    );
+    println!(
+        "  final pull counts in Port: {}",
+        if true_counts {
+            "true (= pulls sent)"
+        } else {
+            "WRONG"
+        }
+    );
+    println!("  done after      {:.1?}", started.elapsed());
+    let _ = processes.terminate_all();
+}
+
+async fn e2e(rate: u64, seconds: u64) {
+    let broker = TestTopology::new().await;
+    let harbor = FakeHarbor::start().await;
+    harbor
+        .holds_any_artifact("myproj/team/api", Duration::ZERO)
+        .await;
+    let (port, _, first) = slow_port(Duration::ZERO).await;
+    let mut processes = Processes::new(&format!("bench-{}", broker.topology().queue()));
+    let ingest = start_ingest(&mut processes, &broker).await;
+    let _metrics = start_worker(&mut processes, &broker, &harbor, &port, &[]).await;
+    let client = reqwest::Client::new();
+    let sent = Arc::new(Mutex::new(BTreeMap::new()));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..rate * seconds {
+        tick.tick().await;
+        let (client, url, sent, errors) = (
+            client.clone(),
+            format!("{ingest}/webhook"),
+            sent.clone(),
+            errors.clone(),
+        );
+        tasks.spawn(async move {
+            let body = push_payload(n);
+            let at = Instant::now();
+            match client
+                .post(url)
+                .header("authorization", SECRET)
+                .body(body)
+                .send()
+                .await
+            {
+                Ok(r) if r.status() == 202 => {
+                    sent.lock()
+                        .unwrap()
+                        .insert(format!("myproj/team/api@{}", samples::digest(n)), at);
+                }
+                _ => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first.lock().unwrap().len() < sent.lock().unwrap().len() + 2 && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = first.lock().unwrap();
+    let mut latencies: Vec<Duration> = sent
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(id, at)| {
+            first
+                .get(id)
+                .map(|(written, _)| written.saturating_duration_since(*at))
+        })
+        .collect();
+    latencies.sort();
+    println!("e2e: {rate} webhooks/s for {seconds} s (202 → first Port write of the artifact)");
+    println!(
+        "  latency         p50 {:?}  p99 {:?}",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99)
+    );
+    println!(
+        "  written         {} of {}; errors {}",
+        latencies.len(),
+        sent.lock().unwrap().len(),
+        errors.load(Ordering::Relaxed)
+    );
+    let _ = processes.terminate_all();
+}
+
+#[tokio::main]
+async fn main() {
+    match Cli::parse().mode {
+        Mode::Ingest {
+            connections,
+            seconds,
+        } => ingest(connections, seconds).await,
+        Mode::Worker {
+            events,
+            latency_ms,
+            concurrency,
+        } => worker(events, latency_ms, concurrency).await,
+        Mode::PullFlood => pull_flood().await,
+        Mode::E2e { rate, seconds } => e2e(rate, seconds).await,
+    }
+}
