@@ -10,16 +10,7 @@ use harbor_shared::{ops, telemetry};
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_tracing(cli.log.log_format);
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(
-                error = format!("{error:#}"),
-                "harbor-ingest stopped on an error"
-            );
-            ExitCode::FAILURE
-        }
-    }
+    telemetry::exit_code("harbor-ingest", run(cli).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -27,6 +27,17 @@ pub fn init_tracing(format: LogFormat) {
     };
 }
 
+/// A binary's exit: success, or failure after one error line saying why (with its causes).
+pub fn exit_code(binary: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "{binary} stopped on an error");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Latency buckets, in seconds, for every `*_seconds` histogram.
 const SECONDS_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

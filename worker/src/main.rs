@@ -15,16 +15,7 @@ use harbor_worker::{backlog, blueprints, resync};
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_tracing(cli.log.log_format);
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(
-                error = format!("{error:#}"),
-                "harbor-worker stopped on an error"
-            );
-            ExitCode::FAILURE
-        }
-    }
+    telemetry::exit_code("harbor-worker", run(cli).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

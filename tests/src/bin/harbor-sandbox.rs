@@ -30,11 +30,5 @@ async fn main() -> ExitCode {
         tracing::info!(port = sandbox.port(), "harbor-sandbox listening");
         sandbox.run().await
     };
-    match run.await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(error = format!("{error:#}"), "harbor-sandbox failed");
-            ExitCode::FAILURE
-        }
-    }
+    telemetry::exit_code("harbor-sandbox", run.await)
 }
