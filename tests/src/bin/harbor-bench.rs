@@ -296,7 +296,84 @@ async fn ingest(connections: usize, seconds: u64) {
         "  broker ceiling  {ceiling:.0} confirmed persistent publishes/s (1 process, 64 in flight, quorum queue)"
     );
     println!("  ingest/ceiling  {:.2}", rate / ceiling);
+    steady(&url, &broker, ceiling * 0.4, seconds, &bodies).await;
     let _ = processes.signal("ingest", "TERM");
+}
+
+/// A steady offered load with a consumer draining the queue, as in production. Latency counts
+/// from when each request was due, not when it went out, so a stall shows in full
+/// (coordinated omission corrected).
+async fn steady(
+    url: &str,
+    broker: &TestTopology,
+    rate: f64,
+    seconds: u64,
+    bodies: &Arc<Vec<(Vec<u8>, String)>>,
+) {
+    let connection = harbor_shared::broker::connect(&broker.amqp.url, "harbor-bench drain")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_qos(1000, lapin::options::BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut drain = channel
+        .basic_consume(
+            broker.topology().queue().into(),
+            "harbor-bench-drain".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let draining = tokio::spawn(async move { while drain.next().await.is_some() {} });
+    // Let the consumer catch up with what the saturation run left.
+    while broker.work_ready().await > 0 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let client = reqwest::Client::new();
+    let total = (rate * seconds as f64) as u64;
+    let started = tokio::time::Instant::now();
+    let mut requests = tokio::task::JoinSet::new();
+    for n in 0..total {
+        let due = started + Duration::from_secs_f64(n as f64 / rate);
+        tokio::time::sleep_until(due).await;
+        let (client, url, bodies) = (client.clone(), url.to_owned(), bodies.clone());
+        requests.spawn(async move {
+            let (body, authorization) = &bodies[n as usize % bodies.len()];
+            let status = client
+                .post(url)
+                .header("authorization", authorization)
+                .body(body.clone())
+                .send()
+                .await
+                .map(|r| r.status().as_u16());
+            (due.elapsed(), status.is_ok_and(|s| s == 202))
+        });
+    }
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    while let Some(done) = requests.join_next().await {
+        let (latency, ok) = done.unwrap();
+        latencies.push(latency);
+        errors += usize::from(!ok);
+    }
+    latencies.sort();
+    draining.abort();
+    let _ = connection.close(200, "done".into()).await;
+    println!(
+        "  steady load     {rate:.0}/s (40% of the ceiling) for {seconds} s, queue drained by a consumer:"
+    );
+    println!(
+        "                  p50 {:?}  p99 {:?}  p99.9 {:?}  (from when each was due)  errors {errors}",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.999)
+    );
 }
 
 /// Port's entity upserts, answered after a delay; counted.
