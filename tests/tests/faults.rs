@@ -137,7 +137,7 @@ async fn killing_the_broker_connections_mid_stream_loses_no_accepted_webhook() {
 
     let accepted = stream_with_fault(&stack, 300, 60, async {
         // Both the ingest's and the worker's connections are named after the queue.
-        assert_eq!(close_connections(&format!("({queue})")).await, 2);
+        assert_eq!(close_connections(&format!("({queue})"), 2).await, 2);
     })
     .await;
 

@@ -240,7 +240,8 @@ async fn the_ingest_reconnects_by_itself_after_its_connection_is_closed() {
     let body = samples::load("push_artifact.default.docs.json");
     assert_eq!(ingest.post(&body, Some(SECRET)).await.status(), 202);
 
-    let closed = close_connections(&format!("harbor-ingest ({})", broker.topology().queue())).await;
+    let closed =
+        close_connections(&format!("harbor-ingest ({})", broker.topology().queue()), 1).await;
     assert_eq!(closed, 1);
 
     // Until it has reconnected, the answer is 503; then 202 again. Never a hang, never a 5xx

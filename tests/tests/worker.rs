@@ -84,10 +84,10 @@ async fn the_worker_reconnects_by_itself_and_consumes_again_after_its_connection
     let (repo, digest) = samples::subject(&body);
     stack.harbor.holds(&repo, &digest, &["latest"], None).await;
 
-    let closed = close_connections(&format!(
-        "harbor-worker ({})",
-        stack.broker.topology().queue()
-    ))
+    let closed = close_connections(
+        &format!("harbor-worker ({})", stack.broker.topology().queue()),
+        1,
+    )
     .await;
     assert_eq!(closed, 1);
     stack.webhook(&body).await;

@@ -192,7 +192,7 @@ async fn main() -> ExitCode {
         }
         match rng.random_range(0..3) {
             0 => {
-                close_connections(&format!("({queue})")).await;
+                close_connections(&format!("({queue})"), 2).await;
                 *injected.entry("broker connections closed").or_default() += 1;
             }
             1 => {
