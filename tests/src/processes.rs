@@ -108,3 +108,35 @@ impl Drop for Processes {
         }
     }
 }
+
+/// A port nothing listens on right now, for a process to bind.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The environment of a `harbor-worker` process on this topology, reading the fake Harbor and
+/// writing the fake Port with their credentials, serving its metrics on `metrics_port`.
+pub fn worker_env(
+    broker: &crate::rabbit::TestTopology,
+    harbor: &crate::fakes::FakeHarbor,
+    port: &crate::fakes::FakePort,
+    metrics_port: u16,
+) -> Vec<(&'static str, String)> {
+    use crate::fakes::{HARBOR_PASSWORD, HARBOR_USER, PORT_CLIENT_ID, PORT_CLIENT_SECRET};
+    vec![
+        ("AMQP_URL", crate::rabbit::amqp_url()),
+        ("AMQP_EXCHANGE", broker.topology().exchange().to_owned()),
+        ("AMQP_QUEUE", broker.topology().queue().to_owned()),
+        ("HARBOR_URL", harbor.url()),
+        ("HARBOR_USERNAME", HARBOR_USER.to_owned()),
+        ("HARBOR_PASSWORD", HARBOR_PASSWORD.to_owned()),
+        ("PORT_API_URL", port.url()),
+        ("PORT_CLIENT_ID", PORT_CLIENT_ID.to_owned()),
+        ("PORT_CLIENT_SECRET", PORT_CLIENT_SECRET.to_owned()),
+        ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
+    ]
+}

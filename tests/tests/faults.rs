@@ -11,11 +11,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use harbor_shared::event::HarborEvent;
 use harbor_sync_tests::apps::{SECRET, Stack, outcome_count, worker_settings};
-use harbor_sync_tests::fakes::{
-    FakePort, HARBOR_PASSWORD, HARBOR_USER, PORT_CLIENT_ID, PORT_CLIENT_SECRET,
-};
-use harbor_sync_tests::processes::Processes;
-use harbor_sync_tests::rabbit::{TestTopology, amqp_url, close_connections};
+use harbor_sync_tests::fakes::FakePort;
+use harbor_sync_tests::processes::{Processes, free_port, worker_env};
+use harbor_sync_tests::rabbit::{TestTopology, close_connections};
 use harbor_sync_tests::{samples, wait_until};
 use harbor_worker::handler::{Failure, HandleEvent, Outcome};
 use harbor_worker::startup::Worker;
@@ -234,20 +232,10 @@ async fn a_worker_killed_mid_batch_loses_nothing_a_new_worker_finishes_the_work(
     worker.stop().await;
 
     let mut processes = Processes::new(broker.topology().queue());
-    let env = |metrics: u16| -> Vec<(&'static str, String)> {
-        vec![
-            ("AMQP_URL", amqp_url()),
-            ("AMQP_EXCHANGE", broker.topology().exchange().to_owned()),
-            ("AMQP_QUEUE", broker.topology().queue().to_owned()),
-            ("HARBOR_URL", harbor.url()),
-            ("HARBOR_USERNAME", HARBOR_USER.to_owned()),
-            ("HARBOR_PASSWORD", HARBOR_PASSWORD.to_owned()),
-            ("PORT_API_URL", port.url()),
-            ("PORT_CLIENT_ID", PORT_CLIENT_ID.to_owned()),
-            ("PORT_CLIENT_SECRET", PORT_CLIENT_SECRET.to_owned()),
-            ("WORKER_CONCURRENCY", "8".to_owned()),
-            ("METRICS_ADDR", format!("127.0.0.1:{metrics}")),
-        ]
+    let env = |metrics: u16| {
+        let mut env = worker_env(&broker, &harbor, &port, metrics);
+        env.push(("WORKER_CONCURRENCY", "8".to_owned()));
+        env
     };
     let mut accepted = BTreeSet::new();
     for i in 0..40 {
@@ -283,14 +271,6 @@ async fn a_worker_killed_mid_batch_loses_nothing_a_new_worker_finishes_the_work(
     processes.spawn("second-worker", "harbor-worker", &env(free_port()));
     assert_none_lost(&port, &broker, &accepted, Duration::from_secs(60)).await;
     assert_eq!(processes.signal("second-worker", "TERM"), Some(0));
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Answers by attempt number (1, 2, ...) and remembers when each attempt came.

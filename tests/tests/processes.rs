@@ -3,11 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harbor_sync_tests::processes::{Processes, binary};
+use harbor_sync_tests::processes::{Processes, binary, free_port};
 use harbor_sync_tests::rabbit::{TestTopology, amqp_url};
 use harbor_sync_tests::wait_until;
 use serde_json::{Value, json};
@@ -15,14 +14,6 @@ use serde_json::{Value, json};
 const WEBHOOK_SECRET: &str = "process-test-webhook-secret";
 const HARBOR_PASSWORD: &str = "process-test-harbor-password";
 const PORT_CLIENT_SECRET: &str = "process-test-port-secret";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test]
 async fn sandbox_ingest_and_worker_as_processes_carry_a_push_to_port_and_stop_cleanly_on_sigterm() {

@@ -18,11 +18,8 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use harbor_sync_tests::apps::SECRET;
-use harbor_sync_tests::fakes::{
-    FakeHarbor, FakePort, HARBOR_PASSWORD, HARBOR_USER, PORT_CLIENT_ID, PORT_CLIENT_SECRET,
-    harbor_json,
-};
-use harbor_sync_tests::processes::Processes;
+use harbor_sync_tests::fakes::{FakeHarbor, FakePort, harbor_json};
+use harbor_sync_tests::processes::{Processes, free_port, worker_env};
 use harbor_sync_tests::rabbit::{TestTopology, amqp_url};
 use harbor_sync_tests::samples;
 use lapin::BasicProperties;
@@ -65,14 +62,6 @@ enum Mode {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -121,16 +110,8 @@ async fn start_worker(
     extra: &[(&'static str, String)],
 ) -> String {
     let metrics = free_port();
-    let mut env = common_env(broker);
-    env.extend([
-        ("HARBOR_URL", harbor.url()),
-        ("HARBOR_USERNAME", HARBOR_USER.to_owned()),
-        ("HARBOR_PASSWORD", HARBOR_PASSWORD.to_owned()),
-        ("PORT_API_URL", port.url()),
-        ("PORT_CLIENT_ID", PORT_CLIENT_ID.to_owned()),
-        ("PORT_CLIENT_SECRET", PORT_CLIENT_SECRET.to_owned()),
-        ("METRICS_ADDR", format!("127.0.0.1:{metrics}")),
-    ]);
+    let mut env = worker_env(broker, harbor, port, metrics);
+    env.push(("RUST_LOG", "warn".to_owned()));
     env.extend(extra.iter().cloned());
     processes.spawn("worker", "harbor-worker", &env);
     let base = format!("http://127.0.0.1:{metrics}");

@@ -17,11 +17,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use harbor_sync_tests::apps::{SECRET, TestIngest, ingest_settings};
-use harbor_sync_tests::fakes::{
-    FakeHarbor, FakePort, HARBOR_PASSWORD, HARBOR_USER, PORT_CLIENT_ID, PORT_CLIENT_SECRET,
-};
-use harbor_sync_tests::processes::Processes;
-use harbor_sync_tests::rabbit::{TestTopology, amqp_url, close_connections};
+use harbor_sync_tests::fakes::{FakeHarbor, FakePort};
+use harbor_sync_tests::processes::{Processes, free_port, worker_env};
+use harbor_sync_tests::rabbit::{TestTopology, close_connections};
 use harbor_sync_tests::samples;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -86,14 +84,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let options = Options::parse();
@@ -117,20 +107,10 @@ async fn main() -> ExitCode {
     let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
 
     let mut processes = Processes::new(&format!("soak-{}", broker.topology().queue()));
-    let worker_env = || -> Vec<(&'static str, String)> {
-        vec![
-            ("AMQP_URL", amqp_url()),
-            ("AMQP_EXCHANGE", broker.topology().exchange().to_owned()),
-            ("AMQP_QUEUE", broker.topology().queue().to_owned()),
-            ("HARBOR_URL", harbor.url()),
-            ("HARBOR_USERNAME", HARBOR_USER.to_owned()),
-            ("HARBOR_PASSWORD", HARBOR_PASSWORD.to_owned()),
-            ("PORT_API_URL", port.url()),
-            ("PORT_CLIENT_ID", PORT_CLIENT_ID.to_owned()),
-            ("PORT_CLIENT_SECRET", PORT_CLIENT_SECRET.to_owned()),
-            ("METRICS_ADDR", format!("127.0.0.1:{}", free_port())),
-            ("RUST_LOG", "warn".to_owned()),
-        ]
+    let worker_env = || {
+        let mut env = worker_env(&broker, &harbor, &port, free_port());
+        env.push(("RUST_LOG", "warn".to_owned()));
+        env
     };
     processes.spawn("worker", "harbor-worker", &worker_env());
 
