@@ -12,6 +12,7 @@
 //! The checks run in that order of cost: size (from `Content-Length`, before reading), then
 //! authentication, then parsing; nothing is published unless all pass.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use actix_web::http::StatusCode;
@@ -138,10 +139,10 @@ async fn accept(
     state: &WebhookState,
     request_id: &str,
 ) -> Result<HttpResponse, WebhookError> {
+    // An address, not a string: nothing is allocated unless a refusal is logged.
     let peer = request
         .peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default();
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
     // The body must arrive within REQUEST_TIMEOUT too (actix times the headers only).
     let read = read_body(request, payload, state.max_body_bytes);
     let body = tokio::time::timeout(state.request_timeout, read)
