@@ -45,6 +45,11 @@ pub struct Cli {
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
+    /// Threads serving HTTP. One serves far more webhooks than one broker node takes; more
+    /// only help on a node with spare cores (scale with replicas instead).
+    #[arg(long, env = "HTTP_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub http_workers: u16,
+
     #[command(flatten)]
     pub amqp: AmqpArgs,
 
@@ -78,6 +83,8 @@ pub struct Settings {
     pub confirm_timeout: Duration,
     /// Confirm-mode channels publishes are spread over.
     pub publisher_channels: usize,
+    /// Threads serving HTTP.
+    pub http_workers: usize,
 }
 
 impl Cli {
@@ -104,6 +111,7 @@ impl Cli {
             amqp: self.amqp.into_settings()?,
             confirm_timeout: Duration::from_secs(5),
             publisher_channels: 4,
+            http_workers: usize::from(self.http_workers),
         })
     }
 }

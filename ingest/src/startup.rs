@@ -61,6 +61,7 @@ impl Application {
                 .configure(ops.clone())
                 .route("/webhook", web::post().to(webhook))
         })
+        .workers(settings.http_workers)
         .listen(listener)
         .context("Failed to listen")?
         // Slow or idle clients are cut off instead of holding a connection forever: headers

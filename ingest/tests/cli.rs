@@ -47,3 +47,15 @@ fn healthcheck_fails_when_no_ingest_is_ready() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
 }
+
+#[test]
+fn an_out_of_range_worker_count_is_refused_by_name() {
+    let output = ingest()
+        .env("WEBHOOK_SECRET", "s")
+        .env("HTTP_WORKERS", "0")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let error = String::from_utf8(output.stderr).unwrap();
+    assert!(error.contains("HTTP_WORKERS") && error.contains("1..=256"), "{error}");
+}

@@ -37,6 +37,7 @@ pub fn ingest_settings(amqp: &AmqpSettings) -> IngestSettings {
         amqp: amqp.clone(),
         confirm_timeout: Duration::from_secs(5),
         publisher_channels: 2,
+        http_workers: 1,
     }
 }
 

@@ -8,7 +8,7 @@ use harbor_shared::topology::Topology;
 use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
@@ -167,6 +167,15 @@ impl TestTopology {
             },
         )
         .await;
+    }
+
+    /// Empties the work queue.
+    pub async fn purge_work_queue(&self) {
+        self.channel()
+            .await
+            .queue_purge(self.topology().queue().into(), QueuePurgeOptions::default())
+            .await
+            .expect("purge the work queue");
     }
 
     /// Deletes the work queue, leaving the exchange without a queue (publishes are unroutable).

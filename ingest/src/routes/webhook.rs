@@ -111,6 +111,13 @@ impl ResponseError for WebhookError {
     }
 }
 
+/// The answer to an accepted webhook, serialized straight from the envelope.
+#[derive(serde::Serialize)]
+struct Accepted<'a> {
+    status: &'static str,
+    message_id: &'a str,
+}
+
 /// `POST /webhook`
 pub async fn webhook(
     request: HttpRequest,
@@ -191,8 +198,10 @@ async fn accept(
                 bytes = body.len(),
                 "Webhook accepted"
             );
-            Ok(HttpResponse::Accepted()
-                .json(json!({"status": "accepted", "message_id": envelope.message_id})))
+            Ok(HttpResponse::Accepted().json(Accepted {
+                status: "accepted",
+                message_id: &envelope.message_id,
+            }))
         }
         Err(error) => {
             error!(

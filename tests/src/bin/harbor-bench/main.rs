@@ -9,14 +9,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a measuring program: fail loudly
 
+mod cpu;
+mod load;
+mod raw_http;
+
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use harbor_shared::publisher::{Outgoing, Publisher};
 use harbor_sync_tests::apps::SECRET;
 use harbor_sync_tests::fakes::{FakeHarbor, FakePort, harbor_json};
 use harbor_sync_tests::processes::{Processes, free_port, worker_env};
@@ -27,6 +33,9 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use serde_json::json;
 use wiremock::matchers::{method, path_regex};
 use wiremock::{Mock, Request, Respond, ResponseTemplate};
+
+use crate::cpu::Cores;
+use crate::load::{Schedule, Tally, percentile};
 
 #[derive(Parser)]
 struct Cli {
@@ -62,13 +71,6 @@ enum Mode {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// `VmHWM` (peak resident set) of a process, in MB.
@@ -146,215 +148,253 @@ fn push_payload(n: u64) -> Vec<u8> {
     .unwrap()
 }
 
-/// The broker's own rate for persistent, confirmed publishes, 64 in flight, into a quorum
-/// queue like ours.
-async fn broker_ceiling(seconds: u64) -> f64 {
-    let broker = TestTopology::new().await;
-    let connection = harbor_shared::broker::connect(&broker.amqp.url, "harbor-bench ceiling")
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let body = push_payload(0);
-    let options = BasicPublishOptions {
-        mandatory: true,
-        ..BasicPublishOptions::default()
-    };
-    let started = Instant::now();
-    let mut in_flight = FuturesUnordered::new();
-    let mut confirmed = 0u64;
-    while started.elapsed() < Duration::from_secs(seconds) {
-        while in_flight.len() < 64 {
-            let confirm = channel
-                .basic_publish(
-                    broker.topology().exchange().into(),
-                    "PUSH_ARTIFACT".into(),
-                    options,
-                    &body,
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await
-                .unwrap();
-            in_flight.push(confirm);
-        }
-        if let Some(Ok(confirmation)) = in_flight.next().await
-            && confirmation.is_ack()
-        {
-            confirmed += 1;
+/// The broker's own rate: persistent, confirmed publishes of one process, 64 in flight on one
+/// channel, into a quorum queue like ours.
+struct Ceiling {
+    _connection: lapin::Connection,
+    channel: lapin::Channel,
+    exchange: String,
+    body: Vec<u8>,
+}
+
+impl Ceiling {
+    async fn open(broker: &TestTopology) -> Self {
+        let connection = harbor_shared::broker::connect(&broker.amqp.url, "harbor-bench ceiling")
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Self {
+            _connection: connection,
+            channel,
+            exchange: broker.topology().exchange().to_owned(),
+            body: push_payload(0),
         }
     }
-    confirmed as f64 / started.elapsed().as_secs_f64()
+
+    /// Publishes for `duration`, then waits for the last confirms; returns how many were
+    /// confirmed.
+    async fn run(&self, duration: Duration) -> u64 {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let started = Instant::now();
+        let mut in_flight = FuturesUnordered::new();
+        let mut confirmed = 0;
+        loop {
+            while in_flight.len() < 64 && started.elapsed() < duration {
+                let confirm = self
+                    .channel
+                    .basic_publish(
+                        self.exchange.as_str().into(),
+                        "PUSH_ARTIFACT".into(),
+                        options,
+                        &self.body,
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .unwrap();
+                in_flight.push(confirm);
+            }
+            match in_flight.next().await {
+                Some(confirmation) => confirmed += u64::from(confirmation.unwrap().is_ack()),
+                None => return confirmed,
+            }
+        }
+    }
+}
+
+/// Signed webhooks through the ingest on `connections` keep-alive connections.
+async fn through_ingest(
+    address: SocketAddr,
+    requests: &Arc<Vec<Vec<u8>>>,
+    connections: usize,
+    duration: Duration,
+    rate: Option<f64>,
+) -> Tally {
+    Schedule::new(connections, duration, rate)
+        .run(|mut lane| {
+            let requests = requests.clone();
+            async move {
+                let mut connection = raw_http::Connection::open(address).await.unwrap();
+                while let Some(n) = lane.next().await {
+                    let status = connection.send(&requests[n % requests.len()]).await;
+                    lane.answered(status.is_ok_and(|s| s == 202));
+                }
+                lane.tally()
+            }
+        })
+        .await
+}
+
+/// The same messages published straight to the broker with the ingest's own publisher: what
+/// the broker alone gives, for comparison.
+async fn straight_to_broker(
+    broker: &TestTopology,
+    lanes: usize,
+    duration: Duration,
+    rate: f64,
+) -> Tally {
+    let connection = harbor_shared::broker::connect(&broker.amqp.url, "harbor-bench publisher")
+        .await
+        .unwrap();
+    let publisher = Arc::new(
+        Publisher::open(&connection, 4, Duration::from_secs(5))
+            .await
+            .unwrap(),
+    );
+    let body = Arc::new(push_payload(0));
+    let exchange: Arc<str> = broker.topology().exchange().into();
+    let tally = Schedule::new(lanes, duration, Some(rate))
+        .run(|mut lane| {
+            let (publisher, body, exchange) = (publisher.clone(), body.clone(), exchange.clone());
+            async move {
+                while lane.next().await.is_some() {
+                    let published = publisher
+                        .publish(Outgoing {
+                            exchange: &exchange,
+                            routing_key: "PUSH_ARTIFACT",
+                            body: &body,
+                            properties: BasicProperties::default().with_delivery_mode(2),
+                        })
+                        .await;
+                    lane.answered(published.is_ok());
+                }
+                lane.tally()
+            }
+        })
+        .await;
+    publisher.close().await;
+    let _ = connection.close(200, "done".into()).await;
+    tally
+}
+
+/// Consumes the work queue as production would (without the work), until dropped.
+struct Drain(tokio::task::JoinHandle<()>);
+
+impl Drain {
+    async fn start(broker: &TestTopology) -> Self {
+        let connection = harbor_shared::broker::connect(&broker.amqp.url, "harbor-bench drain")
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let mut deliveries = channel
+            .basic_consume(
+                broker.topology().queue().into(),
+                "harbor-bench-drain".into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Self(tokio::spawn(async move {
+            let _connection = connection;
+            while deliveries.next().await.is_some() {}
+        }))
+    }
+}
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn ingest(connections: usize, seconds: u64) {
-    // The ceiling first, on a broker not yet holding the ingest run's messages.
-    let ceiling = broker_ceiling(seconds).await;
-    // Bodies and signatures made beforehand: the generator shares the cores with the ingest.
-    let bodies: Arc<Vec<(Vec<u8>, String)>> = Arc::new(
+    let ceiling_broker = TestTopology::new().await;
+    let broker = TestTopology::new().await;
+    let mut processes = Processes::new(&format!("bench-{}", broker.topology().queue()));
+    let base = start_ingest(&mut processes, &broker).await;
+    let pid = processes.pid("ingest").unwrap();
+    let address: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    // Requests made beforehand: the generator shares the cores with the ingest.
+    let requests: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..4096)
             .map(|n| {
                 let body = push_payload(n);
                 let signature =
                     hex::encode(harbor_ingest::auth::sign(&SECRET.to_owned().into(), &body));
-                (body, format!("sha256={signature}"))
+                raw_http::post(address, &format!("sha256={signature}"), &body)
             })
             .collect(),
     );
-    let broker = TestTopology::new().await;
-    let mut processes = Processes::new(&format!("bench-{}", broker.topology().queue()));
-    let base = start_ingest(&mut processes, &broker).await;
-    let url = format!("{base}/webhook");
-    let counter = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let (url, counter, bodies) = (url.clone(), counter.clone(), bodies.clone());
-        tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(1)
-                .build()
-                .unwrap();
-            let (mut latencies, mut accepted, mut other) = (Vec::new(), 0u64, 0u64);
-            while Instant::now() < deadline {
-                let n = counter.fetch_add(1, Ordering::Relaxed) as usize;
-                let (body, authorization) = &bodies[n % bodies.len()];
-                let sent = Instant::now();
-                let status = client
-                    .post(&url)
-                    .header("authorization", authorization)
-                    .body(body.clone())
-                    .send()
-                    .await
-                    .map(|r| r.status().as_u16());
-                latencies.push(sent.elapsed());
-                if status.is_ok_and(|s| s == 202) {
-                    accepted += 1
-                } else {
-                    other += 1
-                }
-            }
-            (latencies, accepted, other)
-        }));
+
+    // Saturation: the broker's ceiling and the ingest take turns of a second, so that a slow
+    // spell of the broker (a WAL roll-over writing out segments takes seconds) weighs on both
+    // alike. Neither queue is drained.
+    let turn = Duration::from_secs(1);
+    let ceiling_publisher = Ceiling::open(&ceiling_broker).await;
+    let (mut ceiling_cores, mut ingest_cores) = (Cores::new(&[]), Cores::new(&[("ingest", pid)]));
+    let (mut confirmed, mut ceiling_time, mut ingest_time) = (0, 0.0, 0.0);
+    let mut saturated = Tally::default();
+    for _ in 0..seconds {
+        let started = Instant::now();
+        confirmed += ceiling_cores.measure(ceiling_publisher.run(turn)).await;
+        ceiling_time += started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let run = through_ingest(address, &requests, connections, turn, None);
+        saturated.add(ingest_cores.measure(run).await);
+        ingest_time += started.elapsed().as_secs_f64();
     }
-    let started = Instant::now();
-    let (mut latencies, mut accepted, mut other) = (Vec::new(), 0, 0);
-    for task in tasks {
-        let (l, a, o) = task.await.unwrap();
-        latencies.extend(l);
-        accepted += a;
-        other += o;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort();
-    let rss = processes.pid("ingest").map_or(0.0, peak_rss_mb);
+    let ceiling = confirmed as f64 / ceiling_time;
+    let rate = saturated.ok as f64 / ingest_time;
     let queued = broker.work_ready().await;
-    let rate = accepted as f64 / elapsed;
     println!(
-        "ingest: {connections} connections, {seconds} s, signed ~{} B PUSH payloads",
+        "ingest: {connections} connections, {seconds} s, signed {} B PUSH payloads",
         push_payload(0).len()
     );
     println!("  requests/s      {rate:.0}");
+    println!("  latency         {}", saturated.latency());
+    println!("  non-2xx         {}", saturated.failed);
+    println!("  ingest peak RSS {:.1} MB", peak_rss_mb(pid));
     println!(
-        "  latency         p50 {:?}  p99 {:?}  p99.9 {:?}",
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        percentile(&latencies, 0.999)
-    );
-    println!("  non-2xx         {other}");
-    println!("  ingest peak RSS {rss:.1} MB");
-    println!(
-        "  queue check     {queued} queued for {accepted} answered 202: {}",
-        if u64::from(queued) == accepted {
+        "  queue check     {queued} queued for {} answered 202: {}",
+        saturated.ok,
+        if u64::from(queued) == saturated.ok {
             "exact"
         } else {
             "MISMATCH"
         }
     );
+    println!("  cores used      {ingest_cores}");
     println!(
-        "  broker ceiling  {ceiling:.0} confirmed persistent publishes/s (1 process, 64 in flight, quorum queue)"
+        "broker ceiling: {ceiling:.0} confirmed persistent publishes/s (1 process, 64 in flight, quorum queue), {seconds} s in turns with the ingest"
     );
-    println!("  ingest/ceiling  {:.2}", rate / ceiling);
-    steady(&url, &broker, ceiling * 0.4, seconds, &bodies).await;
+    println!("  cores used      {ceiling_cores}");
+    println!("ingest/ceiling:  {:.2}", rate / ceiling);
+    drop((ceiling_publisher, ceiling_broker));
+
+    // A steady 40 % of the ceiling with a consumer draining the queue, as in production: first
+    // straight to the broker, then through the ingest.
+    let steady = ceiling * 0.4;
+    broker.purge_work_queue().await;
+    let _drain = Drain::start(&broker).await;
+    cpu::broker_quiet().await;
+    println!(
+        "steady load: {steady:.0}/s (40% of the ceiling) for {seconds} s on {connections} lanes, queue drained; latency from when each was due"
+    );
+    let duration = Duration::from_secs(seconds);
+    let mut direct = straight_to_broker(&broker, connections, duration, steady).await;
+    println!(
+        "  broker alone    {}  errors {}",
+        direct.latency(),
+        direct.failed
+    );
+    cpu::broker_quiet().await;
+    let mut paced = through_ingest(address, &requests, connections, duration, Some(steady)).await;
+    println!(
+        "  through ingest  {}  errors {}",
+        paced.latency(),
+        paced.failed
+    );
     let _ = processes.signal("ingest", "TERM");
-}
-
-/// A steady offered load with a consumer draining the queue, as in production. Latency counts
-/// from when each request was due, not when it went out, so a stall shows in full
-/// (coordinated omission corrected).
-async fn steady(
-    url: &str,
-    broker: &TestTopology,
-    rate: f64,
-    seconds: u64,
-    bodies: &Arc<Vec<(Vec<u8>, String)>>,
-) {
-    let connection = harbor_shared::broker::connect(&broker.amqp.url, "harbor-bench drain")
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .basic_qos(1000, lapin::options::BasicQosOptions::default())
-        .await
-        .unwrap();
-    let mut drain = channel
-        .basic_consume(
-            broker.topology().queue().into(),
-            "harbor-bench-drain".into(),
-            lapin::options::BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let draining = tokio::spawn(async move { while drain.next().await.is_some() {} });
-    // Let the consumer catch up with what the saturation run left.
-    while broker.work_ready().await > 0 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-
-    let client = reqwest::Client::new();
-    let total = (rate * seconds as f64) as u64;
-    let started = tokio::time::Instant::now();
-    let mut requests = tokio::task::JoinSet::new();
-    for n in 0..total {
-        let due = started + Duration::from_secs_f64(n as f64 / rate);
-        tokio::time::sleep_until(due).await;
-        let (client, url, bodies) = (client.clone(), url.to_owned(), bodies.clone());
-        requests.spawn(async move {
-            let (body, authorization) = &bodies[n as usize % bodies.len()];
-            let status = client
-                .post(url)
-                .header("authorization", authorization)
-                .body(body.clone())
-                .send()
-                .await
-                .map(|r| r.status().as_u16());
-            (due.elapsed(), status.is_ok_and(|s| s == 202))
-        });
-    }
-    let (mut latencies, mut errors) = (Vec::new(), 0);
-    while let Some(done) = requests.join_next().await {
-        let (latency, ok) = done.unwrap();
-        latencies.push(latency);
-        errors += usize::from(!ok);
-    }
-    latencies.sort();
-    draining.abort();
-    let _ = connection.close(200, "done".into()).await;
-    println!(
-        "  steady load     {rate:.0}/s (40% of the ceiling) for {seconds} s, queue drained by a consumer:"
-    );
-    println!(
-        "                  p50 {:?}  p99 {:?}  p99.9 {:?}  (from when each was due)  errors {errors}",
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        percentile(&latencies, 0.999)
-    );
 }
 
 /// Port's entity upserts, answered after a delay; counted.

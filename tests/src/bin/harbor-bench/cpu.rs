@@ -1,0 +1,105 @@
+//! Where the two cores go: CPU time of the broker, the programs under test and the generator,
+//! read from `/proc`.
+
+use std::time::{Duration, Instant};
+
+/// CPU time (user + system) of processes, in seconds.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The fields after the command name, which is in parentheses and may hold spaces.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    // USER_HZ is 100 on Linux.
+    ticks as f64 / 100.0
+}
+
+/// The local broker's processes (the Erlang VM).
+fn broker_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            (comm.trim() == "beam.smp").then_some(pid)
+        })
+        .collect()
+}
+
+/// Cores used, on average, by the broker, the named processes and this program, over the
+/// stretches of time passed to [`measure`](Self::measure).
+pub struct Cores {
+    processes: Vec<(String, Vec<u32>)>,
+    used: Vec<f64>,
+    elapsed: f64,
+}
+
+impl Cores {
+    pub fn new(others: &[(&str, u32)]) -> Self {
+        let mut processes = vec![("broker".to_owned(), broker_pids())];
+        processes.extend(
+            others
+                .iter()
+                .map(|(name, pid)| ((*name).to_owned(), vec![*pid])),
+        );
+        processes.push(("generator".to_owned(), vec![std::process::id()]));
+        let used = vec![0.0; processes.len()];
+        Self {
+            processes,
+            used,
+            elapsed: 0.0,
+        }
+    }
+
+    /// Runs `work`, counting the CPU time used meanwhile.
+    pub async fn measure<T>(&mut self, work: impl Future<Output = T>) -> T {
+        let before: Vec<f64> = self.processes.iter().map(|(_, p)| cpu_seconds(p)).collect();
+        let started = Instant::now();
+        let output = work.await;
+        self.elapsed += started.elapsed().as_secs_f64();
+        for ((_, pids), (used, before)) in
+            self.processes.iter().zip(self.used.iter_mut().zip(before))
+        {
+            *used += cpu_seconds(pids) - before;
+        }
+        output
+    }
+}
+
+impl std::fmt::Display for Cores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, ((name, _), used)) in self.processes.iter().zip(&self.used).enumerate() {
+            let separator = if i == 0 { "" } else { ", " };
+            write!(
+                f,
+                "{separator}{name} {:.2}",
+                used / self.elapsed.max(f64::EPSILON)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits until the broker has used under 5 % of a core for two seconds running (at most a
+/// minute): after a burst it keeps writing segments and taking snapshots for a while, and a
+/// measurement started meanwhile would measure that.
+pub async fn broker_quiet() {
+    let pids = broker_pids();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        let before = cpu_seconds(&pids);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if cpu_seconds(&pids) - before > 0.025 {
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= Duration::from_secs(2) {
+            return;
+        }
+    }
+}
