@@ -57,5 +57,8 @@ fn an_out_of_range_worker_count_is_refused_by_name() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     let error = String::from_utf8(output.stderr).unwrap();
-    assert!(error.contains("HTTP_WORKERS") && error.contains("1..=256"), "{error}");
+    assert!(
+        error.contains("HTTP_WORKERS") && error.contains("1..=256"),
+        "{error}"
+    );
 }

@@ -103,14 +103,19 @@ impl Lane {
     /// `None` once the schedule has ended.
     pub async fn next(&mut self) -> Option<usize> {
         let n = self.sent * self.schedule.lanes + self.lane;
+        let now = Instant::now();
         self.due = match self.schedule.rate {
             Some(rate) => self.schedule.start + Duration::from_secs_f64(n as f64 / rate),
-            None => Instant::now(),
+            None => now,
         };
         if self.due >= self.schedule.end {
             return None;
         }
-        tokio::time::sleep_until(self.due).await;
+        // Only when the request is not yet due: tokio's timer rounds up to the next
+        // millisecond, which would hold back a request due now.
+        if self.due > now {
+            tokio::time::sleep_until(self.due).await;
+        }
         self.sent += 1;
         Some(n)
     }

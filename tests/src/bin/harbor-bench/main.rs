@@ -684,7 +684,7 @@ async fn e2e(rate: u64, seconds: u64) {
     latencies.sort();
     println!("e2e: {rate} webhooks/s for {seconds} s (202 → first Port write of the artifact)");
     println!(
-        "  latency         p50 {:?}  p99 {:?}",
+        "  latency         p50 {:.2?}  p99 {:.2?}",
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99)
     );
