@@ -530,6 +530,7 @@ impl Respond for FlushedPulls {
 async fn pull_flood() {
     const REPOSITORIES: u64 = 10;
     const PULLS: u64 = 10_000;
+    const SPREAD: Duration = Duration::from_secs(10);
     let broker = TestTopology::new().await;
     let harbor = FakeHarbor::start().await;
     let epoch = Instant::now();
@@ -558,9 +559,13 @@ async fn pull_flood() {
     let _metrics = start_worker(&mut processes, &broker, &harbor, &port, &[]).await;
     let client = reqwest::Client::new();
     let started = Instant::now();
+    let start = tokio::time::Instant::now();
+    // Spread over the 10 s, as `docker pull`s of a busy registry are: pulls keep arriving within
+    // the coalescing window, which must not put the refresh off for ever.
     let sends = futures_util::stream::iter(0..PULLS).map(|n| {
         let (client, url, pulls) = (client.clone(), format!("{ingest}/webhook"), &pulls);
         async move {
+            tokio::time::sleep_until(start + SPREAD * n as u32 / PULLS as u32).await;
             let (name, counted) = &pulls[(n % REPOSITORIES) as usize];
             let digest = samples::digest(n % REPOSITORIES);
             let mut body: serde_json::Value =
