@@ -15,7 +15,7 @@ mod raw_http;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -273,8 +273,11 @@ async fn straight_to_broker(
     tally
 }
 
-/// Consumes the work queue as production would (without the work), until dropped.
-struct Drain(tokio::task::JoinHandle<()>);
+/// Consumes the work queue as production would (without the work), counting, until dropped.
+struct Drain {
+    task: tokio::task::JoinHandle<()>,
+    delivered: Arc<AtomicU64>,
+}
 
 impl Drain {
     async fn start(broker: &TestTopology) -> Self {
@@ -294,17 +297,36 @@ impl Drain {
             )
             .await
             .unwrap();
-        Self(tokio::spawn(async move {
+        let delivered = Arc::new(AtomicU64::new(0));
+        let counter = delivered.clone();
+        let task = tokio::spawn(async move {
             let _connection = connection;
-            while deliveries.next().await.is_some() {}
-        }))
+            while deliveries.next().await.is_some() {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Self { task, delivered }
+    }
+
+    /// Waits (at most 10 s) until `expected` messages were delivered; returns how many were.
+    async fn wait_for(&self, expected: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.delivered.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for Drain {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
+}
+
+/// `exact`, or `MISMATCH` when a count is not what it must be.
+fn check(exact: bool) -> &'static str {
+    if exact { "exact" } else { "MISMATCH" }
 }
 
 async fn ingest(connections: usize, seconds: u64) {
@@ -326,8 +348,8 @@ async fn ingest(connections: usize, seconds: u64) {
             .collect(),
     );
 
-    // Saturation: the broker's ceiling and the ingest take turns of a second, so that a slow
-    // spell of the broker (a WAL roll-over writing out segments takes seconds) weighs on both
+    // Saturation: the broker's ceiling and the ingest take turns of a second, so that the
+    // broker's slow spells, which last seconds (after a WAL roll-over, for one), weigh on both
     // alike. Neither queue is drained.
     let turn = Duration::from_secs(1);
     let ceiling_publisher = Ceiling::open(&ceiling_broker).await;
@@ -357,11 +379,7 @@ async fn ingest(connections: usize, seconds: u64) {
     println!(
         "  queue check     {queued} queued for {} answered 202: {}",
         saturated.ok,
-        if u64::from(queued) == saturated.ok {
-            "exact"
-        } else {
-            "MISMATCH"
-        }
+        check(u64::from(queued) == saturated.ok)
     );
     println!("  cores used      {ingest_cores}");
     println!(
@@ -375,7 +393,7 @@ async fn ingest(connections: usize, seconds: u64) {
     // straight to the broker, then through the ingest.
     let steady = ceiling * 0.4;
     broker.purge_work_queue().await;
-    let _drain = Drain::start(&broker).await;
+    let drain = Drain::start(&broker).await;
     cpu::broker_quiet().await;
     println!(
         "steady load: {steady:.0}/s (40% of the ceiling) for {seconds} s on {connections} lanes, queue drained; latency from when each was due"
@@ -393,6 +411,12 @@ async fn ingest(connections: usize, seconds: u64) {
         "  through ingest  {}  errors {}",
         paced.latency(),
         paced.failed
+    );
+    let confirmed = direct.ok + paced.ok;
+    let delivered = drain.wait_for(confirmed).await;
+    println!(
+        "  queue check     {delivered} delivered to the consumer for {confirmed} confirmed or answered 202: {}",
+        check(delivered == confirmed)
     );
     let _ = processes.signal("ingest", "TERM");
 }
