@@ -323,10 +323,14 @@ async fn stopping_the_worker_finishes_the_events_in_flight_before_it_exits() {
     drop((harbor, ingest));
 }
 
-#[tokio::test]
-async fn a_flood_of_pulls_of_one_artifact_is_folded_into_one_refresh_after_the_window() {
-    let stack =
-        Stack::start_with(|settings| settings.pull_window = Duration::from_millis(800)).await;
+/// A stack whose Harbor holds the artifact of Harbor's sample PULL_ARTIFACT, counting
+/// `pulls`, and that sample's `n`-th distinct pull (Harbor sends the same bytes only on a
+/// retry; distinct pulls differ in `occur_at`).
+async fn pull_stack(
+    pulls: i64,
+    adjust: impl FnOnce(&mut harbor_worker::settings::Settings),
+) -> (Stack, impl Fn(u64) -> Vec<u8>) {
+    let stack = Stack::start_with(adjust).await;
     let body = samples::load("pull_artifact.default.harbor-unit-test.json");
     let (repo, digest) = samples::subject(&body);
     stack
@@ -335,7 +339,7 @@ async fn a_flood_of_pulls_of_one_artifact_is_folded_into_one_refresh_after_the_w
         .await;
     stack
         .harbor
-        .repository(&repo, harbor_json::repository(&repo, 1, 20))
+        .repository(&repo, harbor_json::repository(&repo, 1, pulls))
         .await;
     stack
         .harbor
@@ -345,12 +349,20 @@ async fn a_flood_of_pulls_of_one_artifact_is_folded_into_one_refresh_after_the_w
             harbor_json::artifact(&repo, &digest, &["1.36"], None),
         )
         .await;
-    // Harbor sends the same bytes only on a retry; distinct pulls differ in occur_at.
-    let pull = |n: u64| {
+    let pull = move |n: u64| {
         let mut event: serde_json::Value = serde_json::from_slice(&body).unwrap();
         event["occur_at"] = json!(1_678_082_303 + n);
         serde_json::to_vec(&event).unwrap()
     };
+    (stack, pull)
+}
+
+#[tokio::test]
+async fn a_flood_of_pulls_of_one_artifact_is_folded_into_one_refresh_after_the_window() {
+    let (stack, pull) = pull_stack(20, |settings| {
+        settings.pull_window = Duration::from_millis(800)
+    })
+    .await;
 
     let started = Instant::now();
     for n in 0..20 {
@@ -403,6 +415,51 @@ async fn a_flood_of_pulls_of_one_artifact_is_folded_into_one_refresh_after_the_w
         0,
         "every folded delivery was acked"
     );
+}
+
+#[tokio::test]
+async fn a_flood_of_pulls_beyond_the_prefetch_does_not_stop_the_consumer_for_a_window() {
+    // A window far longer than the test: only refreshes cut short when the held deliveries near
+    // the prefetch (50) let the queue empty.
+    let (stack, pull) = pull_stack(200, |settings| {
+        settings.pull_window = Duration::from_secs(600);
+        settings.prefetch = 50;
+    })
+    .await;
+    for n in 0..200 {
+        stack.webhook(&pull(n)).await;
+    }
+    harbor_sync_tests::wait_until(
+        "the worker took every pull",
+        Duration::from_secs(15),
+        || async {
+            let metrics = stack.worker.metrics().await;
+            let synced = outcome_count(&metrics, "synced");
+            stack.broker.work_ready().await == 0 && synced >= 150
+        },
+    )
+    .await;
+    let metrics = stack.worker.metrics().await;
+    assert!(
+        metrics.contains("harbor_worker_pull_windows_cut_total"),
+        "{metrics}"
+    );
+    let repository = stack
+        .port
+        .writes()
+        .await
+        .into_iter()
+        .rev()
+        .find(|w| w.blueprint == "harborRepository")
+        .unwrap();
+    assert_eq!(
+        repository.entity.as_ref().unwrap()["properties"]["pullCount"],
+        200
+    );
+    // Stopping ends the last window: its pulls are refreshed and acked, not left behind.
+    let Stack { worker, broker, .. } = stack;
+    worker.stop().await;
+    assert_eq!(broker.work_ready().await, 0);
 }
 
 #[tokio::test]

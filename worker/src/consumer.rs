@@ -12,6 +12,7 @@
 //! delivery unacked, and the broker delivers it again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,7 +30,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -99,11 +100,9 @@ async fn session<H: HandleEvent>(
         .await
         .context("Failed to open the consuming channel")?;
     // Per-consumer prefetch (quorum queues refuse global QoS).
+    let prefetch = settings.prefetch.max(settings.concurrency);
     channel
-        .basic_qos(
-            settings.prefetch.max(settings.concurrency),
-            BasicQosOptions { global: false },
-        )
+        .basic_qos(prefetch, BasicQosOptions { global: false })
         .await
         .context("Failed to set the prefetch")?;
     let tag = format!("harbor-worker-{}", uuid::Uuid::new_v4());
@@ -130,6 +129,9 @@ async fn session<H: HandleEvent>(
         topology: topology.clone(),
         slots: Semaphore::new(usize::from(settings.concurrency)),
         pending: Mutex::new(HashMap::new()),
+        held: AtomicUsize::new(0),
+        flush_at: (usize::from(prefetch) * 9 / 10).max(1),
+        full: Notify::new(),
         pull_window: settings.pull_window,
         shutdown: shutdown.clone(),
     });
@@ -197,6 +199,14 @@ struct Shared<H> {
     /// Deliveries waiting to be folded into a refresh that has not started yet, by what it
     /// refreshes.
     pending: Mutex<HashMap<String, Group>>,
+    /// Deliveries received and not yet acked or parked. The broker sends no more once they
+    /// reach the prefetch.
+    held: AtomicUsize,
+    /// At this many held (nine tenths of the prefetch), pulls waiting for their window are
+    /// refreshed at once: a flood of pulls must not stop the consumer for a window.
+    flush_at: usize,
+    /// Signalled when `held` rises to `flush_at`.
+    full: Notify,
     pull_window: Duration,
     shutdown: CancellationToken,
 }
@@ -216,6 +226,10 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Starts a refresh for a delivery, or folds it into a pending refresh of the same subject:
 /// Harbor is read when the refresh starts, so one read answers every event that came before.
 fn dispatch<H: HandleEvent>(delivery: Delivery, shared: &Arc<Shared<H>>, tasks: &TaskTracker) {
+    // On the crossing only: the pulls that start waiting meanwhile wait for the next one.
+    if shared.held.fetch_add(1, Ordering::Relaxed) + 1 == shared.flush_at {
+        shared.full.notify_waiters();
+    }
     let event = HarborEvent::parse(&delivery.data);
     let key = event.as_ref().ok().and_then(refresh_key);
     let is_pull = matches!(&event, Ok(e) if e.event_type == EventType::PullArtifact);
@@ -280,6 +294,7 @@ async fn process<H: HandleEvent>(
             settle(follower, verdict.clone(), &shared.parker, &shared.topology).await;
         }
         settle(delivery, verdict, &shared.parker, &shared.topology).await;
+        shared.held.fetch_sub(settled as usize, Ordering::Relaxed);
         metrics::counter!("harbor_worker_events_total", "event_type" => event_type.clone(), "outcome" => outcome)
             .increment(settled);
         metrics::histogram!("harbor_worker_event_duration_seconds", "event_type" => event_type)
@@ -290,10 +305,14 @@ async fn process<H: HandleEvent>(
 }
 
 /// Waits until `pull_window` has passed since the last pull of the same artifacts (so that
-/// Harbor has counted them all), at most five windows in all, or until shutdown.
+/// Harbor has counted them all), at most five windows in all, until the held deliveries near
+/// the prefetch, or until shutdown. A refresh cut short reads a count Harbor may raise later;
+/// the pulls after it wait for a refresh of their own.
 async fn wait_for_pull_counts<H>(shared: &Shared<H>, key: Option<&str>, started: Instant) {
     let window = shared.pull_window;
     let latest_end = started + window * 5;
+    let full = shared.full.notified();
+    tokio::pin!(full);
     loop {
         let last = key
             .and_then(|key| lock(&shared.pending).get(key).map(|g| g.last_arrival))
@@ -305,6 +324,10 @@ async fn wait_for_pull_counts<H>(shared: &Shared<H>, key: Option<&str>, started:
         }
         tokio::select! {
             () = tokio::time::sleep_until(until.into()) => {}
+            () = &mut full => {
+                metrics::counter!("harbor_worker_pull_windows_cut_total").increment(1);
+                return;
+            }
             () = shared.shutdown.cancelled() => return,
         }
     }

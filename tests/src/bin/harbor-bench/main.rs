@@ -580,7 +580,7 @@ async fn pull_flood() {
     let (port, writes, last) = slow_port(Duration::ZERO).await;
     let mut processes = Processes::new(&format!("bench-{}", broker.topology().queue()));
     let ingest = start_ingest(&mut processes, &broker).await;
-    let _metrics = start_worker(&mut processes, &broker, &harbor, &port, &[]).await;
+    let metrics = start_worker(&mut processes, &broker, &harbor, &port, &[]).await;
     let client = reqwest::Client::new();
     let started = Instant::now();
     let start = tokio::time::Instant::now();
@@ -610,16 +610,18 @@ async fn pull_flood() {
     });
     sends.buffer_unordered(32).collect::<Vec<()>>().await;
     let sent_in = started.elapsed();
-    // Wait for Port to show every repository's true count (at most 90 s).
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let true_counts = loop {
+    // Wait until the worker has settled every pull and Port shows every repository's true
+    // count (at most 120 s).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (true_counts, settled) = loop {
         let last = last.lock().unwrap().clone();
         let ok = pulls.iter().all(|(name, counted)| {
             last.get(name)
                 .is_some_and(|(_, e)| e["properties"]["pullCount"] == counted.lock().unwrap().len())
         });
-        if ok || Instant::now() > deadline {
-            break ok;
+        let settled = handled(&metrics).await;
+        if (ok && settled >= PULLS as usize) || Instant::now() > deadline {
+            break (ok, settled);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -632,6 +634,7 @@ async fn pull_flood() {
     println!(
         "pull-flood: {PULLS} PULL_ARTIFACT events for {REPOSITORIES} repositories, sent in {sent_in:.1?}"
     );
+    println!("  events settled  {settled} of {PULLS}");
     println!("  Port writes     {}", writes.load(Ordering::Relaxed));
     println!(
         "  Harbor calls    {} ({repository_reads} repository reads)",
