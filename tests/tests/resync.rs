@@ -9,11 +9,10 @@ use harbor_sync_tests::rabbit::TestTopology;
 use harbor_sync_tests::samples;
 use harbor_sync_tests::sandbox::PayloadFormat;
 use harbor_sync_tests::wait_until;
-use harbor_worker::clients::harbor::HarborClient;
 use harbor_worker::clients::http_client;
 use harbor_worker::resync::{Summary, resync};
 use harbor_worker::retry::RetryPolicy;
-use harbor_worker::startup::port_client;
+use harbor_worker::startup::{harbor_client, port_client};
 use serde_json::json;
 
 /// A sandbox whose Harbor holds 105 artifacts in library/nginx (more than one page) and one in
@@ -48,12 +47,7 @@ async fn resync_upserts_everything_harbor_has_and_deletes_what_it_no_longer_has(
     let sandbox = drifted().await;
     let settings = sandbox.worker_settings(&TestTopology::new().await.amqp);
     let http = http_client(Duration::from_secs(5)).unwrap();
-    let harbor = HarborClient::new(
-        http.clone(),
-        settings.harbor.url,
-        settings.harbor.username,
-        settings.harbor.password,
-    );
+    let harbor = harbor_client(&settings.harbor, http.clone());
     let port = port_client(&settings.port, http);
 
     let summary = resync(

@@ -3,12 +3,11 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Parser;
 use harbor_shared::{ops, telemetry};
-use harbor_worker::clients::harbor::HarborClient;
 use harbor_worker::clients::http_client;
 use harbor_worker::parked::{self, Selection};
 use harbor_worker::retry::RetryPolicy;
 use harbor_worker::settings::{Cli, Command, ParkedAction};
-use harbor_worker::startup::{Worker, port_client};
+use harbor_worker::startup::{Worker, harbor_client, port_client};
 use harbor_worker::{backlog, blueprints, resync};
 
 #[tokio::main]
@@ -37,10 +36,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (harbor, port) = (cli.harbor.into_settings()?, cli.port.into_settings()?);
             let http =
                 http_client(cli.run.http_timeout).context("Failed to build the HTTP client")?;
-            let harbor =
-                HarborClient::new(http.clone(), harbor.url, harbor.username, harbor.password);
             let retry = RetryPolicy::with_budget(cli.run.retry_max_elapsed);
-            let summary = resync::resync(&harbor, &port_client(&port, http), retry).await;
+            let summary = resync::resync(
+                &harbor_client(&harbor, http.clone()),
+                &port_client(&port, http),
+                retry,
+            )
+            .await;
             if json {
                 println!("{}", serde_json::json!(summary));
             } else {

@@ -19,7 +19,17 @@ use crate::clients::port::PortClient;
 use crate::consumer::{self, ConsumerSettings};
 use crate::handler::{HandleEvent, Handler};
 use crate::resync;
-use crate::settings::{PortSettings, Settings};
+use crate::settings::{HarborSettings, PortSettings, Settings};
+
+/// The Harbor client for these settings.
+pub fn harbor_client(settings: &HarborSettings, http: reqwest::Client) -> HarborClient {
+    HarborClient::new(
+        http,
+        settings.url.clone(),
+        settings.username.clone(),
+        settings.password.clone(),
+    )
+}
 
 /// The Port client for these settings.
 pub fn port_client(settings: &PortSettings, http: reqwest::Client) -> PortClient {
@@ -43,14 +53,8 @@ impl Worker {
     /// Binds `METRICS_ADDR` (port 0 picks one) and starts consuming.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let http = http_client(settings.http_timeout).context("Failed to build the HTTP client")?;
-        let harbor = HarborClient::new(
-            http.clone(),
-            settings.harbor.url.clone(),
-            settings.harbor.username.clone(),
-            settings.harbor.password.clone(),
-        );
         let handler = Arc::new(Handler::new(
-            harbor,
+            harbor_client(&settings.harbor, http.clone()),
             port_client(&settings.port, http),
             settings.retry,
         ));
