@@ -10,6 +10,7 @@ use harbor_sync_tests::samples;
 use harbor_sync_tests::sandbox::PayloadFormat;
 use harbor_sync_tests::wait_until;
 use harbor_worker::clients::http_client;
+use harbor_worker::handler::Handler;
 use harbor_worker::resync::{Summary, resync};
 use harbor_worker::retry::RetryPolicy;
 use harbor_worker::startup::{harbor_client, port_client};
@@ -47,15 +48,13 @@ async fn resync_upserts_everything_harbor_has_and_deletes_what_it_no_longer_has(
     let sandbox = drifted().await;
     let settings = sandbox.worker_settings(&TestTopology::new().await.amqp);
     let http = http_client(Duration::from_secs(5)).unwrap();
-    let harbor = harbor_client(&settings.harbor, http.clone());
-    let port = port_client(&settings.port, http);
-
-    let summary = resync(
-        &harbor,
-        &port,
+    let handler = Handler::new(
+        harbor_client(&settings.harbor, http.clone()),
+        port_client(&settings.port, http),
         RetryPolicy::with_budget(Duration::from_secs(5)),
-    )
-    .await;
+    );
+
+    let summary = resync(&handler).await;
 
     // 2 projects, 2 repositories, 106 artifacts; the stale artifact, its repository and the
     // ghost project deleted.
@@ -83,12 +82,7 @@ async fn resync_upserts_everything_harbor_has_and_deletes_what_it_no_longer_has(
     assert_eq!(projects, ["library", "team"]);
 
     // A second run finds nothing to delete.
-    let again = resync(
-        &harbor,
-        &port,
-        RetryPolicy::with_budget(Duration::from_secs(5)),
-    )
-    .await;
+    let again = resync(&handler).await;
     assert_eq!((again.deleted, again.failed), (0, 0));
 }
 

@@ -224,6 +224,20 @@ pub struct Handler {
 /// How many entities [`Handler`] remembers having written.
 const REMEMBERED_WRITES: usize = 100_000;
 
+/// Under what an entity is remembered.
+fn written_key(blueprint: &str, identifier: &str) -> String {
+    format!("{blueprint}/{identifier}")
+}
+
+/// The key an entity is remembered under, and a hash of its content.
+fn fingerprint(blueprint: &str, entity: &Entity) -> (String, u64) {
+    let mut hasher = std::hash::DefaultHasher::new();
+    serde_json::to_string(entity)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    (written_key(blueprint, &entity.identifier), hasher.finish())
+}
+
 impl Handler {
     /// A handler with its clients.
     pub fn new(harbor: HarborClient, port: PortClient, retry: RetryPolicy) -> Self {
@@ -246,12 +260,7 @@ impl Handler {
         entity: &Entity,
         budget: &Budget,
     ) -> Result<usize, CallError> {
-        let key = format!("{blueprint}/{}", entity.identifier);
-        let mut hasher = std::hash::DefaultHasher::new();
-        serde_json::to_string(entity)
-            .unwrap_or_default()
-            .hash(&mut hasher);
-        let hash = hasher.finish();
+        let (key, hash) = fingerprint(blueprint, entity);
         let unchanged = self
             .written
             .lock()
@@ -260,32 +269,56 @@ impl Handler {
             metrics::counter!("harbor_worker_unchanged_writes_skipped_total").increment(1);
             return Ok(0);
         }
+        self.send(blueprint, entity, key, hash, budget).await?;
+        Ok(1)
+    }
+
+    /// Upserts the entity even if it is the last one written (a resync repairs what was
+    /// changed in Port too), and remembers it.
+    pub(crate) async fn write(
+        &self,
+        blueprint: &str,
+        entity: &Entity,
+        budget: &Budget,
+    ) -> Result<(), CallError> {
+        let (key, hash) = fingerprint(blueprint, entity);
+        self.send(blueprint, entity, key, hash, budget).await
+    }
+
+    async fn send(
+        &self,
+        blueprint: &str,
+        entity: &Entity,
+        key: String,
+        hash: u64,
+        budget: &Budget,
+    ) -> Result<(), CallError> {
         budget
             .run("port", || self.port.upsert(blueprint, entity))
             .await?;
         if let Ok(mut written) = self.written.lock() {
             written.put(key, hash);
         }
-        Ok(1)
+        Ok(())
     }
 
     /// Deletes the entity (and forgets having written it).
-    async fn delete(
+    pub(crate) async fn delete(
         &self,
         blueprint: &str,
         identifier: &str,
         budget: &Budget,
     ) -> Result<(), CallError> {
         if let Ok(mut written) = self.written.lock() {
-            written.pop(&format!("{blueprint}/{identifier}"));
+            written.pop(&written_key(blueprint, identifier));
         }
         budget
             .run("port", || self.port.delete(blueprint, identifier))
             .await
     }
 
-    /// The Port client, for commands that write to Port directly.
-    pub fn port(&self) -> &PortClient {
+    /// The Port client, for reads; writes go through the handler, which remembers them.
+    pub(crate) fn port(&self) -> &PortClient {
         &self.port
     }
 

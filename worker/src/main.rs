@@ -4,6 +4,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use harbor_shared::{ops, telemetry};
 use harbor_worker::clients::http_client;
+use harbor_worker::handler::Handler;
 use harbor_worker::parked::{self, Selection};
 use harbor_worker::retry::RetryPolicy;
 use harbor_worker::settings::{Cli, Command, ParkedAction};
@@ -37,12 +38,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let http =
                 http_client(cli.run.http_timeout).context("Failed to build the HTTP client")?;
             let retry = RetryPolicy::with_budget(cli.run.retry_max_elapsed);
-            let summary = resync::resync(
-                &harbor_client(&harbor, http.clone()),
-                &port_client(&port, http),
+            let handler = Handler::new(
+                harbor_client(&harbor, http.clone()),
+                port_client(&port, http),
                 retry,
-            )
-            .await;
+            );
+            let summary = resync::resync(&handler).await;
             if json {
                 println!("{}", serde_json::json!(summary));
             } else {

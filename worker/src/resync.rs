@@ -5,7 +5,8 @@
 //! repository and artifact (paginated, `page_size` 100, a few repositories at a time), upserts
 //! them all, then deletes the entities of our blueprints that Harbor no longer has. It is safe
 //! while webhooks flow: before deleting an entity it did not see, it asks Harbor for that one
-//! thing again, so something pushed during the walk is not deleted.
+//! thing again, so something pushed during the walk is not deleted. It writes and deletes
+//! through the [`Handler`], so that the handler's memory of what it wrote stays true.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -15,11 +16,11 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::clients::CallError;
-use crate::clients::harbor::HarborClient;
-use crate::clients::port::PortClient;
+use crate::clients::harbor::Repository;
 use crate::entities::{self, ARTIFACT, PROJECT, REPOSITORY};
+use crate::handler::Handler;
 use crate::names::{Digest, RepositoryName, project_name};
-use crate::retry::{Budget, RetryPolicy};
+use crate::retry::Budget;
 
 /// Repositories walked at once.
 const CONCURRENCY: usize = 4;
@@ -46,7 +47,8 @@ struct Seen {
 }
 
 /// Walks Harbor and makes Port match it.
-pub async fn resync(harbor: &HarborClient, port: &PortClient, retry: RetryPolicy) -> Summary {
+pub async fn resync(handler: &Handler) -> Summary {
+    let (harbor, retry) = (handler.harbor(), handler.retry());
     let started = Instant::now();
     let mut summary = Summary::default();
     let mut seen = Seen::default();
@@ -65,7 +67,7 @@ pub async fn resync(harbor: &HarborClient, port: &PortClient, retry: RetryPolicy
         summary.seen += 1;
         let budget = Budget::start(retry);
         let entity = entities::project(project);
-        let written = budget.run("port", || port.upsert(PROJECT, &entity)).await;
+        let written = handler.write(PROJECT, &entity, &budget).await;
         count(&mut summary, written, &project.name);
         match harbor.repositories(&project.name, &budget).await {
             Ok(found) => repositories.extend(found),
@@ -77,15 +79,15 @@ pub async fn resync(harbor: &HarborClient, port: &PortClient, retry: RetryPolicy
     }
 
     let mut walked = futures_util::stream::iter(repositories)
-        .map(|repository| async move { sync_repository(harbor, port, retry, repository).await })
+        .map(|repository| sync_repository(handler, repository))
         .buffer_unordered(CONCURRENCY);
     let mut last_progress = Instant::now();
     let mut done = 0;
     while let Some(repository) = walked.next().await {
         done += 1;
         summary.seen += repository.seen.len() + 1;
-        summary.upserted += repository.upserted;
-        summary.failed += repository.failed;
+        summary.upserted += repository.tally.upserted;
+        summary.failed += repository.tally.failed;
         seen.repositories.insert(repository.name);
         seen.artifacts.extend(repository.seen);
         if last_progress.elapsed() > Duration::from_secs(10) {
@@ -98,7 +100,7 @@ pub async fn resync(harbor: &HarborClient, port: &PortClient, retry: RetryPolicy
         }
     }
 
-    delete_unseen(harbor, port, retry, &seen, &mut summary).await;
+    delete_unseen(handler, &seen, &mut summary).await;
     info!(
         seen = summary.seen,
         upserted = summary.upserted,
@@ -123,45 +125,33 @@ fn count(summary: &mut Summary, written: Result<(), CallError>, what: &str) {
 /// One repository's walk.
 struct RepositoryWalk {
     name: String,
+    /// The identifiers of its artifacts.
     seen: Vec<String>,
-    upserted: usize,
-    failed: usize,
+    /// What was written, and what failed.
+    tally: Summary,
 }
 
-async fn sync_repository(
-    harbor: &HarborClient,
-    port: &PortClient,
-    retry: RetryPolicy,
-    repository: crate::clients::harbor::Repository,
-) -> RepositoryWalk {
+async fn sync_repository(handler: &Handler, repository: Repository) -> RepositoryWalk {
+    let (harbor, retry) = (handler.harbor(), handler.retry());
     let mut walk = RepositoryWalk {
         name: repository.name.clone(),
         seen: Vec::new(),
-        upserted: 0,
-        failed: 0,
+        tally: Summary::default(),
     };
     let Ok(name) = RepositoryName::parse(&repository.name) else {
         warn!(repository = %repository.name, "Resync: skipping a repository with an unexpected name");
-        walk.failed += 1;
+        walk.tally.failed += 1;
         return walk;
     };
     let budget = Budget::start(retry);
     let entity = entities::repository(&name, &repository, harbor.base());
-    match budget
-        .run("port", || port.upsert(REPOSITORY, &entity))
-        .await
-    {
-        Ok(()) => walk.upserted += 1,
-        Err(error) => {
-            warn!(repository = %name, %error, "Resync: cannot write");
-            walk.failed += 1;
-        }
-    }
+    let written = handler.write(REPOSITORY, &entity, &budget).await;
+    count(&mut walk.tally, written, &repository.name);
     let artifacts = match harbor.artifacts(&name, &budget).await {
         Ok(artifacts) => artifacts,
         Err(error) => {
             warn!(repository = %name, %error, "Resync: cannot list artifacts");
-            walk.failed += 1;
+            walk.tally.failed += 1;
             return walk;
         }
     };
@@ -171,27 +161,18 @@ async fn sync_repository(
         };
         let entity = entities::artifact(&name, &digest, &artifact, harbor.base());
         walk.seen.push(entity.identifier.clone());
-        let budget = Budget::start(retry);
-        match budget.run("port", || port.upsert(ARTIFACT, &entity)).await {
-            Ok(()) => walk.upserted += 1,
-            Err(error) => {
-                warn!(artifact = %entity.identifier, %error, "Resync: cannot write");
-                walk.failed += 1;
-            }
-        }
+        let written = handler
+            .write(ARTIFACT, &entity, &Budget::start(retry))
+            .await;
+        count(&mut walk.tally, written, &entity.identifier);
     }
     walk
 }
 
 /// Deletes the entities Harbor does not have: those not seen in the walk, once Harbor confirmed
 /// (404) that each is gone.
-async fn delete_unseen(
-    harbor: &HarborClient,
-    port: &PortClient,
-    retry: RetryPolicy,
-    seen: &Seen,
-    summary: &mut Summary,
-) {
+async fn delete_unseen(handler: &Handler, seen: &Seen, summary: &mut Summary) {
+    let (harbor, retry) = (handler.harbor(), handler.retry());
     // Artifacts first, then repositories, then projects: dependents before what they relate to.
     for (blueprint, known) in [
         (ARTIFACT, &seen.artifacts),
@@ -199,7 +180,10 @@ async fn delete_unseen(
         (PROJECT, &seen.projects),
     ] {
         let budget = Budget::start(retry);
-        let listed = match budget.run("port", || port.identifiers(blueprint)).await {
+        let listed = match budget
+            .run("port", || handler.port().identifiers(blueprint))
+            .await
+        {
             Ok(listed) => listed,
             Err(error) => {
                 warn!(blueprint, %error, "Resync: cannot list Port's entities; none deleted");
@@ -240,10 +224,7 @@ async fn delete_unseen(
             match gone {
                 // It appeared during the walk: a webhook will have written it.
                 Ok(false) => {}
-                Ok(true) => match budget
-                    .run("port", || port.delete(blueprint, &identifier))
-                    .await
-                {
+                Ok(true) => match handler.delete(blueprint, &identifier, &budget).await {
                     Ok(()) => summary.deleted += 1,
                     Err(error) => {
                         warn!(blueprint, %identifier, %error, "Resync: cannot delete");

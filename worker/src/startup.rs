@@ -150,7 +150,7 @@ async fn resync_every(interval: Duration, handler: Arc<Handler>, shutdown: Cance
             () = shutdown.cancelled() => return,
         }
         tokio::select! {
-            _ = resync::resync(handler.harbor(), handler.port(), handler.retry()) => {}
+            _ = resync::resync(&handler) => {}
             () = shutdown.cancelled() => return,
         }
     }
