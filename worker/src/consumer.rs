@@ -118,7 +118,7 @@ async fn session<H: HandleEvent>(
     readiness.set(true);
     info!(
         queue = topology.queue(),
-        prefetch = settings.prefetch,
+        prefetch,
         concurrency = settings.concurrency,
         "Consuming"
     );
@@ -289,14 +289,14 @@ async fn process<H: HandleEvent>(
             debug!(folded = followers.len(), "Events folded into this refresh");
             metrics::counter!("harbor_worker_events_coalesced_total").increment(followers.len() as u64);
         }
-        let settled = 1 + followers.len() as u64;
+        let settled = 1 + followers.len();
         for follower in followers {
             settle(follower, verdict.clone(), &shared.parker, &shared.topology).await;
         }
         settle(delivery, verdict, &shared.parker, &shared.topology).await;
-        shared.held.fetch_sub(settled as usize, Ordering::Relaxed);
+        shared.held.fetch_sub(settled, Ordering::Relaxed);
         metrics::counter!("harbor_worker_events_total", "event_type" => event_type.clone(), "outcome" => outcome)
-            .increment(settled);
+            .increment(settled as u64);
         metrics::histogram!("harbor_worker_event_duration_seconds", "event_type" => event_type)
             .record(started.elapsed().as_secs_f64());
     }
