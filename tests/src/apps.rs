@@ -241,9 +241,18 @@ impl Stack {
 /// Sums `harbor_worker_events_total{outcome=...}` over event types.
 pub fn outcome_count(metrics: &str, outcome: &str) -> usize {
     let label = format!("outcome=\"{outcome}\"");
+    events_total(metrics, |line| line.contains(&label))
+}
+
+/// Sums `harbor_worker_events_total` over event types and outcomes: every event settled.
+pub fn settled_count(metrics: &str) -> usize {
+    events_total(metrics, |_| true)
+}
+
+fn events_total(metrics: &str, keep: impl Fn(&str) -> bool) -> usize {
     metrics
         .lines()
-        .filter(|line| line.starts_with("harbor_worker_events_total{") && line.contains(&label))
+        .filter(|line| line.starts_with("harbor_worker_events_total{") && keep(line))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as usize
 }

@@ -22,6 +22,14 @@ pub mod sandbox;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+/// The `p` quantile (0 to 1) of durations sorted in ascending order; zero when there are none.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
 /// Polls `condition` every 50 ms until it holds; panics with `what` after `timeout`.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
 where

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use harbor_sync_tests::apps::{SECRET, TestIngest, ingest_settings};
 use harbor_sync_tests::fakes::{FakeHarbor, FakePort};
+use harbor_sync_tests::percentile;
 use harbor_sync_tests::processes::{Processes, free_port, worker_env};
 use harbor_sync_tests::rabbit::{TestTopology, close_connections};
 use harbor_sync_tests::samples;
@@ -75,13 +76,6 @@ impl Respond for PortFace {
         }
         ResponseTemplate::new(201).set_body_json(json!({"ok": true, "entity": entity}))
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 #[tokio::main]

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use harbor_sync_tests::percentile;
 use tokio::time::Instant;
 
 /// When each lane's requests are due: paced, lane `l` sending its `i`-th request at
@@ -69,14 +70,6 @@ impl Tally {
             percentile(&self.latencies, 0.999)
         )
     }
-}
-
-/// The `p` quantile of sorted durations.
-pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// One lane of a [`Schedule`]: hands out its requests when they are due.

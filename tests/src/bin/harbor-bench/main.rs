@@ -23,8 +23,9 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use harbor_shared::publisher::{Outgoing, Publisher};
-use harbor_sync_tests::apps::SECRET;
+use harbor_sync_tests::apps::{SECRET, settled_count};
 use harbor_sync_tests::fakes::{FakeHarbor, FakePort, harbor_json};
+use harbor_sync_tests::percentile;
 use harbor_sync_tests::processes::{Processes, free_port, worker_env};
 use harbor_sync_tests::rabbit::{TestTopology, amqp_url};
 use harbor_sync_tests::samples;
@@ -35,7 +36,7 @@ use wiremock::matchers::{method, path_regex};
 use wiremock::{Mock, Request, Respond, ResponseTemplate};
 
 use crate::cpu::Cores;
-use crate::load::{Schedule, Tally, percentile};
+use crate::load::{Schedule, Tally};
 
 #[derive(Parser)]
 struct Cli {
@@ -84,20 +85,16 @@ fn peak_rss_mb(pid: u32) -> f64 {
     kb / 1024.0
 }
 
-fn common_env(broker: &TestTopology) -> Vec<(&'static str, String)> {
-    vec![
+async fn start_ingest(processes: &mut Processes, broker: &TestTopology) -> String {
+    let port = free_port();
+    let env = [
         ("AMQP_URL", amqp_url()),
         ("AMQP_EXCHANGE", broker.topology().exchange().to_owned()),
         ("AMQP_QUEUE", broker.topology().queue().to_owned()),
         ("RUST_LOG", "warn".to_owned()),
-    ]
-}
-
-async fn start_ingest(processes: &mut Processes, broker: &TestTopology) -> String {
-    let port = free_port();
-    let mut env = common_env(broker);
-    env.push(("LISTEN_ADDR", format!("127.0.0.1:{port}")));
-    env.push(("WEBHOOK_SECRET", SECRET.to_owned()));
+        ("LISTEN_ADDR", format!("127.0.0.1:{port}")),
+        ("WEBHOOK_SECRET", SECRET.to_owned()),
+    ];
     processes.spawn("ingest", "harbor-ingest", &env);
     let base = format!("http://127.0.0.1:{port}");
     harbor_sync_tests::apps::wait_ready_at(&format!("{base}/readyz")).await;
@@ -121,6 +118,7 @@ async fn start_worker(
     base
 }
 
+/// Events the worker has settled, read from its metrics.
 async fn handled(metrics_base: &str) -> usize {
     let text = reqwest::get(format!("{metrics_base}/metrics"))
         .await
@@ -128,10 +126,7 @@ async fn handled(metrics_base: &str) -> usize {
         .text()
         .await
         .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("harbor_worker_events_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as usize
+    settled_count(&text)
 }
 
 /// A ~1.2 KB PUSH payload, shaped like Harbor's, unique per `n`.
