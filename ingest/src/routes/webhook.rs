@@ -254,7 +254,9 @@ fn request_id(request: &HttpRequest) -> String {
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
 }
 
-fn properties(envelope: &Envelope, request_id: &str) -> BasicProperties {
+/// The AMQP properties an accepted event is published with: persistent, its message id, when
+/// and in which format it was received, and the request it came with.
+pub fn properties(envelope: &Envelope, request_id: &str) -> BasicProperties {
     let now = SystemTime::now();
     let mut headers = FieldTable::default();
     headers.insert(

@@ -72,6 +72,21 @@ impl Cores {
     }
 }
 
+impl Cores {
+    /// CPU time each used per message, when `messages` went through in the measured time.
+    pub fn per_message(&self, messages: u64) -> String {
+        let parts: Vec<String> = self
+            .processes
+            .iter()
+            .zip(&self.used)
+            .map(|((name, _), used)| {
+                format!("{name} {:.0} µs", used * 1e6 / messages.max(1) as f64)
+            })
+            .collect();
+        parts.join(", ")
+    }
+}
+
 impl std::fmt::Display for Cores {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for (i, ((name, _), used)) in self.processes.iter().zip(&self.used).enumerate() {

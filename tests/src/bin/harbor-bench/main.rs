@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
+use harbor_ingest::routes::webhook;
+use harbor_shared::event::Envelope;
 use harbor_shared::publisher::{Outgoing, Publisher};
 use harbor_sync_tests::apps::{SECRET, settled_count};
 use harbor_sync_tests::fakes::{FakeHarbor, FakePort, harbor_json};
@@ -30,7 +31,6 @@ use harbor_sync_tests::processes::{Processes, free_port, worker_env};
 use harbor_sync_tests::rabbit::{TestTopology, amqp_url};
 use harbor_sync_tests::samples;
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use serde_json::json;
 use wiremock::matchers::{method, path_regex};
 use wiremock::{Mock, Request, Respond, ResponseTemplate};
@@ -143,63 +143,65 @@ fn push_payload(n: u64) -> Vec<u8> {
     .unwrap()
 }
 
-/// The broker's own rate: persistent, confirmed publishes of one process, 64 in flight on one
-/// channel, into a quorum queue like ours.
-struct Ceiling {
-    _connection: lapin::Connection,
-    channel: lapin::Channel,
-    exchange: String,
-    body: Vec<u8>,
+/// Publishes the ingest's messages (same body, same properties) straight to the broker through
+/// the ingest's own publisher (one connection, four confirm-mode channels), without HTTP: each
+/// lane publishes its next message as soon as the last is confirmed, or when it is due. Back to
+/// back on 64 lanes this is the ceiling, the broker's own rate for persistent, confirmed
+/// publishes of one process with 64 in flight.
+struct Direct {
+    connection: lapin::Connection,
+    publisher: Arc<Publisher>,
+    exchange: Arc<str>,
+    body: Arc<Vec<u8>>,
+    properties: BasicProperties,
 }
 
-impl Ceiling {
+impl Direct {
     async fn open(broker: &TestTopology) -> Self {
-        let connection = harbor_shared::broker::connect(&broker.amqp.url, "harbor-bench ceiling")
+        let connection = harbor_shared::broker::connect(&broker.amqp.url, "harbor-bench publisher")
             .await
             .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
+        let publisher = Publisher::open(&connection, 4, Duration::from_secs(5))
             .await
             .unwrap();
+        let body = push_payload(0);
+        let envelope = Envelope::parse(&body).unwrap();
         Self {
-            _connection: connection,
-            channel,
-            exchange: broker.topology().exchange().to_owned(),
-            body: push_payload(0),
+            connection,
+            publisher: Arc::new(publisher),
+            exchange: broker.topology().exchange().into(),
+            properties: webhook::properties(&envelope, &uuid::Uuid::new_v4().to_string()),
+            body: Arc::new(body),
         }
     }
 
-    /// Publishes for `duration`, then waits for the last confirms; returns how many were
-    /// confirmed.
-    async fn run(&self, duration: Duration) -> u64 {
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
-        let started = Instant::now();
-        let mut in_flight = FuturesUnordered::new();
-        let mut confirmed = 0;
-        loop {
-            while in_flight.len() < 64 && started.elapsed() < duration {
-                let confirm = self
-                    .channel
-                    .basic_publish(
-                        self.exchange.as_str().into(),
-                        "PUSH_ARTIFACT".into(),
-                        options,
-                        &self.body,
-                        BasicProperties::default().with_delivery_mode(2),
-                    )
-                    .await
-                    .unwrap();
-                in_flight.push(confirm);
-            }
-            match in_flight.next().await {
-                Some(confirmation) => confirmed += u64::from(confirmation.unwrap().is_ack()),
-                None => return confirmed,
-            }
-        }
+    async fn run(&self, lanes: usize, duration: Duration, rate: Option<f64>) -> Tally {
+        Schedule::new(lanes, duration, rate)
+            .run(|mut lane| {
+                let publisher = self.publisher.clone();
+                let (body, exchange) = (self.body.clone(), self.exchange.clone());
+                let properties = self.properties.clone();
+                async move {
+                    while lane.next().await.is_some() {
+                        let published = publisher
+                            .publish(Outgoing {
+                                exchange: &exchange,
+                                routing_key: "PUSH_ARTIFACT",
+                                body: &body,
+                                properties: properties.clone(),
+                            })
+                            .await;
+                        lane.answered(published.is_ok());
+                    }
+                    lane.tally()
+                }
+            })
+            .await
+    }
+
+    async fn close(self) {
+        self.publisher.close().await;
+        let _ = self.connection.close(200, "done".into()).await;
     }
 }
 
@@ -224,48 +226,6 @@ async fn through_ingest(
             }
         })
         .await
-}
-
-/// The same messages published straight to the broker with the ingest's own publisher: what
-/// the broker alone gives, for comparison.
-async fn straight_to_broker(
-    broker: &TestTopology,
-    lanes: usize,
-    duration: Duration,
-    rate: f64,
-) -> Tally {
-    let connection = harbor_shared::broker::connect(&broker.amqp.url, "harbor-bench publisher")
-        .await
-        .unwrap();
-    let publisher = Arc::new(
-        Publisher::open(&connection, 4, Duration::from_secs(5))
-            .await
-            .unwrap(),
-    );
-    let body = Arc::new(push_payload(0));
-    let exchange: Arc<str> = broker.topology().exchange().into();
-    let tally = Schedule::new(lanes, duration, Some(rate))
-        .run(|mut lane| {
-            let (publisher, body, exchange) = (publisher.clone(), body.clone(), exchange.clone());
-            async move {
-                while lane.next().await.is_some() {
-                    let published = publisher
-                        .publish(Outgoing {
-                            exchange: &exchange,
-                            routing_key: "PUSH_ARTIFACT",
-                            body: &body,
-                            properties: BasicProperties::default().with_delivery_mode(2),
-                        })
-                        .await;
-                    lane.answered(published.is_ok());
-                }
-                lane.tally()
-            }
-        })
-        .await;
-    publisher.close().await;
-    let _ = connection.close(200, "done".into()).await;
-    tally
 }
 
 /// Consumes the work queue as production would (without the work), counting, until dropped.
@@ -347,20 +307,21 @@ async fn ingest(connections: usize, seconds: u64) {
     // broker's slow spells, which last seconds (after a WAL roll-over, for one), weigh on both
     // alike. Neither queue is drained.
     let turn = Duration::from_secs(1);
-    let ceiling_publisher = Ceiling::open(&ceiling_broker).await;
+    let ceiling_publisher = Direct::open(&ceiling_broker).await;
     let (mut ceiling_cores, mut ingest_cores) = (Cores::new(&[]), Cores::new(&[("ingest", pid)]));
-    let (mut confirmed, mut ceiling_time, mut ingest_time) = (0, 0.0, 0.0);
-    let mut saturated = Tally::default();
+    let (mut ceiling_time, mut ingest_time) = (0.0, 0.0);
+    let (mut saturated, mut confirmed) = (Tally::default(), Tally::default());
     for _ in 0..seconds {
         let started = Instant::now();
-        confirmed += ceiling_cores.measure(ceiling_publisher.run(turn)).await;
+        let run = ceiling_publisher.run(connections, turn, None);
+        confirmed.add(ceiling_cores.measure(run).await);
         ceiling_time += started.elapsed().as_secs_f64();
         let started = Instant::now();
         let run = through_ingest(address, &requests, connections, turn, None);
         saturated.add(ingest_cores.measure(run).await);
         ingest_time += started.elapsed().as_secs_f64();
     }
-    let ceiling = confirmed as f64 / ceiling_time;
+    let ceiling = confirmed.ok as f64 / ceiling_time;
     let rate = saturated.ok as f64 / ingest_time;
     let queued = broker.work_ready().await;
     println!(
@@ -378,11 +339,22 @@ async fn ingest(connections: usize, seconds: u64) {
     );
     println!("  cores used      {ingest_cores}");
     println!(
-        "broker ceiling: {ceiling:.0} confirmed persistent publishes/s (1 process, 64 in flight, quorum queue), {seconds} s in turns with the ingest"
+        "  CPU per message {}",
+        ingest_cores.per_message(saturated.ok)
     );
+    println!(
+        "broker ceiling: {ceiling:.0} confirmed persistent publishes/s (1 process, {connections} in flight, quorum queue), {seconds} s in turns with the ingest"
+    );
+    println!("  latency         {}", confirmed.latency());
+    println!("  failed          {}", confirmed.failed);
     println!("  cores used      {ceiling_cores}");
+    println!(
+        "  CPU per message {}",
+        ceiling_cores.per_message(confirmed.ok)
+    );
     println!("ingest/ceiling:  {:.2}", rate / ceiling);
-    drop((ceiling_publisher, ceiling_broker));
+    ceiling_publisher.close().await;
+    drop(ceiling_broker);
 
     // A steady 40 % of the ceiling with a consumer draining the queue, as in production: first
     // straight to the broker, then through the ingest.
@@ -394,7 +366,9 @@ async fn ingest(connections: usize, seconds: u64) {
         "steady load: {steady:.0}/s (40% of the ceiling) for {seconds} s on {connections} lanes, queue drained; latency from when each was due"
     );
     let duration = Duration::from_secs(seconds);
-    let mut direct = straight_to_broker(&broker, connections, duration, steady).await;
+    let publisher = Direct::open(&broker).await;
+    let mut direct = publisher.run(connections, duration, Some(steady)).await;
+    publisher.close().await;
     println!(
         "  broker alone    {}  errors {}",
         direct.latency(),
