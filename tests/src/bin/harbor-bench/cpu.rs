@@ -32,8 +32,9 @@ fn broker_pids() -> Vec<u32> {
         .collect()
 }
 
-/// Cores used, on average, by the broker, the named processes and this program, over the
-/// stretches of time passed to [`measure`](Self::measure).
+/// Cores used, on average, by the broker, the named processes and this program (under the
+/// name of its part in the measurement), over the stretches of time passed to
+/// [`measure`](Self::measure).
 pub struct Cores {
     processes: Vec<(String, Vec<u32>)>,
     used: Vec<f64>,
@@ -41,14 +42,14 @@ pub struct Cores {
 }
 
 impl Cores {
-    pub fn new(others: &[(&str, u32)]) -> Self {
+    pub fn new(this: &str, others: &[(&str, u32)]) -> Self {
         let mut processes = vec![("broker".to_owned(), broker_pids())];
         processes.extend(
             others
                 .iter()
                 .map(|(name, pid)| ((*name).to_owned(), vec![*pid])),
         );
-        processes.push(("generator".to_owned(), vec![std::process::id()]));
+        processes.push((this.to_owned(), vec![std::process::id()]));
         let used = vec![0.0; processes.len()];
         Self {
             processes,

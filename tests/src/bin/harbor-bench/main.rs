@@ -308,7 +308,8 @@ async fn ingest(connections: usize, seconds: u64) {
     // alike. Neither queue is drained.
     let turn = Duration::from_secs(1);
     let ceiling_publisher = Direct::open(&ceiling_broker).await;
-    let (mut ceiling_cores, mut ingest_cores) = (Cores::new(&[]), Cores::new(&[("ingest", pid)]));
+    let mut ceiling_cores = Cores::new("publisher", &[]);
+    let mut ingest_cores = Cores::new("generator", &[("ingest", pid)]);
     let (mut ceiling_time, mut ingest_time) = (0.0, 0.0);
     let (mut saturated, mut confirmed) = (Tally::default(), Tally::default());
     for _ in 0..seconds {
