@@ -10,10 +10,9 @@ use harbor_sync_tests::samples;
 use harbor_sync_tests::sandbox::PayloadFormat;
 use harbor_sync_tests::wait_until;
 use harbor_worker::clients::http_client;
-use harbor_worker::handler::Handler;
 use harbor_worker::resync::{Summary, resync};
 use harbor_worker::retry::RetryPolicy;
-use harbor_worker::startup::{harbor_client, port_client};
+use harbor_worker::startup::handler;
 use serde_json::json;
 
 /// A sandbox whose Harbor holds 105 artifacts in library/nginx (more than one page) and one in
@@ -48,9 +47,10 @@ async fn resync_upserts_everything_harbor_has_and_deletes_what_it_no_longer_has(
     let sandbox = drifted().await;
     let settings = sandbox.worker_settings(&TestTopology::new().await.amqp);
     let http = http_client(Duration::from_secs(5)).unwrap();
-    let handler = Handler::new(
-        harbor_client(&settings.harbor, http.clone()),
-        port_client(&settings.port, http),
+    let handler = handler(
+        &settings.harbor,
+        &settings.port,
+        http,
         RetryPolicy::with_budget(Duration::from_secs(5)),
     );
 

@@ -4,11 +4,10 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use harbor_shared::{ops, telemetry};
 use harbor_worker::clients::http_client;
-use harbor_worker::handler::Handler;
 use harbor_worker::parked::{self, Selection};
 use harbor_worker::retry::RetryPolicy;
 use harbor_worker::settings::{Cli, Command, ParkedAction};
-use harbor_worker::startup::{Worker, harbor_client, port_client};
+use harbor_worker::startup::{Worker, handler, port_client};
 use harbor_worker::{backlog, blueprints, resync};
 
 #[tokio::main]
@@ -38,11 +37,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let http =
                 http_client(cli.run.http_timeout).context("Failed to build the HTTP client")?;
             let retry = RetryPolicy::with_budget(cli.run.retry_max_elapsed);
-            let handler = Handler::new(
-                harbor_client(&harbor, http.clone()),
-                port_client(&port, http),
-                retry,
-            );
+            let handler = handler(&harbor, &port, http, retry);
             let summary = resync::resync(&handler).await;
             if json {
                 println!("{}", serde_json::json!(summary));

@@ -19,16 +19,23 @@ use crate::clients::port::PortClient;
 use crate::consumer::{self, ConsumerSettings};
 use crate::handler::{HandleEvent, Handler};
 use crate::resync;
+use crate::retry::RetryPolicy;
 use crate::settings::{HarborSettings, PortSettings, Settings};
 
-/// The Harbor client for these settings.
-pub fn harbor_client(settings: &HarborSettings, http: reqwest::Client) -> HarborClient {
-    HarborClient::new(
-        http,
-        settings.url.clone(),
-        settings.username.clone(),
-        settings.password.clone(),
-    )
+/// The handler for these settings: its Harbor and Port clients share `http`.
+pub fn handler(
+    harbor: &HarborSettings,
+    port: &PortSettings,
+    http: reqwest::Client,
+    retry: RetryPolicy,
+) -> Handler {
+    let harbor = HarborClient::new(
+        http.clone(),
+        harbor.url.clone(),
+        harbor.username.clone(),
+        harbor.password.clone(),
+    );
+    Handler::new(harbor, port_client(port, http), retry)
 }
 
 /// The Port client for these settings.
@@ -53,9 +60,10 @@ impl Worker {
     /// Binds `METRICS_ADDR` (port 0 picks one) and starts consuming.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let http = http_client(settings.http_timeout).context("Failed to build the HTTP client")?;
-        let handler = Arc::new(Handler::new(
-            harbor_client(&settings.harbor, http.clone()),
-            port_client(&settings.port, http),
+        let handler = Arc::new(handler(
+            &settings.harbor,
+            &settings.port,
+            http,
             settings.retry,
         ));
         let interval = settings.resync_interval;
