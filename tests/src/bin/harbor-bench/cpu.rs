@@ -71,18 +71,24 @@ impl Cores {
         }
         output
     }
-}
 
-impl Cores {
+    /// Seconds measured.
+    pub fn seconds(&self) -> f64 {
+        self.elapsed
+    }
+
     /// CPU time each used per message, when `messages` went through in the measured time.
     pub fn per_message(&self, messages: u64) -> String {
+        self.each(|used| format!("{:.0} µs", used * 1e6 / messages.max(1) as f64))
+    }
+
+    /// `name figure` for each process, `figure` made from the CPU seconds it used.
+    fn each(&self, figure: impl Fn(f64) -> String) -> String {
         let parts: Vec<String> = self
             .processes
             .iter()
             .zip(&self.used)
-            .map(|((name, _), used)| {
-                format!("{name} {:.0} µs", used * 1e6 / messages.max(1) as f64)
-            })
+            .map(|((name, _), used)| format!("{name} {}", figure(*used)))
             .collect();
         parts.join(", ")
     }
@@ -90,15 +96,8 @@ impl Cores {
 
 impl std::fmt::Display for Cores {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, ((name, _), used)) in self.processes.iter().zip(&self.used).enumerate() {
-            let separator = if i == 0 { "" } else { ", " };
-            write!(
-                f,
-                "{separator}{name} {:.2}",
-                used / self.elapsed.max(f64::EPSILON)
-            )?;
-        }
-        Ok(())
+        let cores = self.each(|used| format!("{:.2}", used / self.elapsed.max(f64::EPSILON)));
+        f.write_str(&cores)
     }
 }
 

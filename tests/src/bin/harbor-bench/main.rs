@@ -310,20 +310,15 @@ async fn ingest(connections: usize, seconds: u64) {
     let ceiling_publisher = Direct::open(&ceiling_broker).await;
     let mut ceiling_cores = Cores::new("publisher", &[]);
     let mut ingest_cores = Cores::new("generator", &[("ingest", pid)]);
-    let (mut ceiling_time, mut ingest_time) = (0.0, 0.0);
     let (mut saturated, mut confirmed) = (Tally::default(), Tally::default());
     for _ in 0..seconds {
-        let started = Instant::now();
         let run = ceiling_publisher.run(connections, turn, None);
         confirmed.add(ceiling_cores.measure(run).await);
-        ceiling_time += started.elapsed().as_secs_f64();
-        let started = Instant::now();
         let run = through_ingest(address, &requests, connections, turn, None);
         saturated.add(ingest_cores.measure(run).await);
-        ingest_time += started.elapsed().as_secs_f64();
     }
-    let ceiling = confirmed.ok as f64 / ceiling_time;
-    let rate = saturated.ok as f64 / ingest_time;
+    let ceiling = confirmed.ok as f64 / ceiling_cores.seconds();
+    let rate = saturated.ok as f64 / ingest_cores.seconds();
     let queued = broker.work_ready().await;
     println!(
         "ingest: {connections} connections, {seconds} s, signed {} B PUSH payloads",
