@@ -7,11 +7,11 @@ use harbor_shared::config::AmqpSettings;
 use harbor_shared::topology::Topology;
 use lapin::message::BasicGetMessage;
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 
 /// The broker tests use.
 pub fn amqp_url() -> String {
@@ -167,6 +167,29 @@ impl TestTopology {
             },
         )
         .await;
+    }
+
+    /// A consumer of the work queue tagged `tag`, on a connection of its own named the same,
+    /// returned with it: the consumer ends when the connection is dropped.
+    pub async fn consume_work_queue(
+        &self,
+        tag: &str,
+        options: BasicConsumeOptions,
+    ) -> (Connection, Consumer) {
+        let connection = broker::connect(&self.amqp.url, tag).await.unwrap();
+        let consumer = connection
+            .create_channel()
+            .await
+            .unwrap()
+            .basic_consume(
+                self.topology().queue().into(),
+                tag.into(),
+                options,
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        (connection, consumer)
     }
 
     /// Empties the work queue.

@@ -19,7 +19,7 @@ use harbor_worker::handler::{Failure, HandleEvent, Outcome};
 use harbor_worker::startup::Worker;
 use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, BasicNackOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use serde_json::json;
 use wiremock::matchers::{body_partial_json, method, path_regex};
 use wiremock::{Mock, Request, Respond, ResponseTemplate};
@@ -463,19 +463,9 @@ async fn a_message_that_keeps_coming_back_is_dead_lettered_by_the_delivery_limit
         .await;
 
     // A consumer that dies on the message every time: requeued, delivered again, ...
-    let connection = harbor_shared::broker::connect(&broker.amqp.url, "crash-loop")
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            broker.topology().queue().into(),
-            "crash-loop".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (_connection, mut consumer) = broker
+        .consume_work_queue("crash-loop", BasicConsumeOptions::default())
+        .await;
     let mut deliveries = 0;
     let deadline = Instant::now() + Duration::from_secs(20);
     while broker.parked_ready().await == 0 {

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use harbor_sync_tests::apps::{Stack, outcome_count};
-use harbor_sync_tests::fakes::{PORT_TOKEN, harbor_json};
+use harbor_sync_tests::fakes::{PORT_TOKEN, PortWrite, harbor_json};
 use harbor_sync_tests::rabbit::close_connections;
 use harbor_sync_tests::samples;
 use lapin::BasicProperties;
@@ -357,6 +357,16 @@ async fn pull_stack(
     (stack, pull)
 }
 
+/// The pull count of the last repository entity written to Port.
+fn last_pull_count(writes: &[PortWrite]) -> serde_json::Value {
+    let repository = writes
+        .iter()
+        .rev()
+        .find(|w| w.blueprint == "harborRepository")
+        .expect("a repository was written");
+    repository.entity.as_ref().unwrap()["properties"]["pullCount"].clone()
+}
+
 #[tokio::test]
 async fn a_flood_of_pulls_of_one_artifact_is_folded_into_one_refresh_after_the_window() {
     let (stack, pull) = pull_stack(20, |settings| {
@@ -394,15 +404,7 @@ async fn a_flood_of_pulls_of_one_artifact_is_folded_into_one_refresh_after_the_w
         artifact_writes <= 2,
         "{artifact_writes} Port writes for 20 pulls"
     );
-    let repository = writes
-        .iter()
-        .rev()
-        .find(|w| w.blueprint == "harborRepository")
-        .unwrap();
-    assert_eq!(
-        repository.entity.as_ref().unwrap()["properties"]["pullCount"],
-        20
-    );
+    assert_eq!(last_pull_count(&writes), 20);
     let metrics = stack.worker.metrics().await;
     assert!(
         metrics.contains("harbor_worker_events_coalesced_total"),
@@ -444,18 +446,7 @@ async fn a_flood_of_pulls_beyond_the_prefetch_does_not_stop_the_consumer_for_a_w
         metrics.contains("harbor_worker_pull_windows_cut_total"),
         "{metrics}"
     );
-    let repository = stack
-        .port
-        .writes()
-        .await
-        .into_iter()
-        .rev()
-        .find(|w| w.blueprint == "harborRepository")
-        .unwrap();
-    assert_eq!(
-        repository.entity.as_ref().unwrap()["properties"]["pullCount"],
-        200
-    );
+    assert_eq!(last_pull_count(&stack.port.writes().await), 200);
     // Stopping ends the last window: its pulls are refreshed and acked, not left behind.
     let Stack { worker, broker, .. } = stack;
     worker.stop().await;

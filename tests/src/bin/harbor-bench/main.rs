@@ -236,22 +236,13 @@ struct Drain {
 
 impl Drain {
     async fn start(broker: &TestTopology) -> Self {
-        let connection = harbor_shared::broker::connect(&broker.amqp.url, "harbor-bench drain")
-            .await
-            .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let mut deliveries = channel
-            .basic_consume(
-                broker.topology().queue().into(),
-                "harbor-bench-drain".into(),
-                lapin::options::BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let options = lapin::options::BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        };
+        let (connection, mut deliveries) = broker
+            .consume_work_queue("harbor-bench-drain", options)
+            .await;
         let delivered = Arc::new(AtomicU64::new(0));
         let counter = delivered.clone();
         let task = tokio::spawn(async move {
