@@ -45,8 +45,8 @@ pub struct Cli {
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
-    /// Threads serving HTTP. One serves far more webhooks than one broker node takes; more
-    /// only help on a node with spare cores (scale with replicas instead).
+    /// Threads serving HTTP. On two cores shared with the broker one did as well as two; with
+    /// cores to spare, raise it or add replicas.
     #[arg(long, env = "HTTP_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub http_workers: u16,
 
