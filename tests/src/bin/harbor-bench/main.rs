@@ -354,20 +354,22 @@ async fn ingest(connections: usize, seconds: u64) {
     );
     let duration = Duration::from_secs(seconds);
     let publisher = Direct::open(&broker).await;
-    let mut direct = publisher.run(connections, duration, Some(steady)).await;
+    let direct = publisher.run(connections, duration, Some(steady)).await;
     publisher.close().await;
     println!(
         "  broker alone    {}  errors {}",
         direct.latency(),
         direct.failed
     );
+    println!("    p99 by second (ms)  {}", direct.p99_by_second());
     cpu::broker_quiet().await;
-    let mut paced = through_ingest(address, &requests, connections, duration, Some(steady)).await;
+    let paced = through_ingest(address, &requests, connections, duration, Some(steady)).await;
     println!(
         "  through ingest  {}  errors {}",
         paced.latency(),
         paced.failed
     );
+    println!("    p99 by second (ms)  {}", paced.p99_by_second());
     let confirmed = direct.ok + paced.ok;
     let delivered = drain.wait_for(confirmed).await;
     println!(
