@@ -176,6 +176,11 @@ async fn accept(
     let published = match publisher {
         None => Err(PublishError::NotConnected),
         Some(publisher) => {
+            // Publish once the webhooks read in the same turn of the event loop have been
+            // checked too, so that they reach lapin together rather than one HTTP request's
+            // work apart. At a steady 40 % of the broker's ceiling this cut the p99 by half or
+            // more, with the same throughput at saturation (README, Performance).
+            tokio::task::yield_now().await;
             publisher
                 .publish(Outgoing {
                     exchange: state.topology.exchange(),
