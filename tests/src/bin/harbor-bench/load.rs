@@ -2,7 +2,7 @@
 //! the answers. Latency counts from when a request was due, not from when it went out, so a
 //! stall shows in full (coordinated omission corrected, as wrk2 does).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use harbor_sync_tests::percentile;
 use tokio::time::Instant;
@@ -48,8 +48,7 @@ impl Schedule {
 /// What the lanes of a run saw.
 #[derive(Default)]
 pub struct Tally {
-    /// Each answer's latency, with the second of the run its request was due in.
-    latencies: Vec<(u64, Duration)>,
+    latencies: Vec<Duration>,
     pub ok: u64,
     pub failed: u64,
 }
@@ -62,32 +61,23 @@ impl Tally {
     }
 
     /// p50, p99 and p99.9.
-    pub fn latency(&self) -> String {
-        let mut all: Vec<Duration> = self.latencies.iter().map(|&(_, l)| l).collect();
-        all.sort();
+    pub fn latency(&mut self) -> String {
+        let sorted = self.sorted();
         format!(
             "p50 {:.2?}  p99 {:.2?}  p99.9 {:.2?}",
-            percentile(&all, 0.5),
-            percentile(&all, 0.99),
-            percentile(&all, 0.999)
+            percentile(sorted, 0.5),
+            percentile(sorted, 0.99),
+            percentile(sorted, 0.999)
         )
     }
 
-    /// The p99 of the requests due in each second of a paced run, in ms: whether a tail comes
-    /// from a stall of a second or from every second.
-    pub fn p99_by_second(&self) -> String {
-        let mut seconds: BTreeMap<u64, Vec<Duration>> = BTreeMap::new();
-        for &(second, latency) in &self.latencies {
-            seconds.entry(second).or_default().push(latency);
-        }
-        let p99s: Vec<String> = seconds
-            .into_values()
-            .map(|mut latencies| {
-                latencies.sort();
-                format!("{:.1}", percentile(&latencies, 0.99).as_secs_f64() * 1e3)
-            })
-            .collect();
-        p99s.join(" ")
+    pub fn p99(&mut self) -> Duration {
+        percentile(self.sorted(), 0.99)
+    }
+
+    fn sorted(&mut self) -> &[Duration] {
+        self.latencies.sort_unstable();
+        &self.latencies
     }
 }
 
@@ -109,6 +99,11 @@ impl Lane {
             due: schedule.start,
             tally: Tally::default(),
         }
+    }
+
+    /// This lane's number, from 0.
+    pub fn index(&self) -> usize {
+        self.lane
     }
 
     /// Waits until the next request is due and returns its number (unique in the run), or
@@ -134,8 +129,7 @@ impl Lane {
 
     /// Records the answer to the request [`next`](Self::next) handed out.
     pub fn answered(&mut self, ok: bool) {
-        let second = (self.due - self.schedule.start).as_secs();
-        self.tally.latencies.push((second, self.due.elapsed()));
+        self.tally.latencies.push(self.due.elapsed());
         if ok {
             self.tally.ok += 1;
         } else {

@@ -205,27 +205,44 @@ impl Direct {
     }
 }
 
-/// Signed webhooks through the ingest on `connections` keep-alive connections.
-async fn through_ingest(
-    address: SocketAddr,
-    requests: &Arc<Vec<Vec<u8>>>,
-    connections: usize,
-    duration: Duration,
-    rate: Option<f64>,
-) -> Tally {
-    Schedule::new(connections, duration, rate)
-        .run(|mut lane| {
-            let requests = requests.clone();
-            async move {
-                let mut connection = raw_http::Connection::open(address).await.unwrap();
-                while let Some(n) = lane.next().await {
-                    let status = connection.send(&requests[n % requests.len()]).await;
-                    lane.answered(status.is_ok_and(|s| s == 202));
+/// Signed webhooks through the ingest, on keep-alive connections kept from turn to turn (a
+/// connection opened within a paced turn would delay its first requests).
+struct Webhooks {
+    requests: Arc<Vec<Vec<u8>>>,
+    connections: Arc<Vec<tokio::sync::Mutex<raw_http::Connection>>>,
+}
+
+impl Webhooks {
+    /// `lanes` connections to `address`, sending `requests` in turn.
+    async fn open(address: SocketAddr, requests: &Arc<Vec<Vec<u8>>>, lanes: usize) -> Self {
+        let mut connections = Vec::with_capacity(lanes);
+        for _ in 0..lanes {
+            let connection = raw_http::Connection::open(address).await.unwrap();
+            connections.push(tokio::sync::Mutex::new(connection));
+        }
+        Self {
+            requests: Arc::clone(requests),
+            connections: Arc::new(connections),
+        }
+    }
+
+    /// One connection per lane for `duration`, at `rate` webhooks/s in all or back to back.
+    async fn run(&self, duration: Duration, rate: Option<f64>) -> Tally {
+        Schedule::new(self.connections.len(), duration, rate)
+            .run(|mut lane| {
+                let (requests, connections) = (self.requests.clone(), self.connections.clone());
+                async move {
+                    let mut connection = connections[lane.index()].lock().await;
+                    while let Some(n) = lane.next().await {
+                        let status = connection.send(&requests[n % requests.len()]).await;
+                        lane.answered(status.is_ok_and(|s| s == 202));
+                    }
+                    drop(connection);
+                    lane.tally()
                 }
-                lane.tally()
-            }
-        })
-        .await
+            })
+            .await
+    }
 }
 
 /// Consumes the work queue as production would (without the work), counting, until dropped.
@@ -299,14 +316,14 @@ async fn ingest(connections: usize, seconds: u64) {
     // alike. Neither queue is drained.
     let turn = Duration::from_secs(1);
     let ceiling_publisher = Direct::open(&ceiling_broker).await;
+    let webhooks = Webhooks::open(address, &requests, connections).await;
     let mut ceiling_cores = Cores::new("publisher", &[]);
     let mut ingest_cores = Cores::new("generator", &[("ingest", pid)]);
     let (mut saturated, mut confirmed) = (Tally::default(), Tally::default());
     for _ in 0..seconds {
         let run = ceiling_publisher.run(connections, turn, None);
         confirmed.add(ceiling_cores.measure(run).await);
-        let run = through_ingest(address, &requests, connections, turn, None);
-        saturated.add(ingest_cores.measure(run).await);
+        saturated.add(ingest_cores.measure(webhooks.run(turn, None)).await);
     }
     let ceiling = confirmed.ok as f64 / ceiling_cores.seconds();
     let rate = saturated.ok as f64 / ingest_cores.seconds();
@@ -341,35 +358,42 @@ async fn ingest(connections: usize, seconds: u64) {
     );
     println!("ingest/ceiling:  {:.2}", rate / ceiling);
     ceiling_publisher.close().await;
-    drop(ceiling_broker);
+    drop((ceiling_broker, webhooks));
 
-    // A steady 40 % of the ceiling with a consumer draining the queue, as in production: first
-    // straight to the broker, then through the ingest.
+    // A steady 40 % of the ceiling with a consumer draining the queue, as in production: straight
+    // to the broker and through the ingest in turns of a second again, so that a stall of the
+    // broker can fall in either.
     let steady = ceiling * 0.4;
     broker.purge_work_queue().await;
     let drain = Drain::start(&broker).await;
-    cpu::broker_quiet().await;
-    println!(
-        "steady load: {steady:.0}/s (40% of the ceiling) for {seconds} s on {connections} lanes, queue drained; latency from when each was due"
-    );
-    let duration = Duration::from_secs(seconds);
     let publisher = Direct::open(&broker).await;
-    let direct = publisher.run(connections, duration, Some(steady)).await;
+    let webhooks = Webhooks::open(address, &requests, connections).await;
+    cpu::broker_quiet().await;
+    let (mut direct, mut paced) = (Tally::default(), Tally::default());
+    let (mut direct_p99s, mut paced_p99s) = (Vec::new(), Vec::new());
+    for _ in 0..seconds {
+        let mut run = publisher.run(connections, turn, Some(steady)).await;
+        direct_p99s.push(run.p99());
+        direct.add(run);
+        let mut run = webhooks.run(turn, Some(steady)).await;
+        paced_p99s.push(run.p99());
+        paced.add(run);
+    }
     publisher.close().await;
     println!(
-        "  broker alone    {}  errors {}",
-        direct.latency(),
-        direct.failed
+        "steady load: {steady:.0}/s (40% of the ceiling) on {connections} lanes, {seconds} s in turns, queue drained; latency from when each was due"
     );
-    println!("    p99 by second (ms)  {}", direct.p99_by_second());
-    cpu::broker_quiet().await;
-    let paced = through_ingest(address, &requests, connections, duration, Some(steady)).await;
-    println!(
-        "  through ingest  {}  errors {}",
-        paced.latency(),
-        paced.failed
-    );
-    println!("    p99 by second (ms)  {}", paced.p99_by_second());
+    for (name, tally, p99s) in [
+        ("broker alone  ", &mut direct, direct_p99s),
+        ("through ingest", &mut paced, paced_p99s),
+    ] {
+        println!("  {name}  {}  errors {}", tally.latency(), tally.failed);
+        let p99s: Vec<String> = p99s
+            .iter()
+            .map(|p99| format!("{:.1}", p99.as_secs_f64() * 1e3))
+            .collect();
+        println!("    p99 of each turn (ms)  {}", p99s.join(" "));
+    }
     let confirmed = direct.ok + paced.ok;
     let delivered = drain.wait_for(confirmed).await;
     println!(
