@@ -71,6 +71,7 @@ impl Tally {
         )
     }
 
+    /// The p99 alone.
     pub fn p99(&mut self) -> Duration {
         percentile(self.sorted(), 0.99)
     }

@@ -237,7 +237,6 @@ impl Webhooks {
                         let status = connection.send(&requests[n % requests.len()]).await;
                         lane.answered(status.is_ok_and(|s| s == 202));
                     }
-                    drop(connection);
                     lane.tally()
                 }
             })
