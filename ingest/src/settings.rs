@@ -67,6 +67,12 @@ pub enum Command {
 }
 
 /// Everything the ingest needs, checked.
+/// Confirm-mode channels the ingest spreads its publishes over.
+pub const PUBLISHER_CHANNELS: usize = 4;
+
+/// How long a publish waits for the broker's confirm before the answer is 503.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Debug)]
 pub struct Settings {
     /// Where to listen; port 0 picks a free port.
@@ -109,8 +115,8 @@ impl Cli {
             max_body_bytes: self.max_body_bytes,
             request_timeout: self.request_timeout,
             amqp: self.amqp.into_settings()?,
-            confirm_timeout: Duration::from_secs(5),
-            publisher_channels: 4,
+            confirm_timeout: CONFIRM_TIMEOUT,
+            publisher_channels: PUBLISHER_CHANNELS,
             http_workers: usize::from(self.http_workers),
         })
     }

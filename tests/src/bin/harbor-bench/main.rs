@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use harbor_ingest::routes::webhook;
+use harbor_ingest::settings::{CONFIRM_TIMEOUT, PUBLISHER_CHANNELS};
 use harbor_shared::event::Envelope;
 use harbor_shared::publisher::{Outgoing, Publisher};
 use harbor_sync_tests::apps::{SECRET, settled_count};
@@ -144,7 +145,7 @@ fn push_payload(n: u64) -> Vec<u8> {
 }
 
 /// Publishes the ingest's messages (same body, same properties) straight to the broker through
-/// the ingest's own publisher (one connection, four confirm-mode channels), without HTTP: each
+/// the ingest's own publisher (one connection, its confirm-mode channels), without HTTP: each
 /// lane publishes its next message as soon as the last is confirmed, or when it is due. Back to
 /// back on 64 lanes this is the ceiling, the broker's own rate for persistent, confirmed
 /// publishes of one process with 64 in flight.
@@ -161,7 +162,7 @@ impl Direct {
         let connection = harbor_shared::broker::connect(&broker.amqp.url, "harbor-bench publisher")
             .await
             .unwrap();
-        let publisher = Publisher::open(&connection, 4, Duration::from_secs(5))
+        let publisher = Publisher::open(&connection, PUBLISHER_CHANNELS, CONFIRM_TIMEOUT)
             .await
             .unwrap();
         let body = push_payload(0);
