@@ -14,6 +14,8 @@ pub mod fakes;
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod processes;
 #[allow(clippy::unwrap_used, clippy::expect_used)]
+pub mod proxy;
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod rabbit;
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod samples;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use harbor_shared::broker::BrokerUrl;
 use harbor_shared::config::AmqpSettings;
 use harbor_sync_tests::apps::{SECRET, TestIngest, ingest_settings};
+use harbor_sync_tests::proxy::StallingProxy;
 use harbor_sync_tests::rabbit::{TestTopology, close_connections};
 use harbor_sync_tests::samples;
 use lapin::types::AMQPValue;
@@ -244,28 +245,61 @@ async fn the_ingest_reconnects_by_itself_after_its_connection_is_closed() {
         close_connections(&format!("harbor-ingest ({})", broker.topology().queue()), 1).await;
     assert_eq!(closed, 1);
 
-    // Until it has reconnected, the answer is 503; then 202 again. Never a hang, never a 5xx
-    // other than 503.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut statuses = vec![ingest.post(&body, Some(SECRET)).await.status().as_u16()];
+    post_until_accepted(&ingest, &body).await;
+    assert_eq!(broker.work_ready().await, 2, "both 202s are on the queue");
+}
+
+/// Posts `body` until it is accepted: until the ingest has reconnected the answer is 503, then
+/// 202. Never a hang, never another status.
+async fn post_until_accepted(ingest: &TestIngest, body: &[u8]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut statuses = vec![ingest.post(body, Some(SECRET)).await.status().as_u16()];
     while statuses.last() != Some(&202) {
         assert!(
             Instant::now() < deadline,
             "no 202 after the reconnect: {statuses:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-        statuses.push(ingest.post(&body, Some(SECRET)).await.status().as_u16());
+        statuses.push(ingest.post(body, Some(SECRET)).await.status().as_u16());
     }
     assert!(
         statuses.iter().all(|s| *s == 202 || *s == 503),
         "{statuses:?}"
     );
-    let accepted = 1 + statuses.iter().filter(|s| **s == 202).count() as u32;
+}
+
+/// A publish whose confirm never comes (the network to the broker went silent) is answered 503
+/// once the confirm timeout has passed, not held; the ingest then drops that connection and
+/// accepts again on a new one.
+#[tokio::test]
+async fn a_confirm_that_never_comes_is_a_503_after_the_timeout_then_the_ingest_reconnects() {
+    let broker = TestTopology::new().await;
+    let proxy = StallingProxy::start().await;
+    let mut settings = ingest_settings(&broker.amqp);
+    settings.amqp.url = BrokerUrl::parse(&proxy.amqp_url()).unwrap();
+    settings.confirm_timeout = Duration::from_secs(1);
+    let ingest = TestIngest::start(settings, true).await;
+    let body = samples::load("push_artifact.default.docs.json");
+    assert_eq!(ingest.post(&body, Some(SECRET)).await.status(), 202);
+
+    proxy.stall();
+    let started = Instant::now();
+    let response = ingest.post(&body, Some(SECRET)).await;
+    let waited = started.elapsed();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "5");
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(3),
+        "answered after {waited:?}, with a confirm timeout of 1 s"
+    );
+
+    post_until_accepted(&ingest, &body).await;
     assert_eq!(
         broker.work_ready().await,
-        accepted,
-        "every 202 is on the queue"
+        2,
+        "both 202s are on the queue; the stalled publish never reached the broker"
     );
+    ingest.stop().await;
 }
 
 #[tokio::test]
