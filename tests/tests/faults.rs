@@ -9,10 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use harbor_shared::broker::BrokerUrl;
 use harbor_shared::event::HarborEvent;
 use harbor_sync_tests::apps::{SECRET, Stack, outcome_count, worker_settings};
 use harbor_sync_tests::fakes::FakePort;
 use harbor_sync_tests::processes::{Processes, free_port, worker_env};
+use harbor_sync_tests::proxy::StallingProxy;
 use harbor_sync_tests::rabbit::{TestTopology, close_connections};
 use harbor_sync_tests::{samples, wait_until};
 use harbor_worker::handler::{Failure, HandleEvent, Outcome};
@@ -147,6 +149,37 @@ async fn killing_the_broker_connections_mid_stream_loses_no_accepted_webhook() {
         Duration::from_secs(60),
     )
     .await;
+}
+
+/// The network between the worker and the broker goes silent (a proxy that stops forwarding):
+/// no error, no close, nothing. The AMQP heartbeat notices (2 s here, asked for in `AMQP_URL`;
+/// the broker's default is 60 s), the worker reconnects by itself, and the event published in
+/// the meantime reaches Port.
+#[tokio::test]
+async fn a_worker_cut_off_from_the_broker_without_a_word_reconnects_once_heartbeats_stop() {
+    let proxy = StallingProxy::start().await;
+    let mut url = url::Url::parse(&proxy.amqp_url()).unwrap();
+    url.query_pairs_mut().append_pair("heartbeat", "2");
+    let stack = Stack::start_with(|settings| {
+        settings.amqp.url = BrokerUrl::parse(url.as_str()).unwrap();
+    })
+    .await;
+    stack
+        .harbor
+        .holds_any_artifact(REPOSITORY, Duration::ZERO)
+        .await;
+    // Pushes one artifact and waits until it is in Port.
+    let push = |digest: String, within: Duration| {
+        let stack = &stack;
+        async move {
+            stack.webhook(&samples::push(REPOSITORY, &digest)).await;
+            let accepted = BTreeSet::from([digest]);
+            assert_none_lost(&stack.port, &stack.broker, &accepted, within).await;
+        }
+    };
+    push(samples::digest(1), Duration::from_secs(10)).await;
+    proxy.stall();
+    push(samples::digest(2), Duration::from_secs(30)).await;
 }
 
 /// Restarts the broker's application; starts it again even if the test fails half-way.
