@@ -66,13 +66,13 @@ pub enum Command {
     Healthcheck,
 }
 
-/// Everything the ingest needs, checked.
 /// Confirm-mode channels the ingest spreads its publishes over.
 pub const PUBLISHER_CHANNELS: usize = 4;
 
 /// How long a publish waits for the broker's confirm before the answer is 503.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Everything the ingest needs, checked.
 #[derive(Debug)]
 pub struct Settings {
     /// Where to listen; port 0 picks a free port.
