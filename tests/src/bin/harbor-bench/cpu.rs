@@ -18,6 +18,24 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
     ticks as f64 / 100.0
 }
 
+/// Busy CPU time of the whole machine, all cores (user, nice, system, irq, softirq, steal), in
+/// seconds: with the processes' own, it shows whether they used the machine up.
+fn machine_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .enumerate()
+        // 3 is idle, 4 iowait; 8 and 9 (guest time) are already counted in user and nice.
+        .filter(|(field, _)| matches!(field, 0..=2 | 5..=7))
+        .filter_map(|(_, ticks)| ticks.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
+}
+
 /// The local broker's processes (the Erlang VM).
 fn broker_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
@@ -34,10 +52,11 @@ fn broker_pids() -> Vec<u32> {
 
 /// Cores used, on average, by the broker, the named processes and this program (under the
 /// name of its part in the measurement), over the stretches of time passed to
-/// [`measure`](Self::measure).
+/// [`measure`](Self::measure), and by the whole machine.
 pub struct Cores {
     processes: Vec<(String, Vec<u32>)>,
     used: Vec<f64>,
+    machine: f64,
     elapsed: f64,
 }
 
@@ -54,6 +73,7 @@ impl Cores {
         Self {
             processes,
             used,
+            machine: 0.0,
             elapsed: 0.0,
         }
     }
@@ -61,9 +81,11 @@ impl Cores {
     /// Runs `work`, counting the CPU time used meanwhile.
     pub async fn measure<T>(&mut self, work: impl Future<Output = T>) -> T {
         let before: Vec<f64> = self.processes.iter().map(|(_, p)| cpu_seconds(p)).collect();
+        let machine_before = machine_cpu_seconds();
         let started = Instant::now();
         let output = work.await;
         self.elapsed += started.elapsed().as_secs_f64();
+        self.machine += machine_cpu_seconds() - machine_before;
         for ((_, pids), (used, before)) in
             self.processes.iter().zip(self.used.iter_mut().zip(before))
         {
@@ -82,6 +104,11 @@ impl Cores {
         self.each(|used| format!("{:.0} µs", used * 1e6 / messages.max(1) as f64))
     }
 
+    /// CPU time all the counted processes used together per message, in µs.
+    pub fn total_per_message(&self, messages: u64) -> f64 {
+        self.used.iter().sum::<f64>() * 1e6 / messages.max(1) as f64
+    }
+
     /// `name figure` for each process, `figure` made from the CPU seconds it used.
     fn each(&self, figure: impl Fn(f64) -> String) -> String {
         let parts: Vec<String> = self
@@ -96,8 +123,10 @@ impl Cores {
 
 impl std::fmt::Display for Cores {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let cores = self.each(|used| format!("{:.2}", used / self.elapsed.max(f64::EPSILON)));
-        f.write_str(&cores)
+        let elapsed = self.elapsed.max(f64::EPSILON);
+        let cores = self.each(|used| format!("{:.2}", used / elapsed));
+        let all = std::thread::available_parallelism().map_or(0, usize::from);
+        write!(f, "{cores}; machine {:.2} of {all}", self.machine / elapsed)
     }
 }
 

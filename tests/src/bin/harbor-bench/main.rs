@@ -357,6 +357,16 @@ async fn ingest(connections: usize, seconds: u64) {
         ceiling_cores.per_message(confirmed.ok)
     );
     println!("ingest/ceiling:  {:.2}", rate / ceiling);
+    // Both paths share the same cores, so where both use them up the ratio follows the CPU
+    // each spends per message, broker included.
+    let (ceiling_cpu, ingest_cpu) = (
+        ceiling_cores.total_per_message(confirmed.ok),
+        ingest_cores.total_per_message(saturated.ok),
+    );
+    println!(
+        "  by CPU alone   {:.2} (CPU per message, all counted processes: ceiling {ceiling_cpu:.0} µs, ingest {ingest_cpu:.0} µs)",
+        ceiling_cpu / ingest_cpu.max(f64::EPSILON)
+    );
     ceiling_publisher.close().await;
     drop((ceiling_broker, webhooks));
 
