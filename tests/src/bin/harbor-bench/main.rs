@@ -1,5 +1,7 @@
-//! `harbor-bench`: figures, not assertions. Each mode runs against the local RabbitMQ in a
-//! topology of its own (deleted afterwards), with the binaries from this build as processes.
+//! `harbor-bench`: figures, not assertions about time. Each mode runs against the local RabbitMQ
+//! in a topology of its own (deleted afterwards), with the binaries from this build as processes.
+//! Its counts are checked: when one does not hold (a message lost or doubled, a wrong pull count)
+//! it says so and exits with status 1.
 //!
 //!   cargo build --release --bins
 //!   target/release/harbor-bench ingest --connections 64 --seconds 10
@@ -287,12 +289,20 @@ impl Drop for Drain {
     }
 }
 
+/// Drops `client` and lets its pooled connections close: a stopping ingest waits for the
+/// connections still open to it (up to its shutdown timeout), and stopping a process here blocks
+/// this one-thread runtime, which then cannot close them.
+async fn close_connections(client: reqwest::Client) {
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 /// `exact`, or `MISMATCH` when a count is not what it must be.
 fn check(exact: bool) -> &'static str {
     if exact { "exact" } else { "MISMATCH" }
 }
 
-async fn ingest(connections: usize, seconds: u64) {
+async fn ingest(connections: usize, seconds: u64) -> bool {
     let ceiling_broker = TestTopology::new().await;
     let broker = TestTopology::new().await;
     let mut processes = Processes::new(&format!("bench-{}", broker.topology().queue()));
@@ -336,10 +346,11 @@ async fn ingest(connections: usize, seconds: u64) {
     println!("  latency         {}", saturated.latency());
     println!("  non-2xx         {}", saturated.failed);
     println!("  ingest peak RSS {:.1} MB", peak_rss_mb(pid));
+    let saturated_exact = u64::from(queued) == saturated.ok;
     println!(
         "  queue check     {queued} queued for {} answered 202: {}",
         saturated.ok,
-        check(u64::from(queued) == saturated.ok)
+        check(saturated_exact)
     );
     println!("  cores used      {ingest_cores}");
     println!(
@@ -410,7 +421,9 @@ async fn ingest(connections: usize, seconds: u64) {
         "  queue check     {delivered} delivered to the consumer for {confirmed} confirmed or answered 202: {}",
         check(delivered == confirmed)
     );
+    drop(webhooks);
     let _ = processes.signal("ingest", "TERM");
+    saturated_exact && delivered == confirmed
 }
 
 /// Port's entity upserts, answered after a delay; counted.
@@ -461,7 +474,7 @@ async fn slow_port(
     (port, writes, first)
 }
 
-async fn worker(events: u64, latency_ms: u64, concurrency: u16) {
+async fn worker(events: u64, latency_ms: u64, concurrency: u16) -> bool {
     let latency = Duration::from_millis(latency_ms);
     let broker = TestTopology::new().await;
     let harbor = FakeHarbor::start().await;
@@ -485,13 +498,19 @@ async fn worker(events: u64, latency_ms: u64, concurrency: u16) {
         &[("WORKER_CONCURRENCY", concurrency.to_string())],
     )
     .await;
-    // Timed from readiness: process start is not throughput.
+    // Timed from readiness: process start is not throughput. Given up on after 30 s without
+    // progress.
     let started = Instant::now();
-    while handled(&metrics).await < events as usize {
+    let (mut settled, mut progressed) = (0, Instant::now());
+    while settled < events as usize && progressed.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = handled(&metrics).await;
+        if now > settled {
+            (settled, progressed) = (now, Instant::now());
+        }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let rate = events as f64 / elapsed;
+    let rate = settled as f64 / elapsed;
     let rss = processes.pid("worker").map_or(0.0, peak_rss_mb);
     let harbor_calls = harbor.requests().await.len();
     let port_calls = port.request_count().await;
@@ -501,6 +520,7 @@ async fn worker(events: u64, latency_ms: u64, concurrency: u16) {
     println!(
         "worker: {events} preloaded PUSH events, fakes at {latency_ms} ms, WORKER_CONCURRENCY {concurrency}"
     );
+    println!("  events settled  {settled} of {events}");
     println!("  events/s        {rate:.0}");
     println!("  Harbor calls    {harbor_calls}");
     println!("  Port calls      {port_calls}");
@@ -514,6 +534,7 @@ async fn worker(events: u64, latency_ms: u64, concurrency: u16) {
         println!("  events/bound    {:.2}", rate / bound);
     }
     let _ = processes.signal("worker", "TERM");
+    settled == events as usize
 }
 
 /// Harbor's repository endpoint for the pull flood: `pull_count` is what Harbor counted at its
@@ -543,7 +564,7 @@ impl Respond for FlushedPulls {
     }
 }
 
-async fn pull_flood() {
+async fn pull_flood() -> bool {
     const REPOSITORIES: u64 = 10;
     const PULLS: u64 = 10_000;
     const SPREAD: Duration = Duration::from_secs(10);
@@ -641,10 +662,12 @@ async fn pull_flood() {
         }
     );
     println!("  done after      {:.1?}", started.elapsed());
+    close_connections(client).await;
     let _ = processes.terminate_all();
+    true_counts && settled == PULLS as usize
 }
 
-async fn e2e(rate: u64, seconds: u64) {
+async fn e2e(rate: u64, seconds: u64) -> bool {
     let broker = TestTopology::new().await;
     let harbor = FakeHarbor::start().await;
     harbor
@@ -694,17 +717,18 @@ async fn e2e(rate: u64, seconds: u64) {
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let first = first.lock().unwrap();
-    let mut latencies: Vec<Duration> = sent
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|(id, at)| {
-            first
-                .get(id)
-                .map(|(written, _)| written.saturating_duration_since(*at))
-        })
-        .collect();
+    let mut latencies: Vec<Duration> = {
+        let first = first.lock().unwrap();
+        sent.lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(id, at)| {
+                first
+                    .get(id)
+                    .map(|(written, _)| written.saturating_duration_since(*at))
+            })
+            .collect()
+    };
     latencies.sort();
     println!("e2e: {rate} webhooks/s for {seconds} s (202 → first Port write of the artifact)");
     println!(
@@ -712,20 +736,19 @@ async fn e2e(rate: u64, seconds: u64) {
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99)
     );
-    println!(
-        "  written         {} of {}; errors {}",
-        latencies.len(),
-        sent.lock().unwrap().len(),
-        errors.load(Ordering::Relaxed)
-    );
+    let (written, accepted) = (latencies.len(), sent.lock().unwrap().len());
+    let errors = errors.load(Ordering::Relaxed);
+    println!("  written         {written} of {accepted}; errors {errors}");
+    close_connections(client).await;
     let _ = processes.terminate_all();
+    written == accepted && errors == 0
 }
 
 // One thread: the bench shares the two cores with what it measures, and a multi-threaded
 // runtime spends part of a core waking its threads to hand events between them.
 #[tokio::main(flavor = "current_thread")]
-async fn main() {
-    match Cli::parse().mode {
+async fn main() -> std::process::ExitCode {
+    let counts_hold = match Cli::parse().mode {
         Mode::Ingest {
             connections,
             seconds,
@@ -737,5 +760,11 @@ async fn main() {
         } => worker(events, latency_ms, concurrency).await,
         Mode::PullFlood => pull_flood().await,
         Mode::E2e { rate, seconds } => e2e(rate, seconds).await,
+    };
+    if counts_hold {
+        std::process::ExitCode::SUCCESS
+    } else {
+        eprintln!("harbor-bench: a count did not hold (see MISMATCH, WRONG or errors above)");
+        std::process::ExitCode::FAILURE
     }
 }

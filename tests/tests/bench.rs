@@ -1,0 +1,47 @@
+//! `harbor-bench` on a small load, so that it keeps working. Its figures are not checked (they
+//! are for people, and times on a shared machine vary); its counts are: it exits with status 1
+//! when an accepted webhook is missing from the queue, an event is not settled, or a webhook
+//! never reaches Port. (`pull-flood` takes 20 s by design; the folding it measures is tested in
+//! `worker.rs`.)
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+/// Runs `harbor-bench` with `args`; its output, once it exited with success.
+fn bench(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_harbor-bench"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "harbor-bench {} failed:\n{stdout}\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn the_ingest_benchmark_finds_every_accepted_webhook_on_the_queue() {
+    let output = bench(&["ingest", "--connections", "4", "--seconds", "1"]);
+    assert_eq!(output.matches(": exact").count(), 2, "{output}");
+    assert!(output.contains("non-2xx         0"), "{output}");
+}
+
+#[test]
+fn the_worker_benchmark_settles_every_event() {
+    let output = bench(&["worker", "--events", "200", "--latency-ms", "0"]);
+    assert!(output.contains("events settled  200 of 200"), "{output}");
+}
+
+#[test]
+fn the_end_to_end_benchmark_sees_every_webhook_written_to_port() {
+    let output = bench(&["e2e", "--rate", "50", "--seconds", "1"]);
+    assert!(
+        output.contains("written         50 of 50; errors 0"),
+        "{output}"
+    );
+}
