@@ -289,12 +289,11 @@ impl Drop for Drain {
     }
 }
 
-/// Drops `client` and lets its pooled connections close: a stopping ingest waits for the
-/// connections still open to it (up to its shutdown timeout), and stopping a process here blocks
-/// this one-thread runtime, which then cannot close them.
-async fn close_connections(client: reqwest::Client) {
-    drop(client);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+/// Stops the processes off this one-thread runtime, which meanwhile closes the connections of
+/// the clients dropped before: a stopping ingest waits for the connections still open to it (up
+/// to its shutdown timeout).
+async fn stop(mut processes: Processes) {
+    let _ = tokio::task::spawn_blocking(move || processes.terminate_all()).await;
 }
 
 /// `exact`, or `MISMATCH` when a count is not what it must be.
@@ -662,8 +661,8 @@ async fn pull_flood() -> bool {
         }
     );
     println!("  done after      {:.1?}", started.elapsed());
-    close_connections(client).await;
-    let _ = processes.terminate_all();
+    drop(client);
+    stop(processes).await;
     true_counts && settled == PULLS as usize
 }
 
@@ -739,8 +738,8 @@ async fn e2e(rate: u64, seconds: u64) -> bool {
     let (written, accepted) = (latencies.len(), sent.lock().unwrap().len());
     let errors = errors.load(Ordering::Relaxed);
     println!("  written         {written} of {accepted}; errors {errors}");
-    close_connections(client).await;
-    let _ = processes.terminate_all();
+    drop(client);
+    stop(processes).await;
     written == accepted && errors == 0
 }
 
