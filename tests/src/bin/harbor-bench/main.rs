@@ -289,9 +289,10 @@ impl Drop for Drain {
     }
 }
 
-/// Stops the processes off this one-thread runtime, which meanwhile closes the connections of
-/// the clients dropped before: a stopping ingest waits for the connections still open to it (up
-/// to its shutdown timeout).
+/// Stops the processes (SIGTERM, in the order started) off this one-thread runtime, which
+/// meanwhile serves the fakes and closes the connections of the clients dropped before: a
+/// stopping ingest waits for the connections still open to it, a stopping worker for its calls
+/// in flight (up to their shutdown timeouts).
 async fn stop(mut processes: Processes) {
     let _ = tokio::task::spawn_blocking(move || processes.terminate_all()).await;
 }
@@ -421,7 +422,7 @@ async fn ingest(connections: usize, seconds: u64) -> bool {
         check(delivered == confirmed)
     );
     drop(webhooks);
-    let _ = processes.signal("ingest", "TERM");
+    stop(processes).await;
     saturated_exact && delivered == confirmed
 }
 
@@ -532,7 +533,7 @@ async fn worker(events: u64, latency_ms: u64, concurrency: u16) -> bool {
         );
         println!("  events/bound    {:.2}", rate / bound);
     }
-    let _ = processes.signal("worker", "TERM");
+    stop(processes).await;
     settled == events as usize
 }
 
