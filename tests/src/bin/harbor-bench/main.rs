@@ -717,17 +717,17 @@ async fn e2e(rate: u64, seconds: u64) -> bool {
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut latencies: Vec<Duration> = {
-        let first = first.lock().unwrap();
-        sent.lock()
-            .unwrap()
+    let (mut latencies, accepted): (Vec<Duration>, usize) = {
+        let (first, sent) = (first.lock().unwrap(), sent.lock().unwrap());
+        let latencies = sent
             .iter()
             .filter_map(|(id, at)| {
                 first
                     .get(id)
                     .map(|(written, _)| written.saturating_duration_since(*at))
             })
-            .collect()
+            .collect();
+        (latencies, sent.len())
     };
     latencies.sort();
     println!("e2e: {rate} webhooks/s for {seconds} s (202 → first Port write of the artifact)");
@@ -736,7 +736,7 @@ async fn e2e(rate: u64, seconds: u64) -> bool {
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99)
     );
-    let (written, accepted) = (latencies.len(), sent.lock().unwrap().len());
+    let written = latencies.len();
     let errors = errors.load(Ordering::Relaxed);
     println!("  written         {written} of {accepted}; errors {errors}");
     drop(client);
