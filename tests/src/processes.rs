@@ -41,8 +41,20 @@ impl Processes {
 
     /// Starts `binary` as `name` with exactly this environment (plus `PATH`), JSON logs.
     pub fn spawn(&mut self, name: &str, binary_name: &str, env: &[(&str, String)]) {
+        self.spawn_with_args(name, binary_name, &[], env);
+    }
+
+    /// [`spawn`](Self::spawn) with command-line arguments.
+    pub fn spawn_with_args(
+        &mut self,
+        name: &str,
+        binary_name: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) {
         let log = std::fs::File::create(self.logs.join(format!("{name}.log"))).unwrap();
         let child = Command::new(binary(binary_name))
+            .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("LOG_FORMAT", "json")

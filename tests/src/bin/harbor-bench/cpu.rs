@@ -62,7 +62,19 @@ pub struct Cores {
 
 impl Cores {
     pub fn new(this: &str, others: &[(&str, u32)]) -> Self {
-        let mut processes = vec![("broker".to_owned(), broker_pids())];
+        Self::counting(vec![("broker".to_owned(), broker_pids())], this, others)
+    }
+
+    /// Like [`new`](Self::new), without the broker.
+    pub fn without_broker(this: &str, others: &[(&str, u32)]) -> Self {
+        Self::counting(Vec::new(), this, others)
+    }
+
+    fn counting(
+        mut processes: Vec<(String, Vec<u32>)>,
+        this: &str,
+        others: &[(&str, u32)],
+    ) -> Self {
         processes.extend(
             others
                 .iter()

@@ -25,8 +25,9 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use harbor_ingest::routes::webhook;
 use harbor_ingest::settings::{CONFIRM_TIMEOUT, PUBLISHER_CHANNELS};
+use harbor_shared::broker::BrokerUrl;
 use harbor_shared::event::Envelope;
-use harbor_shared::publisher::{Outgoing, Publisher};
+use harbor_shared::publisher::{Outgoing, PublishError, Publisher};
 use harbor_sync_tests::apps::{SECRET, settled_count};
 use harbor_sync_tests::fakes::{FakeHarbor, FakePort, harbor_json};
 use harbor_sync_tests::percentile;
@@ -75,6 +76,16 @@ enum Mode {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// The `ingest` mode's bare HTTP server, run by it as a process of its own: actix-web on one
+    /// worker as in the ingest, reading each webhook's body and answering 202, nothing more.
+    #[command(hide = true)]
+    BareHttp {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Publishes each body to this exchange (of the broker at `AMQP_URL`) before answering.
+        #[arg(long)]
+        publish_to: Option<String>,
+    },
 }
 
 /// `VmHWM` (peak resident set) of a process, in MB.
@@ -102,6 +113,29 @@ async fn start_ingest(processes: &mut Processes, broker: &TestTopology) -> Strin
     let base = format!("http://127.0.0.1:{port}");
     harbor_sync_tests::apps::wait_ready_at(&format!("{base}/readyz")).await;
     base
+}
+
+/// The bare HTTP server (`harbor-bench bare-http`) as a process named `name`, publishing to
+/// `exchange` if given; its address.
+async fn start_bare_http(
+    processes: &mut Processes,
+    name: &str,
+    exchange: Option<&str>,
+) -> SocketAddr {
+    let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let listen = address.to_string();
+    let mut args = vec!["bare-http", "--listen", &listen];
+    args.extend(exchange.iter().flat_map(|e| ["--publish-to", *e]));
+    processes.spawn_with_args(name, "harbor-bench", &args, &[("AMQP_URL", amqp_url())]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(address).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the bare HTTP server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    address
 }
 
 async fn start_worker(
@@ -153,15 +187,15 @@ fn push_payload(n: u64) -> Vec<u8> {
 /// publishes of one process with 64 in flight.
 struct Direct {
     connection: lapin::Connection,
-    publisher: Arc<Publisher>,
-    exchange: Arc<str>,
-    body: Arc<Vec<u8>>,
+    publisher: Publisher,
+    exchange: String,
+    body: Vec<u8>,
     properties: BasicProperties,
 }
 
 impl Direct {
-    async fn open(broker: &TestTopology) -> Self {
-        let connection = harbor_shared::broker::connect(&broker.amqp.url, "harbor-bench publisher")
+    async fn open(url: &BrokerUrl, exchange: &str) -> Arc<Self> {
+        let connection = harbor_shared::broker::connect(url, "harbor-bench publisher")
             .await
             .unwrap();
         let publisher = Publisher::open(&connection, PUBLISHER_CHANNELS, CONFIRM_TIMEOUT)
@@ -169,32 +203,34 @@ impl Direct {
             .unwrap();
         let body = push_payload(0);
         let envelope = Envelope::parse(&body).unwrap();
-        Self {
+        Arc::new(Self {
             connection,
-            publisher: Arc::new(publisher),
-            exchange: broker.topology().exchange().into(),
+            publisher,
+            exchange: exchange.to_owned(),
             properties: webhook::properties(&envelope, &uuid::Uuid::new_v4().to_string()),
-            body: Arc::new(body),
-        }
+            body,
+        })
     }
 
-    async fn run(&self, lanes: usize, duration: Duration, rate: Option<f64>) -> Tally {
+    /// Publishes `body` as the ingest publishes a PUSH webhook; returns once it is confirmed.
+    async fn publish(&self, body: &[u8]) -> Result<(), PublishError> {
+        self.publisher
+            .publish(Outgoing {
+                exchange: &self.exchange,
+                routing_key: "PUSH_ARTIFACT",
+                body,
+                properties: self.properties.clone(),
+            })
+            .await
+    }
+
+    async fn run(self: &Arc<Self>, lanes: usize, duration: Duration, rate: Option<f64>) -> Tally {
         Schedule::new(lanes, duration, rate)
             .run(|mut lane| {
-                let publisher = self.publisher.clone();
-                let (body, exchange) = (self.body.clone(), self.exchange.clone());
-                let properties = self.properties.clone();
+                let direct = Arc::clone(self);
                 async move {
                     while lane.next().await.is_some() {
-                        let published = publisher
-                            .publish(Outgoing {
-                                exchange: &exchange,
-                                routing_key: "PUSH_ARTIFACT",
-                                body: &body,
-                                properties: properties.clone(),
-                            })
-                            .await;
-                        lane.answered(published.is_ok());
+                        lane.answered(direct.publish(&direct.body).await.is_ok());
                     }
                     lane.tally()
                 }
@@ -202,7 +238,7 @@ impl Direct {
             .await
     }
 
-    async fn close(self) {
+    async fn close(&self) {
         self.publisher.close().await;
         let _ = self.connection.close(200, "done".into()).await;
     }
@@ -289,12 +325,95 @@ impl Drop for Drain {
     }
 }
 
+/// Serves `POST /webhook` with actix-web alone, on one worker as the ingest does: the body is
+/// read and a 202 answered with a JSON body of the ingest's length. What the HTTP hop costs on
+/// its own, before any check or publish.
+async fn bare_http(listen: SocketAddr, publish_to: Option<String>) -> bool {
+    use actix_web::{App, HttpResponse, HttpServer, web};
+    let answer = r#"{"status":"accepted","message_id":"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}"#;
+    let direct = match publish_to {
+        Some(exchange) => {
+            Some(Direct::open(&BrokerUrl::parse(&amqp_url()).unwrap(), &exchange).await)
+        }
+        None => None,
+    };
+    HttpServer::new(move || {
+        let direct = direct.clone();
+        App::new().route(
+            "/webhook",
+            web::post().to(move |body: web::Bytes| {
+                let direct = direct.clone();
+                async move {
+                    if let Some(direct) = direct {
+                        // As the ingest does before it publishes.
+                        tokio::task::yield_now().await;
+                        if direct.publish(&body).await.is_err() {
+                            return HttpResponse::ServiceUnavailable().finish();
+                        }
+                    }
+                    HttpResponse::Accepted()
+                        .content_type("application/json")
+                        .body(answer)
+                }
+            }),
+        )
+    })
+    .workers(1)
+    .shutdown_timeout(0)
+    .bind(listen)
+    .unwrap()
+    .run()
+    .await
+    .is_ok()
+}
+
 /// Stops the processes (SIGTERM, in the order started) off this one-thread runtime, which
 /// meanwhile serves the fakes and closes the connections of the clients dropped before: a
 /// stopping ingest waits for the connections still open to it, a stopping worker for its calls
 /// in flight (up to their shutdown timeouts).
 async fn stop(mut processes: Processes) {
     let _ = tokio::task::spawn_blocking(move || processes.terminate_all()).await;
+}
+
+/// One way for messages to reach a queue at saturation: what went through, and the CPU it took.
+struct Path {
+    cores: Cores,
+    tally: Tally,
+}
+
+impl Path {
+    fn new(cores: Cores) -> Self {
+        Self {
+            cores,
+            tally: Tally::default(),
+        }
+    }
+
+    async fn measure(&mut self, run: impl Future<Output = Tally>) {
+        self.tally.add(self.cores.measure(run).await);
+    }
+
+    /// Messages (or requests) through per second.
+    fn rate(&self) -> f64 {
+        self.tally.ok as f64 / self.cores.seconds()
+    }
+
+    /// CPU time of all counted processes together per message, in µs.
+    fn cpu(&self) -> f64 {
+        self.cores.total_per_message(self.tally.ok)
+    }
+
+    /// Rate, latency, failures (under the name `failed`), cores and CPU per message.
+    fn report(&mut self, failed: &str) {
+        println!("  per second      {:.0}", self.rate());
+        println!("  latency         {}", self.tally.latency());
+        println!("  {failed:<15} {}", self.tally.failed);
+        println!("  cores used      {}", self.cores);
+        println!(
+            "  CPU per message {}",
+            self.cores.per_message(self.tally.ok)
+        );
+    }
 }
 
 /// `exact`, or `MISMATCH` when a count is not what it must be.
@@ -323,60 +442,85 @@ async fn ingest(connections: usize, seconds: u64) -> bool {
 
     // Saturation: the broker's ceiling and the ingest take turns of a second, so that the
     // broker's slow spells, which last seconds (after a WAL roll-over, for one), weigh on both
-    // alike. Neither queue is drained.
+    // alike. Neither queue is drained. Two bare actix-web servers take turns too, to show what
+    // HTTP costs: one answering at once, one publishing each body first (into the ceiling's
+    // queue), as an ingest that checked nothing would.
     let turn = Duration::from_secs(1);
-    let ceiling_publisher = Direct::open(&ceiling_broker).await;
+    let ceiling_exchange = ceiling_broker.topology().exchange();
+    let ceiling_publisher = Direct::open(&ceiling_broker.amqp.url, ceiling_exchange).await;
     let webhooks = Webhooks::open(address, &requests, connections).await;
-    let mut ceiling_cores = Cores::new("publisher", &[]);
-    let mut ingest_cores = Cores::new("generator", &[("ingest", pid)]);
-    let (mut saturated, mut confirmed) = (Tally::default(), Tally::default());
+    let bare_address = start_bare_http(&mut processes, "bare", None).await;
+    let bare_webhooks = Webhooks::open(bare_address, &requests, connections).await;
+    let publishing_address =
+        start_bare_http(&mut processes, "bare-publishing", Some(ceiling_exchange)).await;
+    let publishing_webhooks = Webhooks::open(publishing_address, &requests, connections).await;
+    let bare_pid = processes.pid("bare").unwrap();
+    let publishing_pid = processes.pid("bare-publishing").unwrap();
+    let mut ceiling = Path::new(Cores::new("publisher", &[]));
+    let mut through_ingest = Path::new(Cores::new("generator", &[("ingest", pid)]));
+    let bare_cores = Cores::without_broker("generator", &[("bare actix-web", bare_pid)]);
+    let mut bare = Path::new(bare_cores);
+    let mut publishing = Path::new(Cores::new(
+        "generator",
+        &[("bare actix-web", publishing_pid)],
+    ));
     for _ in 0..seconds {
-        let run = ceiling_publisher.run(connections, turn, None);
-        confirmed.add(ceiling_cores.measure(run).await);
-        saturated.add(ingest_cores.measure(webhooks.run(turn, None)).await);
+        ceiling
+            .measure(ceiling_publisher.run(connections, turn, None))
+            .await;
+        through_ingest.measure(webhooks.run(turn, None)).await;
+        bare.measure(bare_webhooks.run(turn, None)).await;
+        publishing
+            .measure(publishing_webhooks.run(turn, None))
+            .await;
     }
-    let ceiling = confirmed.ok as f64 / ceiling_cores.seconds();
-    let rate = saturated.ok as f64 / ingest_cores.seconds();
+    drop((bare_webhooks, publishing_webhooks));
     let queued = broker.work_ready().await;
     println!(
         "ingest: {connections} connections, {seconds} s, signed {} B PUSH payloads",
         push_payload(0).len()
     );
-    println!("  requests/s      {rate:.0}");
-    println!("  latency         {}", saturated.latency());
-    println!("  non-2xx         {}", saturated.failed);
+    through_ingest.report("non-2xx");
     println!("  ingest peak RSS {:.1} MB", peak_rss_mb(pid));
-    let saturated_exact = u64::from(queued) == saturated.ok;
+    let saturated_exact = u64::from(queued) == through_ingest.tally.ok;
     println!(
         "  queue check     {queued} queued for {} answered 202: {}",
-        saturated.ok,
+        through_ingest.tally.ok,
         check(saturated_exact)
     );
-    println!("  cores used      {ingest_cores}");
     println!(
-        "  CPU per message {}",
-        ingest_cores.per_message(saturated.ok)
+        "broker ceiling: confirmed persistent publishes (1 process, {connections} in flight, quorum queue), {seconds} s in turns with the ingest"
     );
+    ceiling.report("failed");
     println!(
-        "broker ceiling: {ceiling:.0} confirmed persistent publishes/s (1 process, {connections} in flight, quorum queue), {seconds} s in turns with the ingest"
+        "ingest/ceiling:  {:.2}",
+        through_ingest.rate() / ceiling.rate()
     );
-    println!("  latency         {}", confirmed.latency());
-    println!("  failed          {}", confirmed.failed);
-    println!("  cores used      {ceiling_cores}");
-    println!(
-        "  CPU per message {}",
-        ceiling_cores.per_message(confirmed.ok)
-    );
-    println!("ingest/ceiling:  {:.2}", rate / ceiling);
     // Both paths share the same cores, so where both use them up the ratio follows the CPU
     // each spends per message, broker included.
-    let (ceiling_cpu, ingest_cpu) = (
-        ceiling_cores.total_per_message(confirmed.ok),
-        ingest_cores.total_per_message(saturated.ok),
+    println!(
+        "  by CPU alone   {:.2} (CPU per message, all counted processes: ceiling {:.0} µs, ingest {:.0} µs)",
+        ceiling.cpu() / through_ingest.cpu(),
+        ceiling.cpu(),
+        through_ingest.cpu()
     );
     println!(
-        "  by CPU alone   {:.2} (CPU per message, all counted processes: ceiling {ceiling_cpu:.0} µs, ingest {ingest_cpu:.0} µs)",
-        ceiling_cpu / ingest_cpu.max(f64::EPSILON)
+        "bare actix-web, answering at once (1 worker, reads the body, answers 202), in turns with the above:"
+    );
+    bare.report("non-2xx");
+    println!(
+        "  with the ceiling by CPU {:.2} (the ceiling's {:.0} µs per message and this {:.0} µs)",
+        ceiling.cpu() / (ceiling.cpu() + bare.cpu()),
+        ceiling.cpu(),
+        bare.cpu()
+    );
+    println!(
+        "bare actix-web, publishing each body first (no checks; the ingest's publisher), in turns with the above:"
+    );
+    publishing.report("non-2xx");
+    println!(
+        "  ÷ ceiling       {:.2}",
+        publishing.rate() / ceiling.rate()
     );
     ceiling_publisher.close().await;
     drop((ceiling_broker, webhooks));
@@ -384,10 +528,10 @@ async fn ingest(connections: usize, seconds: u64) -> bool {
     // A steady 40 % of the ceiling with a consumer draining the queue, as in production: straight
     // to the broker and through the ingest in turns of a second again, so that a stall of the
     // broker can fall in either.
-    let steady = ceiling * 0.4;
+    let steady = ceiling.rate() * 0.4;
     broker.purge_work_queue().await;
     let drain = Drain::start(&broker).await;
-    let publisher = Direct::open(&broker).await;
+    let publisher = Direct::open(&broker.amqp.url, broker.topology().exchange()).await;
     let webhooks = Webhooks::open(address, &requests, connections).await;
     cpu::broker_quiet().await;
     let (mut direct, mut paced) = (Tally::default(), Tally::default());
@@ -760,6 +904,7 @@ async fn main() -> std::process::ExitCode {
         } => worker(events, latency_ms, concurrency).await,
         Mode::PullFlood => pull_flood().await,
         Mode::E2e { rate, seconds } => e2e(rate, seconds).await,
+        Mode::BareHttp { listen, publish_to } => bare_http(listen, publish_to).await,
     };
     if counts_hold {
         std::process::ExitCode::SUCCESS
