@@ -325,9 +325,10 @@ impl Drop for Drain {
     }
 }
 
-/// Serves `POST /webhook` with actix-web alone, on one worker as the ingest does: the body is
-/// read and a 202 answered with a JSON body of the ingest's length. What the HTTP hop costs on
-/// its own, before any check or publish.
+/// Serves `POST /webhook` with actix-web alone, on one worker and with the timeouts of the
+/// ingest: the body is read and a 202 answered with a JSON body of the ingest's length. With
+/// `publish_to`, each body is first published as the ingest publishes it, nothing checked: the
+/// least an ingest on actix-web and lapin can do. Without, what the HTTP hop costs on its own.
 async fn bare_http(listen: SocketAddr, publish_to: Option<String>) -> bool {
     use actix_web::{App, HttpResponse, HttpServer, web};
     let answer = r#"{"status":"accepted","message_id":"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}"#;
@@ -347,7 +348,13 @@ async fn bare_http(listen: SocketAddr, publish_to: Option<String>) -> bool {
                     if let Some(direct) = direct {
                         // As the ingest does before it publishes.
                         tokio::task::yield_now().await;
-                        if direct.publish(&body).await.is_err() {
+                        if let Err(error) = direct.publish(&body).await {
+                            static FIRST: std::sync::Once = std::sync::Once::new();
+                            FIRST.call_once(|| {
+                                eprintln!(
+                                    "publishing failed (only the first failure is logged): {error}"
+                                )
+                            });
                             return HttpResponse::ServiceUnavailable().finish();
                         }
                     }
@@ -359,6 +366,8 @@ async fn bare_http(listen: SocketAddr, publish_to: Option<String>) -> bool {
         )
     })
     .workers(1)
+    .client_request_timeout(Duration::from_secs(10))
+    .keep_alive(Duration::from_secs(75))
     .shutdown_timeout(0)
     .bind(listen)
     .unwrap()
@@ -533,9 +542,11 @@ async fn ingest(connections: usize, seconds: u64) -> bool {
     broker.purge_work_queue().await;
     let drain = Drain::start(&broker).await;
     let publisher = Direct::open(&broker.amqp.url, broker.topology().exchange()).await;
+    cpu::broker_quiet().await;
+    // Opened after the wait, which can outlast the time a server gives a new connection to
+    // send its first request.
     let webhooks = Webhooks::open(address, &requests, connections).await;
     let publishing_webhooks = Webhooks::open(publishing_address, &requests, connections).await;
-    cpu::broker_quiet().await;
     let mut paths = [
         ("broker alone   ", Tally::default(), Vec::new()),
         ("through ingest ", Tally::default(), Vec::new()),
