@@ -76,8 +76,8 @@ enum Mode {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
-    /// The `ingest` mode's bare HTTP server, run by it as a process of its own: actix-web on one
-    /// worker as in the ingest, reading each webhook's body and answering 202, nothing more.
+    /// The `ingest` mode's bare HTTP servers, run by it as processes of their own: actix-web on
+    /// one worker as in the ingest, answering each webhook with 202, nothing checked.
     #[command(hide = true)]
     BareHttp {
         #[arg(long)]
@@ -468,8 +468,10 @@ async fn ingest(connections: usize, seconds: u64) -> bool {
     let publishing_pid = processes.pid("bare-publishing").unwrap();
     let mut ceiling = Path::new(Cores::new("publisher", &[]));
     let mut through_ingest = Path::new(Cores::new("generator", &[("ingest", pid)]));
-    let bare_cores = Cores::without_broker("generator", &[("bare actix-web", bare_pid)]);
-    let mut bare = Path::new(bare_cores);
+    let mut bare = Path::new(Cores::without_broker(
+        "generator",
+        &[("bare actix-web", bare_pid)],
+    ));
     let mut publishing = Path::new(Cores::new(
         "generator",
         &[("bare actix-web", publishing_pid)],
@@ -536,8 +538,8 @@ async fn ingest(connections: usize, seconds: u64) -> bool {
     drop((ceiling_broker, webhooks));
 
     // A steady 40 % of the ceiling with a consumer draining the queue, as in production: straight
-    // to the broker and through the ingest in turns of a second again, so that a stall of the
-    // broker can fall in either.
+    // to the broker, through the ingest and through the bare publishing server in turns of a
+    // second again, so that a stall of the broker can fall in any.
     let steady = ceiling.rate() * 0.4;
     broker.purge_work_queue().await;
     let drain = Drain::start(&broker).await;
