@@ -33,7 +33,7 @@ use harbor_sync_tests::fakes::{FakeHarbor, FakePort, harbor_json};
 use harbor_sync_tests::percentile;
 use harbor_sync_tests::processes::{Processes, free_port, worker_env};
 use harbor_sync_tests::rabbit::{TestTopology, amqp_url};
-use harbor_sync_tests::samples;
+use harbor_sync_tests::{samples, wait_until};
 use lapin::BasicProperties;
 use serde_json::json;
 use wiremock::matchers::{method, path_regex};
@@ -127,14 +127,12 @@ async fn start_bare_http(
     let mut args = vec!["bare-http", "--listen", &listen];
     args.extend(exchange.iter().flat_map(|e| ["--publish-to", *e]));
     processes.spawn_with_args(name, "harbor-bench", &args, &[("AMQP_URL", amqp_url())]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(address).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the bare HTTP server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the bare HTTP server to listen",
+        Duration::from_secs(10),
+        || async { tokio::net::TcpStream::connect(address).await.is_ok() },
+    )
+    .await;
     address
 }
 
@@ -184,7 +182,8 @@ fn push_payload(n: u64) -> Vec<u8> {
 /// the ingest's own publisher (one connection, its confirm-mode channels), without HTTP: each
 /// lane publishes its next message as soon as the last is confirmed, or when it is due. Back to
 /// back on 64 lanes this is the ceiling, the broker's own rate for persistent, confirmed
-/// publishes of one process with 64 in flight.
+/// publishes of one process with 64 in flight. The bare publishing server publishes through it
+/// too.
 struct Direct {
     connection: lapin::Connection,
     publisher: Publisher,
