@@ -15,5 +15,6 @@ pub mod names;
 pub mod parked;
 pub mod resync;
 pub mod retry;
+pub mod schedule;
 pub mod settings;
 pub mod startup;
