@@ -286,6 +286,35 @@ impl FakePort {
             })
             .mount(&server)
             .await;
+        Mock::given(method("POST"))
+            .and(path_regex(r"^/v1/blueprints/[^/]+/entities/bulk$"))
+            .and(query_param("upsert", "true"))
+            .and(query_param("merge", "true"))
+            .and(query_param("create_missing_related_entities", "true"))
+            .and(header("authorization", bearer.as_str()))
+            .respond_with(|request: &Request| {
+                let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+                let created: Vec<Value> = body["entities"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                    .map(|(index, e)| json!({"created": true, "identifier": e["identifier"], "index": index}))
+                    .collect();
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({"ok": true, "entities": created, "errors": []}))
+            })
+            .mount(&server)
+            .await;
+        // Stateless: a search finds nothing (tests that need Port's state use the sandbox).
+        Mock::given(method("POST"))
+            .and(path("/v1/entities/search"))
+            .and(header("authorization", bearer.as_str()))
+            .respond_with(
+                ResponseTemplate::new(200).set_body_json(json!({"ok": true, "entities": []})),
+            )
+            .mount(&server)
+            .await;
         Mock::given(method("DELETE"))
             .and(path_regex(r"^/v1/blueprints/[^/]+/entities/[^/]+$"))
             .and(query_param("delete_dependents", "false"))
@@ -301,8 +330,8 @@ impl FakePort {
         self.server.uri()
     }
 
-    /// Upserts of `identifier` answer `status` (with `Retry-After` if given) `times` times,
-    /// then the normal answer resumes. `times` 0 means always.
+    /// Upserts of `identifier` (alone or in bulk) answer `status` (with `Retry-After` if given)
+    /// `times` times, then the normal answer resumes. `times` 0 means always.
     pub async fn fail_upsert(
         &self,
         identifier: &str,
@@ -310,18 +339,10 @@ impl FakePort {
         retry_after: Option<Duration>,
         times: u64,
     ) {
-        let mut response = ResponseTemplate::new(status).set_body_json(json!({
-            "ok": false,
-            "error": if status == 429 { "rate_limit_exceeded" } else { "invalid_request" },
-            "message": format!("fake Port answers {status}"),
-        }));
-        if let Some(wait) = retry_after {
-            response = response.insert_header("retry-after", wait.as_secs().to_string().as_str());
-        }
+        let id = identifier.to_owned();
         let mock = Mock::given(method("POST"))
-            .and(path_regex(r"^/v1/blueprints/[^/]+/entities$"))
-            .and(body_partial_json(json!({"identifier": identifier})))
-            .respond_with(response)
+            .and(Upserts(identifier.to_owned()))
+            .respond_with(move |request: &Request| refuse_upsert(request, &id, status, retry_after))
             .with_priority(1);
         let mock = if times > 0 {
             mock.up_to_n_times(times)
@@ -331,37 +352,11 @@ impl FakePort {
         mock.mount(&self.server).await;
     }
 
-    /// Every entity write received so far, in order (token requests left out).
+    /// Every entity write received so far, in order (token requests and searches left out); a
+    /// bulk upsert counts as one write per entity.
     pub async fn writes(&self) -> Vec<PortWrite> {
         let requests = self.server.received_requests().await.unwrap_or_default();
-        requests
-            .iter()
-            .filter_map(|request| {
-                let segments: Vec<&str> = request.url.path_segments()?.collect();
-                match (request.method.as_str(), segments.as_slice()) {
-                    ("POST", ["v1", "blueprints", blueprint, "entities"]) => {
-                        let entity: Value = serde_json::from_slice(&request.body).ok()?;
-                        Some(PortWrite {
-                            action: "upsert",
-                            blueprint: (*blueprint).to_owned(),
-                            identifier: entity["identifier"].as_str()?.to_owned(),
-                            entity: Some(entity),
-                        })
-                    }
-                    ("DELETE", ["v1", "blueprints", blueprint, "entities", id]) => {
-                        Some(PortWrite {
-                            action: "delete",
-                            blueprint: (*blueprint).to_owned(),
-                            identifier: url::form_urlencoded::parse(format!("x={id}").as_bytes())
-                                .next()
-                                .map(|(_, v)| v.into_owned())?,
-                            entity: None,
-                        })
-                    }
-                    _ => None,
-                }
-            })
-            .collect()
+        requests.iter().flat_map(entity_writes).collect()
     }
 
     /// Waits until at least `count` writes were received, then returns them all.
@@ -382,4 +377,106 @@ impl FakePort {
             .unwrap_or_default()
             .len()
     }
+}
+
+/// The entity writes of one request to Port: upserts (one or in bulk) and deletes.
+pub fn entity_writes(request: &Request) -> Vec<PortWrite> {
+    let Some(segments) = request.url.path_segments() else {
+        return Vec::new();
+    };
+    let segments: Vec<&str> = segments.collect();
+    let upsert = |blueprint: &str, entity: &Value| {
+        Some(PortWrite {
+            action: "upsert",
+            blueprint: blueprint.to_owned(),
+            identifier: entity["identifier"].as_str()?.to_owned(),
+            entity: Some(entity.clone()),
+        })
+    };
+    let body = || serde_json::from_slice::<Value>(&request.body).unwrap_or(Value::Null);
+    match (request.method.as_str(), segments.as_slice()) {
+        ("POST", ["v1", "blueprints", blueprint, "entities"]) => {
+            upsert(blueprint, &body()).into_iter().collect()
+        }
+        ("POST", ["v1", "blueprints", blueprint, "entities", "bulk"]) => body()["entities"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|entity| upsert(blueprint, entity))
+            .collect(),
+        ("DELETE", ["v1", "blueprints", blueprint, "entities", id]) => {
+            let identifier = url::form_urlencoded::parse(format!("x={id}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned());
+            identifier
+                .map(|identifier| PortWrite {
+                    action: "delete",
+                    blueprint: (*blueprint).to_owned(),
+                    identifier,
+                    entity: None,
+                })
+                .into_iter()
+                .collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Matches an upsert, alone or in bulk, that carries the entity with this identifier.
+pub struct Upserts(pub String);
+
+impl wiremock::Match for Upserts {
+    fn matches(&self, request: &Request) -> bool {
+        entity_writes(request)
+            .iter()
+            .any(|w| w.action == "upsert" && w.identifier == self.0)
+    }
+}
+
+/// Port's answer to an upsert that carries `identifier` when Port refuses that entity with
+/// `status`: alone, that status; in bulk, 429 (with `Retry-After`) refuses the whole request,
+/// any other status makes a 207 that names the entity among the errors.
+pub fn refuse_upsert(
+    request: &Request,
+    identifier: &str,
+    status: u16,
+    retry_after: Option<Duration>,
+) -> ResponseTemplate {
+    let code = if status == 429 {
+        "rate_limit_exceeded"
+    } else {
+        "invalid_request"
+    };
+    let body =
+        json!({"ok": false, "error": code, "message": format!("fake Port answers {status}")});
+    let bulk = request.url.path().ends_with("/bulk");
+    let mut response = if bulk && status != 429 {
+        let entities: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+        let (mut created, mut errors) = (Vec::new(), Vec::new());
+        for (index, entity) in entities["entities"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            if entity["identifier"] == identifier {
+                errors.push(
+                    json!({"identifier": identifier, "index": index, "statusCode": status,
+                                   "error": code, "message": body["message"]}),
+                );
+            } else {
+                created.push(
+                    json!({"created": true, "identifier": entity["identifier"], "index": index}),
+                );
+            }
+        }
+        ResponseTemplate::new(207)
+            .set_body_json(json!({"ok": true, "entities": created, "errors": errors}))
+    } else {
+        ResponseTemplate::new(status).set_body_json(body)
+    };
+    if let Some(wait) = retry_after {
+        response = response.insert_header("retry-after", wait.as_secs().to_string().as_str());
+    }
+    response
 }

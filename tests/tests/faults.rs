@@ -12,18 +12,19 @@ use futures_util::StreamExt;
 use harbor_shared::broker::BrokerUrl;
 use harbor_shared::event::HarborEvent;
 use harbor_sync_tests::apps::{SECRET, Stack, outcome_count, worker_settings};
-use harbor_sync_tests::fakes::FakePort;
+use harbor_sync_tests::fakes::{FakePort, Upserts, refuse_upsert};
 use harbor_sync_tests::processes::{Processes, free_port, worker_env};
 use harbor_sync_tests::proxy::StallingProxy;
 use harbor_sync_tests::rabbit::{TestTopology, close_connections};
 use harbor_sync_tests::{samples, wait_until};
-use harbor_worker::handler::{Failure, HandleEvent, Outcome};
-use harbor_worker::startup::Worker;
+use harbor_worker::handler::{Action, HandleEvent, Key, Plan, Work};
+use harbor_worker::schedule::{self, Judgement, Reconcile};
+use harbor_worker::startup::{Worker, scheduler};
 use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, BasicNackOptions};
 use lapin::types::AMQPValue;
 use serde_json::json;
-use wiremock::matchers::{body_partial_json, method, path_regex};
+use wiremock::matchers::method;
 use wiremock::{Mock, Request, Respond, ResponseTemplate};
 
 const REPOSITORY: &str = "harbor/alpine";
@@ -306,10 +307,12 @@ async fn a_worker_killed_mid_batch_loses_nothing_a_new_worker_finishes_the_work(
     assert_eq!(processes.signal("second-worker", "TERM"), Some(0));
 }
 
-/// Answers by attempt number (1, 2, ...) and remembers when each attempt came.
+/// Answers upserts of one entity (alone or in bulk) by attempt number (1, 2, ...) with a
+/// status and a `Retry-After`, and remembers when each attempt came.
 struct ByAttempt {
+    identifier: String,
     times: Arc<Mutex<Vec<Instant>>>,
-    answer: fn(usize, Duration) -> ResponseTemplate,
+    answer: fn(usize, Duration) -> (u16, Option<Duration>),
     started: Instant,
 }
 
@@ -317,22 +320,27 @@ impl Respond for ByAttempt {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let mut times = self.times.lock().unwrap();
         times.push(Instant::now());
-        let entity: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
-        (self.answer)(times.len(), self.started.elapsed())
-            .set_body_json(json!({"ok": true, "entity": entity}))
+        let (status, retry_after) = (self.answer)(times.len(), self.started.elapsed());
+        if status < 300 {
+            let entity: serde_json::Value =
+                serde_json::from_slice(&request.body).unwrap_or_default();
+            return ResponseTemplate::new(status)
+                .set_body_json(json!({"ok": true, "entity": entity}));
+        }
+        refuse_upsert(request, &self.identifier, status, retry_after)
     }
 }
 
 async fn answer_upserts_of(
     port: &FakePort,
     identifier: &str,
-    answer: fn(usize, Duration) -> ResponseTemplate,
+    answer: fn(usize, Duration) -> (u16, Option<Duration>),
 ) -> Arc<Mutex<Vec<Instant>>> {
     let times = Arc::new(Mutex::new(Vec::new()));
     Mock::given(method("POST"))
-        .and(path_regex(r"^/v1/blueprints/harborArtifact/entities$"))
-        .and(body_partial_json(json!({"identifier": identifier})))
+        .and(Upserts(identifier.to_owned()))
         .respond_with(ByAttempt {
+            identifier: identifier.to_owned(),
             times: times.clone(),
             answer,
             started: Instant::now(),
@@ -354,11 +362,14 @@ async fn port_down_for_longer_than_a_retry_delays_that_event_and_the_queue_keeps
     let (slow, fast) = (samples::digest(1), samples::digest(2));
     // Port answers 503 to this entity for 3 s, then accepts it.
     let attempts = answer_upserts_of(&stack.port, &format!("{REPOSITORY}@{slow}"), |_, since| {
-        ResponseTemplate::new(if since < Duration::from_secs(3) {
-            503
-        } else {
-            201
-        })
+        (
+            if since < Duration::from_secs(3) {
+                503
+            } else {
+                201
+            },
+            None,
+        )
     })
     .await;
 
@@ -400,12 +411,9 @@ async fn a_429_retry_after_is_waited_out_before_the_next_attempt() {
     let attempts = answer_upserts_of(
         &stack.port,
         &format!("{REPOSITORY}@{digest}"),
-        |attempt, _| {
-            if attempt == 1 {
-                ResponseTemplate::new(429).insert_header("retry-after", "2")
-            } else {
-                ResponseTemplate::new(201)
-            }
+        |attempt, _| match attempt {
+            1 => (429, Some(Duration::from_secs(2))),
+            _ => (201, None),
         },
     )
     .await;
@@ -422,12 +430,36 @@ async fn a_429_retry_after_is_waited_out_before_the_next_attempt() {
     );
 }
 
-/// A handler that panics on every event.
+/// A handler whose every refresh panics.
 struct Panics;
 
-impl HandleEvent for Panics {
-    async fn handle(&self, _event: &HarborEvent) -> Result<Outcome, Failure> {
+impl Reconcile for Panics {
+    type Key = Key;
+    type Work = Work;
+    type Report = ();
+
+    async fn run(&self, _key: &Key, _work: &Work) {
         panic!("a bug in the handler");
+    }
+
+    fn judge(&self, _report: &(), _asked: &Work) -> Judgement<Key, Work> {
+        Judgement::Done
+    }
+}
+
+impl HandleEvent for Panics {
+    fn plan(&self, _body: &[u8]) -> Plan<Key, Work> {
+        let refresh = schedule::Request {
+            key: Key::Project("library".into()),
+            work: Work::default(),
+            delay: Duration::ZERO,
+            group: 0,
+        };
+        Plan {
+            event_type: "PUSH_ARTIFACT".into(),
+            subject: None,
+            action: Action::Refresh(vec![refresh]),
+        }
     }
 }
 
@@ -443,7 +475,9 @@ async fn an_event_whose_handler_panics_is_parked_and_the_worker_keeps_consuming(
     } = stack;
     worker.stop().await;
     let settings = worker_settings(&broker.amqp, &harbor.url(), &port.url());
-    let panicking = Worker::start(settings, Arc::new(Panics)).await.unwrap();
+    let panics = Arc::new(Panics);
+    let scheduler = scheduler(Arc::clone(&panics), &settings);
+    let panicking = Worker::start(settings, panics, scheduler).await.unwrap();
     let metrics = format!("http://127.0.0.1:{}", panicking.metrics_port());
     let shutdown = panicking.shutdown_token();
     let running = tokio::spawn(panicking.run_until_stopped());

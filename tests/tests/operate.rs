@@ -59,8 +59,8 @@ async fn parked_list_shows_what_failed_when_and_why_and_removes_nothing() {
         "{event:?}"
     );
     assert!(event.failed_at.is_some() && event.request_id.is_some());
-    // Three reads and three writes (the last refused), and any retry of a slow call.
-    assert!(event.attempts.is_some_and(|n| n >= 6), "{event:?}");
+    // One refresh: Port's 422 is not worth another.
+    assert_eq!(event.attempts, Some(1), "{event:?}");
     // Listing removes nothing: the message comes back (a quorum queue returns it a moment
     // after the listing's channel closed).
     let parked = stack.broker.topology().parked_queue();

@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use harbor_sync_tests::apps::{TestSandbox, TestWorker, start_sandbox};
@@ -11,8 +12,7 @@ use harbor_sync_tests::sandbox::PayloadFormat;
 use harbor_sync_tests::wait_until;
 use harbor_worker::clients::http_client;
 use harbor_worker::resync::{Summary, resync};
-use harbor_worker::retry::RetryPolicy;
-use harbor_worker::startup::handler;
+use harbor_worker::startup::{handler, scheduler};
 use serde_json::json;
 
 /// A sandbox whose Harbor holds 105 artifacts in library/nginx (more than one page) and one in
@@ -29,14 +29,28 @@ async fn drifted() -> TestSandbox {
         sandbox.ids("harborArtifact").await.is_empty(),
         "no webhook reached Port"
     );
+    let ours = |identifier: &str, relations| {
+        json!({"identifier": identifier, "title": identifier,
+               "properties": {"harborInstance": "default"}, "relations": relations})
+    };
     let stale = format!("library/old@{}", samples::digest(99));
     sandbox
-        .put_entity("harborArtifact", json!({"identifier": stale, "title": "old", "properties": {}, "relations": {"repository": "library/old"}}))
+        .put_entity(
+            "harborArtifact",
+            ours(&stale, json!({"repository": "library/old"})),
+        )
         .await;
+    sandbox
+        .put_entity("harborRepository", ours("library/old", json!({})))
+        .await;
+    sandbox
+        .put_entity("harborProject", ours("ghost", json!({})))
+        .await;
+    // Someone else's entity in our blueprint: not ours to delete.
     sandbox
         .put_entity(
             "harborProject",
-            json!({"identifier": "ghost", "title": "ghost", "properties": {}, "relations": {}}),
+            json!({"identifier": "by-hand", "title": "by hand", "properties": {}, "relations": {}}),
         )
         .await;
     sandbox
@@ -47,23 +61,24 @@ async fn resync_upserts_everything_harbor_has_and_deletes_what_it_no_longer_has(
     let sandbox = drifted().await;
     let settings = sandbox.worker_settings(&TestTopology::new().await.amqp);
     let http = http_client(Duration::from_secs(5)).unwrap();
-    let handler = handler(
+    let handler = Arc::new(handler(
         &settings.harbor,
         &settings.port,
         http,
-        RetryPolicy::with_budget(Duration::from_secs(5)),
-    );
+        Duration::ZERO,
+        8,
+    ));
+    let scheduler = scheduler(Arc::clone(&handler), &settings);
 
-    let summary = resync(&handler).await;
+    let summary = resync(&handler, &scheduler, settings.retry).await;
 
-    // 2 projects, 2 repositories, 106 artifacts; the stale artifact, its repository and the
-    // ghost project deleted.
+    // Harbor's 2 projects and 2 repositories, and the ghost project and the old repository,
+    // which Port has and Harbor does not.
     assert_eq!(
         summary,
         Summary {
-            seen: 110,
-            upserted: 110,
-            deleted: 3,
+            projects: 3,
+            repositories: 3,
             failed: 0
         }
     );
@@ -79,11 +94,18 @@ async fn resync_upserts_everything_harbor_has_and_deletes_what_it_no_longer_has(
     assert_eq!(repositories, ["library/nginx", "team/app/api"]);
     let mut projects = sandbox.ids("harborProject").await;
     projects.sort();
-    assert_eq!(projects, ["library", "team"]);
+    assert_eq!(projects, ["by-hand", "library", "team"]);
 
-    // A second run finds nothing to delete.
-    let again = resync(&handler).await;
-    assert_eq!((again.deleted, again.failed), (0, 0));
+    // A second run has nothing of Port's alone to refresh.
+    let again = resync(&handler, &scheduler, settings.retry).await;
+    assert_eq!(
+        again,
+        Summary {
+            projects: 2,
+            repositories: 2,
+            failed: 0
+        }
+    );
 }
 
 #[tokio::test]

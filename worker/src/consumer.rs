@@ -1,5 +1,6 @@
-//! The RabbitMQ side of the worker: consume with manual acks and a bounded number of events in
-//! flight, hand each to the [`HandleEvent`] handler, and settle each delivery exactly once:
+//! The RabbitMQ side of the worker: consume with manual acks, ask the [`HandleEvent`] handler
+//! what each delivery needs refreshed, hand that to the [`Scheduler`] (which decides what runs
+//! when), and settle each delivery exactly once:
 //!
 //! - handled (synced, ignored or skipped): ack;
 //! - failed after retries, unparseable, or the handler panicked: park (a confirmed publish of
@@ -11,16 +12,15 @@
 //! Nothing is acked before its writes are done: a crash or a lost connection leaves the
 //! delivery unacked, and the broker delivers it again.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, anyhow};
 use futures_util::StreamExt;
+use futures_util::future::join_all;
 use harbor_shared::broker;
 use harbor_shared::config::AmqpSettings;
-use harbor_shared::event::{EventError, EventType, HarborEvent};
 use harbor_shared::ops::Readiness;
 use harbor_shared::publisher::{Outgoing, Publisher};
 use harbor_shared::topology::Topology;
@@ -30,12 +30,12 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
-use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::handler::{HandleEvent, Outcome, Subject, refresh_key};
+use crate::handler::{Action, HandleEvent, Plan};
+use crate::schedule::{Request, Scheduler, Settled};
 
 /// How long parking may wait for the broker's confirm.
 const PARK_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,27 +45,28 @@ const PARK_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ConsumerSettings {
     /// The broker and the queue names.
     pub amqp: AmqpSettings,
-    /// Events handled at once.
-    pub concurrency: u16,
     /// Deliveries held at once (the consumer's prefetch): handled, or waiting to be folded
-    /// into a refresh of the same subject. At least `concurrency`.
+    /// into a refresh of the same subject.
     pub prefetch: u16,
-    /// A pull is refreshed this long after the last pull of the same artifacts (Harbor updates
-    /// pull counts about every 10 s); pulls in between are folded into that one refresh.
-    pub pull_window: Duration,
     /// On shutdown, how long events in flight may take to finish.
     pub drain_timeout: Duration,
 }
 
-/// Consumes until `shutdown`, reconnecting whenever the connection is lost.
+/// Consumes until `shutdown`, reconnecting whenever the connection is lost; `scheduler` runs
+/// the refreshes.
+///
+/// The scheduler outlives the sessions, and a lost session's refreshes are stopped before the
+/// next session consumes: the broker redelivers what was not acked, and a redelivered event
+/// must not be refreshed beside its own first delivery.
 pub async fn run<H: HandleEvent>(
     settings: ConsumerSettings,
     handler: Arc<H>,
+    scheduler: Scheduler<H>,
     readiness: Readiness,
     shutdown: CancellationToken,
 ) {
-    let (settings_ref, handler, readiness_ref, shutdown_ref) =
-        (&settings, &handler, &readiness, &shutdown);
+    let (settings_ref, handler, readiness_ref, shutdown_ref, scheduler_ref) =
+        (&settings, &handler, &readiness, &shutdown, &scheduler);
     broker::run_reconnecting(
         &settings.amqp,
         "harbor-worker",
@@ -75,6 +76,7 @@ pub async fn run<H: HandleEvent>(
                 &connection,
                 settings_ref,
                 handler,
+                scheduler_ref,
                 readiness_ref,
                 shutdown_ref,
             )
@@ -90,6 +92,7 @@ async fn session<H: HandleEvent>(
     connection: &Connection,
     settings: &ConsumerSettings,
     handler: &Arc<H>,
+    scheduler: &Scheduler<H>,
     readiness: &Readiness,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -100,7 +103,7 @@ async fn session<H: HandleEvent>(
         .await
         .context("Failed to open the consuming channel")?;
     // Per-consumer prefetch (quorum queues refuse global QoS).
-    let prefetch = settings.prefetch.max(settings.concurrency);
+    let prefetch = settings.prefetch;
     channel
         .basic_qos(prefetch, BasicQosOptions { global: false })
         .await
@@ -116,24 +119,15 @@ async fn session<H: HandleEvent>(
         .await
         .with_context(|| format!("Failed to consume from {}", topology.queue()))?;
     readiness.set(true);
-    info!(
-        queue = topology.queue(),
-        prefetch,
-        concurrency = settings.concurrency,
-        "Consuming"
-    );
+    info!(queue = topology.queue(), prefetch, "Consuming");
 
     let shared = Arc::new(Shared {
         handler: Arc::clone(handler),
+        scheduler: scheduler.clone(),
         parker: Arc::clone(&parker),
         topology: topology.clone(),
-        slots: Semaphore::new(usize::from(settings.concurrency)),
-        pending: Mutex::new(HashMap::new()),
         held: AtomicUsize::new(0),
         flush_at: (usize::from(prefetch) * 9 / 10).max(1),
-        full: Notify::new(),
-        pull_window: settings.pull_window,
-        shutdown: shutdown.clone(),
     });
     let in_flight = TaskTracker::new();
     let closed = broker::closed(connection);
@@ -151,14 +145,15 @@ async fn session<H: HandleEvent>(
         }
     };
     readiness.set(false);
+    in_flight.close();
 
     if shutdown.is_cancelled() {
-        // No new deliveries; deliveries received but not started stay unacked and are
-        // requeued when the connection closes.
+        // No new deliveries; pulls waiting for their window are refreshed now. Deliveries not
+        // settled by the drain timeout stay unacked and are requeued when the connection closes.
         let _ = channel
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
             .await;
-        in_flight.close();
+        scheduler.hurry(None);
         info!(
             in_flight = in_flight.len(),
             "Stopping: finishing events in flight"
@@ -173,6 +168,10 @@ async fn session<H: HandleEvent>(
             );
         }
     }
+    // What is still running belongs to this session, whose deliveries the broker hands out
+    // again (maybe to another worker): stop it before anything else reads or writes.
+    scheduler.abort().await;
+    in_flight.wait().await;
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
         channel.close(200, "stopping".into()),
@@ -190,72 +189,46 @@ enum Verdict {
 }
 
 /// What the delivery tasks of one session share.
-struct Shared<H> {
+struct Shared<H: HandleEvent> {
     handler: Arc<H>,
+    scheduler: Scheduler<H>,
     parker: Arc<Publisher>,
     topology: Topology,
-    /// One permit per event handled at once.
-    slots: Semaphore,
-    /// Deliveries waiting to be folded into a refresh that has not started yet, by what it
-    /// refreshes.
-    pending: Mutex<HashMap<String, Group>>,
     /// Deliveries received and not yet acked or parked. The broker sends no more once they
     /// reach the prefetch.
     held: AtomicUsize,
     /// At this many held (nine tenths of the prefetch), pulls waiting for their window are
     /// refreshed at once: a flood of pulls must not stop the consumer for a window.
     flush_at: usize,
-    /// Signalled when `held` rises to `flush_at`.
-    full: Notify,
-    pull_window: Duration,
-    shutdown: CancellationToken,
 }
 
-/// Deliveries folded into one refresh, besides the one that started it.
-struct Group {
-    followers: Vec<Delivery>,
-    last_arrival: Instant,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Starts a refresh for a delivery, or folds it into a pending refresh of the same subject:
-/// Harbor is read when the refresh starts, so one read answers every event that came before.
+/// Asks for the refreshes a delivery needs (at once, so that each refresh that serves it reads
+/// Harbor after it arrived), and settles it once they are done.
 fn dispatch<H: HandleEvent>(delivery: Delivery, shared: &Arc<Shared<H>>, tasks: &TaskTracker) {
     // On the crossing only: the pulls that start waiting meanwhile wait for the next one.
     if shared.held.fetch_add(1, Ordering::Relaxed) + 1 == shared.flush_at {
-        shared.full.notify_waiters();
+        shared.scheduler.hurry(Some(0));
     }
-    let event = HarborEvent::parse(&delivery.data);
-    let key = event.as_ref().ok().and_then(refresh_key);
-    let is_pull = matches!(&event, Ok(e) if e.event_type == EventType::PullArtifact);
-    if let Some(key) = &key {
-        let mut pending = lock(&shared.pending);
-        if let Some(group) = pending.get_mut(key) {
-            group.followers.push(delivery);
-            group.last_arrival = Instant::now();
-            return;
-        }
-        pending.insert(
-            key.clone(),
-            Group {
-                followers: Vec::new(),
-                last_arrival: Instant::now(),
-            },
-        );
-    }
-    tasks.spawn(process(delivery, event, key, is_pull, Arc::clone(shared)));
+    let plan = shared.handler.plan(&delivery.data);
+    let requests = match &plan.action {
+        Action::Refresh(refreshes) => refreshes
+            .iter()
+            .map(|refresh| {
+                shared.scheduler.submit(Request {
+                    group: 0,
+                    ..refresh.clone()
+                })
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    tasks.spawn(process(delivery, plan, requests, Arc::clone(shared)));
 }
 
 async fn process<H: HandleEvent>(
     delivery: Delivery,
-    event: Result<HarborEvent, EventError>,
-    key: Option<String>,
-    is_pull: bool,
+    plan: Plan<H::Key, H::Work>,
+    requests: Vec<impl Future<Output = Settled>>,
     shared: Arc<Shared<H>>,
 ) {
     let message_id = delivery
@@ -267,132 +240,62 @@ async fn process<H: HandleEvent>(
         "event",
         message_id = %message_id,
         event_type = %delivery.routing_key,
-        subject = tracing::field::Empty,
+        subject = plan.subject.as_deref().unwrap_or("-"),
         redelivered = delivery.redelivered,
     );
     async move {
         let started = Instant::now();
-        if is_pull {
-            wait_for_pull_counts(&shared, key.as_deref(), started).await;
-        }
-        let Ok(_slot) = shared.slots.acquire().await else { return };
-        // From here on, deliveries of the same subject start a refresh of their own.
-        let followers = key
-            .and_then(|key| lock(&shared.pending).remove(&key))
-            .map(|group| group.followers)
-            .unwrap_or_default();
-        metrics::gauge!("harbor_worker_events_in_flight").increment(1.0);
-        let (verdict, event_type, outcome) = decide(event, Arc::clone(&shared.handler)).await;
-        // Before the ack: once acked, the broker sends the next delivery in its place.
-        metrics::gauge!("harbor_worker_events_in_flight").decrement(1.0);
-        if !followers.is_empty() {
-            debug!(folded = followers.len(), "Events folded into this refresh");
-            metrics::counter!("harbor_worker_events_coalesced_total").increment(followers.len() as u64);
-        }
-        let settled = 1 + followers.len();
-        for follower in followers {
-            settle(follower, verdict.clone(), &shared.parker, &shared.topology).await;
-        }
-        settle(delivery, verdict, &shared.parker, &shared.topology).await;
-        shared.held.fetch_sub(settled, Ordering::Relaxed);
-        metrics::counter!("harbor_worker_events_total", "event_type" => event_type.clone(), "outcome" => outcome)
-            .increment(settled as u64);
-        metrics::histogram!("harbor_worker_event_duration_seconds", "event_type" => event_type)
-            .record(started.elapsed().as_secs_f64());
-    }
-    .instrument(span)
-    .await;
-}
-
-/// Waits until `pull_window` has passed since the last pull of the same artifacts (so that
-/// Harbor has counted them all), at most five windows in all, until the held deliveries near
-/// the prefetch, or until shutdown. A refresh cut short reads a count Harbor may raise later;
-/// the pulls after it wait for a refresh of their own.
-async fn wait_for_pull_counts<H>(shared: &Shared<H>, key: Option<&str>, started: Instant) {
-    let window = shared.pull_window;
-    let latest_end = started + window * 5;
-    let full = shared.full.notified();
-    tokio::pin!(full);
-    loop {
-        let last = key
-            .and_then(|key| lock(&shared.pending).get(key).map(|g| g.last_arrival))
-            .unwrap_or(started)
-            .max(started);
-        let until = (last + window).min(latest_end);
-        if Instant::now() >= until {
-            return;
-        }
-        tokio::select! {
-            () = tokio::time::sleep_until(until.into()) => {}
-            () = &mut full => {
-                metrics::counter!("harbor_worker_pull_windows_cut_total").increment(1);
-                return;
+        let decided = match plan.action {
+            Action::Refresh(_) => {
+                let settled = join_all(requests).await;
+                let elapsed_ms = started.elapsed().as_millis() as u64;
+                let failed = settled.iter().find_map(|s| match s {
+                    Settled::Failed(failure) => Some(failure.clone()),
+                    _ => None,
+                });
+                if let Some(failure) = failed {
+                    Some((
+                        Verdict::Park {
+                            reason: failure.reason,
+                            attempts: failure.attempts,
+                        },
+                        "parked",
+                    ))
+                } else if settled.contains(&Settled::Aborted) {
+                    // Its session is gone; the broker delivers it again.
+                    None
+                } else {
+                    info!(refreshes = settled.len(), elapsed_ms, "Event synced");
+                    Some((Verdict::Ack, "synced"))
+                }
             }
-            () = shared.shutdown.cancelled() => return,
-        }
-    }
-}
-
-/// Parses and handles; returns the verdict and the metric labels (event type, outcome).
-async fn decide<H: HandleEvent>(
-    event: Result<HarborEvent, EventError>,
-    handler: Arc<H>,
-) -> (Verdict, String, &'static str) {
-    let event = match event {
-        Ok(event) => event,
-        Err(error) => {
-            let reason = format!("not a Harbor event: {error}");
-            return (
+            Action::Ignore => {
+                info!("Event ignored: no action for this type");
+                Some((Verdict::Ack, "ignored"))
+            }
+            Action::Skip(reason) => {
+                warn!(%reason, "Event skipped");
+                Some((Verdict::Ack, "skipped"))
+            }
+            Action::Invalid(reason) => Some((
                 Verdict::Park {
                     reason,
                     attempts: 0,
                 },
-                "invalid".to_owned(),
                 "parked",
-            );
-        }
-    };
-    let event_type = event.event_type.metric_label().to_owned();
-    if let Ok(subject) = Subject::of(&event.data) {
-        let shown = match subject.digests.as_slice() {
-            [digest] => format!("{}@{digest}", subject.repository),
-            _ => subject.repository.to_string(),
+            )),
         };
-        tracing::Span::current().record("subject", shown);
+        if let Some((verdict, outcome)) = decided {
+            settle(delivery, verdict, &shared.parker, &shared.topology).await;
+            metrics::counter!("harbor_worker_events_total", "event_type" => plan.event_type.clone(), "outcome" => outcome)
+                .increment(1);
+            metrics::histogram!("harbor_worker_event_duration_seconds", "event_type" => plan.event_type)
+                .record(started.elapsed().as_secs_f64());
+        }
+        shared.held.fetch_sub(1, Ordering::Relaxed);
     }
-    let started = Instant::now();
-    // Its own task, so that a panic in the handler is caught and the delivery still settled.
-    let handled = tokio::spawn(async move { handler.handle(&event).await }).await;
-    let elapsed_ms = started.elapsed().as_millis() as u64;
-    let (verdict, outcome) = match handled {
-        Ok(Ok(Outcome::Synced { upserted, deleted })) => {
-            info!(upserted, deleted, elapsed_ms, "Event synced");
-            (Verdict::Ack, "synced")
-        }
-        Ok(Ok(Outcome::Ignored)) => {
-            info!("Event ignored: no action for this type");
-            (Verdict::Ack, "ignored")
-        }
-        Ok(Ok(Outcome::Skipped(reason))) => {
-            warn!(%reason, "Event skipped");
-            (Verdict::Ack, "skipped")
-        }
-        Ok(Err(failure)) => (
-            Verdict::Park {
-                reason: failure.reason,
-                attempts: failure.attempts,
-            },
-            "parked",
-        ),
-        Err(join_error) => (
-            Verdict::Park {
-                reason: format!("the handler panicked: {join_error}"),
-                attempts: 1,
-            },
-            "parked",
-        ),
-    };
-    (verdict, event_type, outcome)
+    .instrument(span)
+    .await;
 }
 
 async fn settle(delivery: Delivery, verdict: Verdict, parker: &Publisher, topology: &Topology) {

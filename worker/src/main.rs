@@ -1,4 +1,6 @@
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -6,6 +8,7 @@ use harbor_shared::{ops, telemetry};
 use harbor_worker::clients::http_client;
 use harbor_worker::parked::{self, Selection};
 use harbor_worker::retry::RetryPolicy;
+use harbor_worker::schedule::{Limits, Scheduler};
 use harbor_worker::settings::{Cli, Command, ParkedAction};
 use harbor_worker::startup::{Worker, handler, port_client};
 use harbor_worker::{backlog, blueprints, resync};
@@ -34,24 +37,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Resync { json } => {
             let (harbor, port) = (cli.harbor.into_settings()?, cli.port.into_settings()?);
-            let http =
-                http_client(cli.run.http_timeout).context("Failed to build the HTTP client")?;
-            let retry = RetryPolicy::with_budget(cli.run.retry_max_elapsed);
-            let handler = handler(&harbor, &port, http, retry);
-            let summary = resync::resync(&handler).await;
+            let run = &cli.run;
+            let http = http_client(run.http_timeout).context("Failed to build the HTTP client")?;
+            let retry = RetryPolicy::with_budget(run.retry_max_elapsed);
+            let handler = Arc::new(handler(
+                &harbor,
+                &port,
+                http,
+                Duration::ZERO,
+                run.worker_concurrency,
+            ));
+            let limits = Limits {
+                concurrency: usize::from(run.worker_concurrency),
+                retry,
+                max_hold: run.consumer_timeout,
+            };
+            let scheduler = Scheduler::start(Arc::clone(&handler), limits);
+            let summary = resync::resync(&handler, &scheduler, retry).await;
             if json {
                 println!("{}", serde_json::json!(summary));
             } else {
                 println!(
-                    "seen {}, upserted {}, deleted {}, failed {}",
-                    summary.seen, summary.upserted, summary.deleted, summary.failed
+                    "projects {}, repositories {}, failed {}",
+                    summary.projects, summary.repositories, summary.failed
                 );
             }
             if summary.failed > 0 {
-                bail!(
-                    "{} item(s) could not be synced; see the log",
-                    summary.failed
-                );
+                bail!("{} refresh(es) failed; see the log", summary.failed);
             }
             Ok(())
         }

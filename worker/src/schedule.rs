@@ -84,7 +84,7 @@ pub enum Judgement<K, W> {
 }
 
 /// A request for a refresh.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request<K, W> {
     /// What to refresh.
     pub key: K,
@@ -479,7 +479,7 @@ impl<R: Reconcile> Driver<R> {
                         self.settle(id, Settled::Failed(Failure { reason, attempts }), now);
                     } else {
                         tracing::warn!(key = ?w.key, %reason, wait_ms = wait.as_millis() as u64, "Refresh failed; refreshing again");
-                        metrics::counter!("harbor_worker_retries_total").increment(1);
+                        metrics::counter!("harbor_worker_refresh_retries_total").increment(1);
                         w.due = Some(now + wait);
                         self.requeue(id);
                     }

@@ -137,7 +137,7 @@ pub struct PortArgs {
 /// How the consumer runs.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Events handled at once, 1-1000.
+    /// Refreshes at once, and calls to Harbor and Port in flight at once, 1-1000.
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 32)]
     pub worker_concurrency: u16,
 
@@ -152,10 +152,17 @@ pub struct RunArgs {
     #[arg(long, env = "PULL_COALESCE_WINDOW", default_value = "11s", value_parser = humantime::parse_duration)]
     pub pull_coalesce_window: Duration,
 
-    /// Time budget for retrying one event's failed calls before the event is parked (at most
-    /// 15 minutes: the broker takes back a delivery held for 30).
+    /// Time budget for refreshing one event again after failed calls before the event is
+    /// parked, counted from its first refresh.
     #[arg(long, env = "RETRY_MAX_ELAPSED", default_value = "60s", value_parser = humantime::parse_duration)]
     pub retry_max_elapsed: Duration,
+
+    /// The broker's consumer timeout (RabbitMQ's `consumer_timeout`, 30 minutes unless the
+    /// broker is configured otherwise): a delivery held longer is taken back and the channel
+    /// closed. Every delivery is settled at least a minute before it; set this if the broker's
+    /// differs.
+    #[arg(long, env = "CONSUMER_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub consumer_timeout: Duration,
 
     /// Address to serve `/healthz`, `/readyz` and `/metrics` on.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
@@ -206,7 +213,7 @@ pub struct Settings {
     pub harbor: HarborSettings,
     /// Port.
     pub port: PortSettings,
-    /// Events handled at once.
+    /// Refreshes at once, and calls in flight at once.
     pub concurrency: u16,
     /// Deliveries held at once.
     pub prefetch: u16,
@@ -220,6 +227,9 @@ pub struct Settings {
     pub http_timeout: Duration,
     /// Drain time on shutdown.
     pub shutdown_timeout: Duration,
+    /// A delivery not settled this long after it arrived is parked: the broker's consumer
+    /// timeout less a margin.
+    pub max_hold: Duration,
     /// How often to resync, if at all.
     pub resync_interval: Option<Duration>,
 }
@@ -286,17 +296,10 @@ impl Cli {
         if run.worker_prefetch < run.worker_concurrency {
             bail!("WORKER_PREFETCH must be at least WORKER_CONCURRENCY");
         }
-        if run.pull_coalesce_window > Duration::from_secs(120) {
-            bail!("PULL_COALESCE_WINDOW must be at most 2m (pulls wait up to five windows)");
-        }
-        if run.retry_max_elapsed > Duration::from_secs(15 * 60) {
-            bail!(
-                "RETRY_MAX_ELAPSED must be at most 15m (RabbitMQ takes back deliveries held 30m)"
-            );
-        }
         if run.http_timeout.is_zero() {
             bail!("HTTP_TIMEOUT must be more than 0");
         }
+        let max_hold = max_hold(&run)?;
         if run
             .resync_interval
             .is_some_and(|i| i < Duration::from_secs(60))
@@ -315,8 +318,33 @@ impl Cli {
             http_timeout: run.http_timeout,
             shutdown_timeout: run.shutdown_timeout,
             resync_interval: run.resync_interval,
+            max_hold,
         })
     }
+}
+
+/// How long a delivery may be held: the consumer timeout less a minute for parking and acking.
+/// Refused when an event's normal course does not fit in it: five pull windows of waiting, the
+/// retry budget, and one last refresh of two calls.
+fn max_hold(run: &RunArgs) -> anyhow::Result<Duration> {
+    const MARGIN: Duration = Duration::from_secs(60);
+    let max_hold = run
+        .consumer_timeout
+        .checked_sub(MARGIN)
+        .filter(|hold| !hold.is_zero())
+        .context("CONSUMER_TIMEOUT must be more than 1m")?;
+    let course = run.pull_coalesce_window * 5 + run.retry_max_elapsed + run.http_timeout * 2;
+    if course >= max_hold {
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        bail!(
+            "5 × PULL_COALESCE_WINDOW + RETRY_MAX_ELAPSED + 2 × HTTP_TIMEOUT ({}) must be less than \
+             CONSUMER_TIMEOUT less 1m ({}): the broker takes back a delivery held longer than \
+             its consumer timeout, so an event must be settled well before",
+            show(course),
+            show(max_hold)
+        );
+    }
+    Ok(max_hold)
 }
 
 #[cfg(test)]
@@ -374,13 +402,21 @@ mod tests {
 
     #[test]
     fn unsafe_values_are_refused() {
+        for (flag, value) in [
+            ("--retry-max-elapsed", "29m"),
+            ("--pull-coalesce-window", "6m"),
+            ("--consumer-timeout", "1m"),
+        ] {
+            let mut args = COMPLETE.to_vec();
+            args.extend([flag, value]);
+            let err = parse(&args).unwrap_err().to_string();
+            assert!(err.contains("CONSUMER_TIMEOUT"), "{flag}: {err}");
+        }
         let mut args = COMPLETE.to_vec();
-        args.extend(["--retry-max-elapsed", "20m"]);
+        args.extend(["--consumer-timeout", "10m", "--retry-max-elapsed", "7m"]);
         assert!(
-            parse(&args)
-                .unwrap_err()
-                .to_string()
-                .contains("RETRY_MAX_ELAPSED")
+            parse(&args).is_ok(),
+            "7m of retries and 5 pull windows fit in a 10m timeout"
         );
         let mut args = COMPLETE.to_vec();
         args[1] = "https://admin:pw@harbor.example.com";

@@ -20,14 +20,19 @@ use crate::consumer::{self, ConsumerSettings};
 use crate::handler::{HandleEvent, Handler};
 use crate::resync;
 use crate::retry::RetryPolicy;
+use crate::schedule::{Limits, Scheduler};
 use crate::settings::{HarborSettings, PortSettings, Settings};
+
+/// The name of the Harbor a single-Harbor deployment serves, in its entities' `harborInstance`.
+pub const DEFAULT_INSTANCE: &str = "default";
 
 /// The handler for these settings: its Harbor and Port clients share `http`.
 pub fn handler(
     harbor: &HarborSettings,
     port: &PortSettings,
     http: reqwest::Client,
-    retry: RetryPolicy,
+    pull_window: Duration,
+    concurrency: u16,
 ) -> Handler {
     let harbor = HarborClient::new(
         http.clone(),
@@ -35,7 +40,23 @@ pub fn handler(
         harbor.username.clone(),
         harbor.password.clone(),
     );
-    Handler::new(harbor, port_client(port, http), retry)
+    Handler::new(
+        harbor,
+        port_client(port, http),
+        DEFAULT_INSTANCE,
+        pull_window,
+        usize::from(concurrency),
+    )
+}
+
+/// The scheduler of the worker's refreshes, for these settings.
+pub fn scheduler<H: HandleEvent>(handler: Arc<H>, settings: &Settings) -> Scheduler<H> {
+    let limits = Limits {
+        concurrency: usize::from(settings.concurrency),
+        retry: settings.retry,
+        max_hold: settings.max_hold,
+    };
+    Scheduler::start(handler, limits)
 }
 
 /// The Port client for these settings.
@@ -64,12 +85,15 @@ impl Worker {
             &settings.harbor,
             &settings.port,
             http,
-            settings.retry,
+            settings.pull_window,
+            settings.concurrency,
         ));
-        let interval = settings.resync_interval;
-        let worker = Self::start(settings, Arc::clone(&handler)).await?;
+        let scheduler = scheduler(Arc::clone(&handler), &settings);
+        let (interval, retry) = (settings.resync_interval, settings.retry);
+        let worker = Self::start(settings, Arc::clone(&handler), scheduler.clone()).await?;
         if let Some(interval) = interval {
-            tokio::spawn(resync_every(interval, handler, worker.shutdown_token()));
+            let shutdown = worker.shutdown_token();
+            tokio::spawn(resync_every(interval, handler, scheduler, retry, shutdown));
         }
         Ok(worker)
     }
@@ -79,6 +103,7 @@ impl Worker {
     pub async fn start<H: HandleEvent>(
         settings: Settings,
         handler: Arc<H>,
+        scheduler: Scheduler<H>,
     ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(settings.metrics_addr)
             .with_context(|| format!("Failed to bind METRICS_ADDR {}", settings.metrics_addr))?;
@@ -92,12 +117,11 @@ impl Worker {
         let consumer = tokio::spawn(consumer::run(
             ConsumerSettings {
                 amqp: settings.amqp,
-                concurrency: settings.concurrency,
                 prefetch: settings.prefetch,
-                pull_window: settings.pull_window,
                 drain_timeout: settings.shutdown_timeout,
             },
             handler,
+            scheduler,
             readiness.clone(),
             shutdown.clone(),
         ));
@@ -151,14 +175,20 @@ impl Worker {
 
 /// Runs a resync every `interval` (the first after one interval) until shutdown; one cut short
 /// by the shutdown is simply redone next time.
-async fn resync_every(interval: Duration, handler: Arc<Handler>, shutdown: CancellationToken) {
+async fn resync_every(
+    interval: Duration,
+    handler: Arc<Handler>,
+    scheduler: Scheduler<Handler>,
+    retry: RetryPolicy,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             () = shutdown.cancelled() => return,
         }
         tokio::select! {
-            _ = resync::resync(&handler) => {}
+            _ = resync::resync(&handler, &scheduler, retry) => {}
             () = shutdown.cancelled() => return,
         }
     }

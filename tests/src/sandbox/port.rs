@@ -22,6 +22,11 @@ pub fn routes(config: &mut web::ServiceConfig) {
             "/v1/blueprints/{bp}/entities",
             web::post().to(recorded_upsert),
         )
+        .route(
+            "/v1/blueprints/{bp}/entities/bulk",
+            web::post().to(bulk_upsert),
+        )
+        .route("/v1/entities/search", web::post().to(search))
         .route("/v1/blueprints/{bp}/entities", web::get().to(list))
         .route(
             "/v1/blueprints/{bp}/entities/{id:.*}",
@@ -163,64 +168,125 @@ async fn recorded_upsert(
     query: web::Query<HashMap<String, String>>,
     body: web::Json<Value>,
 ) -> HttpResponse {
+    let mut store = lock(&shared.port);
+    if !authorized(&request, &store) {
+        return unauthorized();
+    }
     let identifier = body["identifier"].as_str().unwrap_or_default().to_owned();
-    let response = upsert(&request, &shared, &blueprint, &query, body.0);
-    lock(&shared.port).record("POST", &blueprint, &identifier, response.status().as_u16());
+    let response = match upsert(&mut store, &blueprint, &query, body.0) {
+        Ok(entity) => HttpResponse::Created().json(json!({"ok": true, "entity": entity})),
+        Err(refused) => refused.response(),
+    };
+    store.record("POST", &blueprint, &identifier, response.status().as_u16());
     response
 }
 
+/// `POST /v1/blueprints/{bp}/entities/bulk`: each entity upserted as alone; 207 with the
+/// failed ones in `errors` when some fail.
+async fn bulk_upsert(
+    request: HttpRequest,
+    shared: web::Data<Shared>,
+    blueprint: web::Path<String>,
+    query: web::Query<HashMap<String, String>>,
+    body: web::Json<Value>,
+) -> HttpResponse {
+    let mut store = lock(&shared.port);
+    if !authorized(&request, &store) {
+        return unauthorized();
+    }
+    let Some(entities) = body["entities"]
+        .as_array()
+        .filter(|e| (1..=20).contains(&e.len()))
+    else {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "entities must hold 1 to 20 entities",
+        );
+    };
+    let (mut created, mut errors) = (Vec::new(), Vec::new());
+    for (index, entity) in entities.iter().enumerate() {
+        let identifier = entity["identifier"].as_str().unwrap_or_default().to_owned();
+        let status = match upsert(&mut store, &blueprint, &query, entity.clone()) {
+            Ok(_) => {
+                created.push(json!({"created": true, "identifier": identifier, "index": index}));
+                StatusCode::CREATED
+            }
+            Err(refused) => {
+                errors.push(json!({
+                    "identifier": identifier, "index": index, "statusCode": refused.status.as_u16(),
+                    "error": refused.code, "message": refused.message,
+                }));
+                refused.status
+            }
+        };
+        store.record("BULK", &blueprint, &identifier, status.as_u16());
+    }
+    let status = if errors.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::MULTI_STATUS
+    };
+    HttpResponse::build(status).json(json!({"ok": true, "entities": created, "errors": errors}))
+}
+
+/// Why Port refused an entity.
+struct Refused {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Refused {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn response(&self) -> HttpResponse {
+        error(self.status, self.code, self.message.clone())
+    }
+}
+
 fn upsert(
-    request: &HttpRequest,
-    shared: &Shared,
+    store: &mut PortStore,
     blueprint: &str,
     query: &HashMap<String, String>,
     entity: Value,
-) -> HttpResponse {
-    let mut store = lock(&shared.port);
-    if !authorized(request, &store) {
-        return unauthorized();
-    }
+) -> Result<Value, Refused> {
     let flag = |name: &str| query.get(name).is_some_and(|v| v == "true");
+    let invalid = |message: String| {
+        Refused::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
+    };
     let Some(schema) = store.blueprints.get(blueprint).cloned() else {
-        return error(
+        return Err(Refused::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("blueprint {blueprint} not found"),
-        );
+        ));
     };
     let Some(id) = entity["identifier"].as_str().map(str::to_owned) else {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-            "identifier must be a string",
-        );
+        return Err(invalid("identifier must be a string".into()));
     };
     if !valid_identifier(&id) {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-            format!("identifier {id:?} does not match Port's pattern"),
-        );
+        return Err(invalid(format!(
+            "identifier {id:?} does not match Port's pattern"
+        )));
     }
     let empty = Map::new();
     let properties = entity["properties"].as_object().unwrap_or(&empty);
     let relations = entity["relations"].as_object().unwrap_or(&empty);
     for key in properties.keys() {
         if schema["schema"]["properties"].get(key).is_none() {
-            return error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_request",
-                format!("{blueprint} has no property {key:?}"),
-            );
+            return Err(invalid(format!("{blueprint} has no property {key:?}")));
         }
     }
     for (key, target_id) in relations {
         let Some(target) = schema["relations"][key]["target"].as_str() else {
-            return error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_request",
-                format!("{blueprint} has no relation {key:?}"),
-            );
+            return Err(invalid(format!("{blueprint} has no relation {key:?}")));
         };
         let Some(target_id) = target_id.as_str() else {
             continue;
@@ -230,11 +296,11 @@ fn upsert(
             .get(target)
             .is_some_and(|e| e.contains_key(target_id));
         if !exists && !flag("create_missing_related_entities") {
-            return error(
+            return Err(Refused::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("related entity {target}/{target_id} not found"),
-            );
+            ));
         }
         if !exists {
             store.entities.entry(target.to_owned()).or_default().insert(
@@ -247,16 +313,128 @@ fn upsert(
     let merged = match entities.get(&id) {
         Some(existing) if flag("upsert") && flag("merge") => merge(existing, &entity),
         Some(_) if !flag("upsert") => {
-            return error(
+            return Err(Refused::new(
                 StatusCode::CONFLICT,
                 "identifier_taken",
                 format!("entity {id} exists"),
-            );
+            ));
         }
         _ => entity,
     };
     entities.insert(id, merged.clone());
-    HttpResponse::Created().json(json!({"ok": true, "entity": merged}))
+    Ok(merged)
+}
+
+/// `POST /v1/entities/search`: the entities the query's rules match, with the fields `include`
+/// names (all of them without it). Rules: `$blueprint`, `$identifier` and properties, with
+/// `=`, `!=`, `beginsWith`, `contains`, `containsAny` and `in`, and nested `and` / `or`.
+async fn search(
+    request: HttpRequest,
+    shared: web::Data<Shared>,
+    body: web::Json<Value>,
+) -> HttpResponse {
+    let store = lock(&shared.port);
+    if !authorized(&request, &store) {
+        return unauthorized();
+    }
+    let include: Vec<String> = url::form_urlencoded::parse(request.query_string().as_bytes())
+        .filter(|(key, _)| key == "include")
+        .map(|(_, value)| value.into_owned())
+        .collect();
+    let mut found = Vec::new();
+    for (blueprint, entities) in &store.entities {
+        for entity in entities.values() {
+            match matches(&body, blueprint, entity) {
+                Ok(true) => found.push(included(entity, blueprint, &include)),
+                Ok(false) => {}
+                Err(message) => {
+                    return error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message);
+                }
+            }
+        }
+    }
+    HttpResponse::Ok().json(json!({"ok": true, "entities": found}))
+}
+
+fn matches(query: &Value, blueprint: &str, entity: &Value) -> Result<bool, String> {
+    let rules = query["rules"].as_array().ok_or("a query needs rules")?;
+    let mut results = Vec::new();
+    for rule in rules {
+        results.push(if rule.get("combinator").is_some() {
+            matches(rule, blueprint, entity)?
+        } else {
+            rule_matches(rule, blueprint, entity)?
+        });
+    }
+    match query["combinator"].as_str() {
+        Some("and") => Ok(results.iter().all(|r| *r)),
+        Some("or") => Ok(results.iter().any(|r| *r)),
+        other => Err(format!("unknown combinator {other:?}")),
+    }
+}
+
+fn rule_matches(rule: &Value, blueprint: &str, entity: &Value) -> Result<bool, String> {
+    let property = rule["property"].as_str().ok_or("a rule needs a property")?;
+    let actual = match property {
+        "$blueprint" => json!(blueprint),
+        "$identifier" => entity["identifier"].clone(),
+        "$title" => entity["title"].clone(),
+        name => entity["properties"][name].clone(),
+    };
+    let value = &rule["value"];
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    Ok(match rule["operator"].as_str() {
+        Some("=") => &actual == value,
+        Some("!=") => &actual != value,
+        Some("beginsWith") => text(&actual)
+            .zip(text(value))
+            .is_some_and(|(a, v)| a.starts_with(&v)),
+        Some("contains") => match &actual {
+            Value::Array(items) => items.contains(value),
+            Value::String(a) => text(value).is_some_and(|v| a.contains(&v)),
+            _ => false,
+        },
+        Some("containsAny") => {
+            let wanted = value.as_array().ok_or("containsAny takes an array")?;
+            actual
+                .as_array()
+                .is_some_and(|items| items.iter().any(|i| wanted.contains(i)))
+        }
+        Some("in") => value
+            .as_array()
+            .ok_or("in takes an array")?
+            .contains(&actual),
+        other => {
+            return Err(format!(
+                "operator {other:?} is not supported by the sandbox"
+            ));
+        }
+    })
+}
+
+/// The entity with only the fields named (`identifier`, `properties.digest`, ...).
+fn included(entity: &Value, blueprint: &str, include: &[String]) -> Value {
+    let mut full = entity.clone();
+    full["blueprint"] = json!(blueprint);
+    if include.is_empty() {
+        return full;
+    }
+    let mut out = json!({});
+    for path in include {
+        match path.split_once('.') {
+            Some((section, field)) => {
+                if let Some(value) = full[section].get(field) {
+                    out[section][field] = value.clone();
+                }
+            }
+            None => {
+                if let Some(value) = full.get(path.as_str()) {
+                    out[path.as_str()] = value.clone();
+                }
+            }
+        }
+    }
+    out
 }
 
 /// `merge=true`: the given properties and relations replace those of the same name; the rest

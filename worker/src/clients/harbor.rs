@@ -13,7 +13,6 @@ use url::Url;
 
 use super::{CallError, success, transport_error};
 use crate::names::{Digest, RepositoryName};
-use crate::retry::Budget;
 
 /// Scan report types the worker reads, in order of preference.
 pub const VULNERABILITY_REPORTS: &str = "application/vnd.security.vulnerability.report; version=1.1, application/vnd.scanner.adapter.vuln.report.harbor+json; version=1.0";
@@ -167,13 +166,13 @@ impl HarborClient {
         Ok(Some(found))
     }
 
-    /// Every item of a paginated list (`page_size` 100, Harbor's maximum), page by page.
+    /// Every item of a paginated list (`page_size` 100, Harbor's maximum), page by page; the
+    /// first failed page ends it (a list is retried whole, never resumed from a stale page).
     async fn list_all<T: for<'de> Deserialize<'de>>(
         &self,
         what: &str,
         segments: &[&str],
         query: &[(&str, &str)],
-        budget: &Budget,
     ) -> Result<Vec<T>, CallError> {
         const PAGE_SIZE: usize = 100;
         let mut all = Vec::new();
@@ -184,10 +183,12 @@ impl HarborClient {
                 .append_pair("page_size", &PAGE_SIZE.to_string())
                 .extend_pairs(query);
             let what = format!("{what} (page {page})");
-            let items: Vec<T> = budget
-                .run("harbor", || self.get(&what, self.http.get(url.clone())))
-                .await?
-                .unwrap_or_default();
+            // Harbor ignores the header where there is no scan overview to shape.
+            let request = self
+                .http
+                .get(url)
+                .header("X-Accept-Vulnerabilities", VULNERABILITY_REPORTS);
+            let items: Vec<T> = self.get(&what, request).await?.unwrap_or_default();
             let last = items.len() < PAGE_SIZE;
             all.extend(items);
             if last {
@@ -198,28 +199,20 @@ impl HarborClient {
     }
 
     /// Every project.
-    pub async fn projects(&self, budget: &Budget) -> Result<Vec<Project>, CallError> {
-        self.list_all("Harbor GET projects", &["projects"], &[], budget)
+    pub async fn projects(&self) -> Result<Vec<Project>, CallError> {
+        self.list_all("Harbor GET projects", &["projects"], &[])
             .await
     }
 
     /// Every repository of a project (404 for a project that is gone: none).
-    pub async fn repositories(
-        &self,
-        project: &str,
-        budget: &Budget,
-    ) -> Result<Vec<Repository>, CallError> {
+    pub async fn repositories(&self, project: &str) -> Result<Vec<Repository>, CallError> {
         let what = format!("Harbor GET repositories of {project}");
-        self.list_all(&what, &["projects", project, "repositories"], &[], budget)
+        self.list_all(&what, &["projects", project, "repositories"], &[])
             .await
     }
 
     /// Every artifact of a repository, with tags, labels and scan overview.
-    pub async fn artifacts(
-        &self,
-        repository: &RepositoryName,
-        budget: &Budget,
-    ) -> Result<Vec<Artifact>, CallError> {
+    pub async fn artifacts(&self, repository: &RepositoryName) -> Result<Vec<Artifact>, CallError> {
         let what = format!("Harbor GET artifacts of {repository}");
         let segments = [
             "projects",
@@ -233,7 +226,7 @@ impl HarborClient {
             ("with_label", "true"),
             ("with_scan_overview", "true"),
         ];
-        self.list_all(&what, &segments, &query, budget).await
+        self.list_all(&what, &segments, &query).await
     }
 
     /// The project, or `None` if it does not exist.

@@ -13,8 +13,11 @@ use serde_json::{Value, json};
 use tracing::{debug, instrument};
 use url::Url;
 
-use super::{CallError, success, transport_error};
+use super::{CallError, is_transient, success, transport_error};
 use crate::entities::Entity;
+
+/// The most entities Port's bulk upsert takes in one request.
+pub const BULK_LIMIT: usize = 20;
 
 struct Token {
     value: SecretString,
@@ -174,6 +177,100 @@ impl PortClient {
             })
             .await?;
         success(&what, response).await.map(drop)
+    }
+
+    /// Upserts up to [`BULK_LIMIT`] entities of one blueprint in one request (Port's bulk
+    /// endpoint, same semantics as [`PortClient::upsert`]); returns, per entity in order, what
+    /// Port answered for it (a 207 carries per-entity errors).
+    #[instrument(skip_all, fields(blueprint = blueprint, entities = entities.len()))]
+    pub async fn upsert_bulk(
+        &self,
+        blueprint: &str,
+        entities: &[Entity],
+    ) -> Result<Vec<Result<(), CallError>>, CallError> {
+        let mut url = self.endpoint(&["blueprints", blueprint, "entities", "bulk"]);
+        url.query_pairs_mut()
+            .append_pair("upsert", "true")
+            .append_pair("merge", "true")
+            .append_pair("create_missing_related_entities", "true");
+        let what = format!("Port bulk upsert of {} {blueprint}", entities.len());
+        let body = json!({ "entities": entities });
+        let response = self
+            .send(&what, |token| {
+                self.http.post(url.clone()).bearer_auth(token).json(&body)
+            })
+            .await?;
+        #[derive(Deserialize)]
+        struct Bulk {
+            #[serde(default)]
+            errors: Vec<BulkError>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct BulkError {
+            index: usize,
+            status_code: u16,
+            #[serde(default)]
+            error: String,
+            #[serde(default)]
+            message: String,
+        }
+        let answer: Bulk = success(&what, response)
+            .await?
+            .json()
+            .await
+            .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))?;
+        let mut results: Vec<Result<(), CallError>> = entities.iter().map(|_| Ok(())).collect();
+        for failed in answer.errors {
+            let Some(slot) = results.get_mut(failed.index) else {
+                continue;
+            };
+            let identifier = entities[failed.index].identifier.as_str();
+            let reason = format!(
+                "Port upsert {blueprint} {identifier} answered {} {}: {}",
+                failed.status_code, failed.error, failed.message
+            );
+            let transient = StatusCode::from_u16(failed.status_code).is_ok_and(is_transient);
+            *slot = Err(if transient {
+                CallError::Transient {
+                    reason,
+                    retry_after: None,
+                }
+            } else {
+                CallError::Permanent { reason }
+            });
+        }
+        Ok(results)
+    }
+
+    /// The entities a search query finds (`POST /v1/entities/search`), with only the fields
+    /// named in `include` (`identifier`, `properties.digest`, ...).
+    #[instrument(skip_all)]
+    pub async fn search(&self, query: &Value, include: &[&str]) -> Result<Vec<Value>, CallError> {
+        let mut url = self.endpoint(&["entities", "search"]);
+        {
+            let mut pairs = url.query_pairs_mut();
+            pairs.append_pair("exclude_calculated_properties", "true");
+            for field in include {
+                pairs.append_pair("include", field);
+            }
+        }
+        let what = "Port search entities";
+        let response = self
+            .send(what, |token| {
+                self.http.post(url.clone()).bearer_auth(token).json(query)
+            })
+            .await?;
+        #[derive(Deserialize)]
+        struct Found {
+            entities: Vec<Value>,
+        }
+        let found: Found = success(what, response)
+            .await?
+            .json()
+            .await
+            .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))?;
+        Ok(found.entities)
     }
 
     /// Deletes the entity; one that does not exist counts as deleted.
