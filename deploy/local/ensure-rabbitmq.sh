@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure a RabbitMQ broker answers on 127.0.0.1:5672 with its management UI on :15672:
 # starts the installed server if it is stopped, installs it with apt (as root) if it is absent,
-# enables the management plugin, and waits until both ports answer.
+# enables the management and consistent-hash exchange plugins, and waits until both ports answer.
 set -euo pipefail
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -31,7 +31,8 @@ fi
 wait_for_port 5672 120
 if command -v rabbitmqctl >/dev/null 2>&1; then
   rabbitmqctl -q await_startup >/dev/null 2>&1 || true
-  # The management UI shows the backlog and parked events; the tests use its API too.
-  rabbitmq-plugins -q enable rabbitmq_management >/dev/null
+  # The management UI shows the backlog and parked events; the tests use its API too. The
+  # consistent-hash exchange routes each event to the work queue of its project.
+  rabbitmq-plugins -q enable rabbitmq_management rabbitmq_consistent_hash_exchange >/dev/null
 fi
 wait_for_port 15672 60

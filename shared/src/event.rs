@@ -217,12 +217,81 @@ pub struct Envelope {
     /// The AMQP `message_id`: the CloudEvents `id`, else the hex SHA-256 of the body, so that
     /// Harbor's retries (identical bytes) share an id.
     pub message_id: String,
+    /// The Harbor project the event is about, when it names one: the events of one project
+    /// go to one work queue (the `x-subject` header).
+    pub subject: Option<String>,
+}
+
+/// The parts of an event's data that name its project; the rest is skipped.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Routing<'a> {
+    #[serde(borrow)]
+    repository: Option<RoutingRepository<'a>>,
+    #[serde(borrow)]
+    retention: Option<RoutingRetention<'a>>,
+    #[serde(borrow)]
+    replication: Option<RoutingReplication<'a>>,
+}
+
+impl Routing<'_> {
+    /// The project: the repository's namespace (or the start of its full name), a retention
+    /// run's project, or a replication's destination (else source) namespace.
+    fn project(&self) -> Option<&str> {
+        let repository = self.repository.as_ref().and_then(|r| {
+            r.namespace
+                .as_deref()
+                .or_else(|| r.repo_full_name.as_deref()?.split_once('/').map(|(p, _)| p))
+        });
+        let replication = self.replication.as_ref().and_then(|r| {
+            [&r.dest_resource, &r.src_resource]
+                .into_iter()
+                .flatten()
+                .find_map(|end| end.namespace.as_deref())
+        });
+        repository
+            .or_else(|| self.retention.as_ref()?.project_name.as_deref())
+            .or(replication)
+            .filter(|p| !p.is_empty() && p.len() <= 255 && p.bytes().all(|b| b.is_ascii_graphic()))
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RoutingRepository<'a> {
+    #[serde(borrow)]
+    namespace: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    repo_full_name: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RoutingRetention<'a> {
+    #[serde(borrow)]
+    project_name: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RoutingReplication<'a> {
+    #[serde(borrow)]
+    dest_resource: Option<RoutingEnd<'a>>,
+    #[serde(borrow)]
+    src_resource: Option<RoutingEnd<'a>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RoutingEnd<'a> {
+    #[serde(borrow)]
+    namespace: Option<Cow<'a, str>>,
 }
 
 impl Envelope {
-    /// Reads the envelope of a webhook body, skipping over the event data.
+    /// Reads the envelope of a webhook body, skipping over the event data but its project.
     pub fn parse(body: &[u8]) -> Result<Self, EventError> {
-        let raw = Raw::<IgnoredAny>::parse(body)?;
+        let raw = Raw::<&RawValue>::parse(body)?;
         let format = raw.format();
         let event_type = EventType::parse(&raw.event_type, format)?;
         let cloudevents_id = raw
@@ -233,10 +302,17 @@ impl Envelope {
             Some(id) if format == PayloadFormat::CloudEvents => id.into_owned(),
             _ => hex::encode(Sha256::digest(body)),
         };
+        // Data of the wrong shape is the worker's to judge (it parks it): no subject then.
+        let subject = raw
+            .event_data
+            .or(raw.data)
+            .and_then(|data| serde_json::from_str::<Routing<'_>>(data.get()).ok())
+            .and_then(|routing| routing.project().map(str::to_owned));
         Ok(Self {
             format,
             event_type,
             message_id,
+            subject,
         })
     }
 }
@@ -452,6 +528,42 @@ mod tests {
         // A non-string id is not refused; the hash stands in.
         let body = br#"{"specversion":"1.0","id":7,"type":"harbor.scan.failed"}"#;
         assert_eq!(Envelope::parse(body).unwrap().message_id.len(), 64);
+    }
+
+    #[test]
+    fn the_subject_is_the_project_the_event_names() {
+        let subject = |body: &str| Envelope::parse(body.as_bytes()).unwrap().subject;
+        assert_eq!(
+            subject(
+                r#"{"type":"PUSH_ARTIFACT","event_data":{"repository":{"namespace":"alpha","repo_full_name":"alpha/web"}}}"#
+            ),
+            Some("alpha".into())
+        );
+        assert_eq!(
+            subject(
+                r#"{"specversion":"1.0","id":"1","type":"harbor.artifact.pulled","data":{"repository":{"repo_full_name":"beta/team/api"}}}"#
+            ),
+            Some("beta".into())
+        );
+        assert_eq!(
+            subject(
+                r#"{"type":"TAG_RETENTION","event_data":{"retention":{"project_name":"gamma"}}}"#
+            ),
+            Some("gamma".into())
+        );
+        assert_eq!(
+            subject(
+                r#"{"type":"REPLICATION","event_data":{"replication":{"src_resource":{"namespace":"library"},"dest_resource":{"namespace":"delta"}}}}"#
+            ),
+            Some("delta".into())
+        );
+        // No project, or data of the wrong shape: no subject, and still an event.
+        assert_eq!(subject(r#"{"type":"PUSH_ARTIFACT","event_data":{}}"#), None);
+        assert_eq!(
+            subject(r#"{"type":"PUSH_ARTIFACT","event_data":{"repository":"oops"}}"#),
+            None
+        );
+        assert_eq!(subject(r#"{"type":"PUSH_ARTIFACT","event_data":7}"#), None);
     }
 
     #[test]

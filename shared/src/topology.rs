@@ -1,12 +1,25 @@
 //! The RabbitMQ topology both binaries declare, idempotently, every time they connect.
 //!
 //! ```text
-//! exchange <exchange> (topic) --#--> quorum queue <queue> --dead letters--> exchange <queue>.dlx
-//!                                                                 (fanout) --> quorum queue <queue>.parked
+//! exchange <exchange> (topic) --#--> exchange <queue>.hash (x-consistent-hash on header x-subject)
+//!     --> quorum queues <queue>.0 ... <queue>.15 (single active consumer each)
+//!           --dead letters--> exchange <queue>.dlx (fanout) --> quorum queue <queue>.parked
+//! quorum queue <queue>.workers: no messages; each worker consumes it, so its consumer count is
+//! the number of workers
 //! ```
+//!
+//! Why the hash: a refresh must never run beside another refresh of the same thing, in any
+//! worker. Every event names its subject (its Harbor project) in the `x-subject` header; the
+//! consistent-hash exchange sends all events of one subject to the same work queue, and each work
+//! queue delivers to one consumer at a time (single active consumer), so one worker at a time
+//! handles a subject. The workers spread the queues among themselves (see the worker's
+//! `balance`). The exchange type comes with RabbitMQ as the `rabbitmq_consistent_hash_exchange`
+//! plugin, which must be enabled.
 
 use anyhow::{Context, bail};
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
 
@@ -14,6 +27,13 @@ use lapin::{Channel, ExchangeKind};
 /// worker parks failures itself; this limit only catches crash loops (a message that kills the
 /// worker every time it is delivered).
 pub const DELIVERY_LIMIT: i64 = 10;
+
+/// How many work queues the events are spread over: the most workers that can share the work.
+/// Both binaries must agree, so it is fixed.
+pub const PARTITIONS: usize = 16;
+
+/// The header that names an event's subject; the consistent-hash exchange routes on it.
+pub const SUBJECT_HEADER: &str = "x-subject";
 
 /// Names of the exchanges and queues.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,9 +67,30 @@ impl Topology {
         &self.exchange
     }
 
-    /// The work queue the worker consumes.
+    /// The base name of the work queues (`AMQP_QUEUE`): the queues are `<queue>.0` to
+    /// `<queue>.15`, and the other names derive from it.
     pub fn queue(&self) -> &str {
         &self.queue
+    }
+
+    /// The work queues, in partition order.
+    pub fn work_queues(&self) -> Vec<String> {
+        (0..PARTITIONS).map(|p| self.work_queue(p)).collect()
+    }
+
+    /// The work queue of partition `p`.
+    pub fn work_queue(&self, p: usize) -> String {
+        format!("{}.{p}", self.queue)
+    }
+
+    /// The consistent-hash exchange in front of the work queues.
+    pub fn hash_exchange(&self) -> String {
+        format!("{}.hash", self.queue)
+    }
+
+    /// The queue whose consumers are the workers (it never holds a message).
+    pub fn workers_queue(&self) -> String {
+        format!("{}.workers", self.queue)
     }
 
     /// The fanout exchange failed events are sent to, by the worker or by the broker.
@@ -97,23 +138,62 @@ impl Topology {
         declare_queue(channel, &parked, parked_args).await?;
         bind(channel, &parked, &dlx, "").await?;
 
-        let mut args = FieldTable::default();
-        // Quorum: replicated and with a delivery limit, which classic queues lack.
-        args.insert("x-queue-type".into(), string("quorum"));
-        // A message redelivered this often (a worker crashing on it) is dead-lettered.
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(DELIVERY_LIMIT),
-        );
-        args.insert("x-dead-letter-exchange".into(), string(&dlx));
-        // At-least-once dead-lettering: the broker keeps the message until the parked queue
-        // confirmed it, instead of dropping it if the move fails.
-        args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
-        // Required by at-least-once; when the queue is full, publishes are nacked (the ingest
-        // answers 503 and Harbor retries) rather than the oldest event being dropped.
-        args.insert("x-overflow".into(), string("reject-publish"));
-        declare_queue(channel, &self.queue, args).await?;
-        bind(channel, &self.queue, &self.exchange, "#").await?;
+        let hash = self.hash_exchange();
+        let mut hash_args = FieldTable::default();
+        // Route on the subject header, not on the routing key (the event type).
+        hash_args.insert("hash-header".into(), string(SUBJECT_HEADER));
+        channel
+            .exchange_declare(
+                hash.as_str().into(),
+                ExchangeKind::Custom("x-consistent-hash".into()),
+                durable,
+                hash_args,
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "Failed to declare exchange {hash} of type x-consistent-hash (is the \
+                     rabbitmq_consistent_hash_exchange plugin enabled on the broker?)"
+                )
+            })?;
+        channel
+            .exchange_bind(
+                hash.as_str().into(),
+                self.exchange.as_str().into(),
+                "#".into(),
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("Failed to bind exchange {hash} to {}", self.exchange))?;
+
+        for queue in self.work_queues() {
+            let mut args = FieldTable::default();
+            // Quorum: replicated and with a delivery limit, which classic queues lack.
+            args.insert("x-queue-type".into(), string("quorum"));
+            // One consumer at a time: one worker at a time handles the subjects of this queue.
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+            // A message redelivered this often (a worker crashing on it) is dead-lettered.
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(DELIVERY_LIMIT),
+            );
+            args.insert("x-dead-letter-exchange".into(), string(&dlx));
+            // At-least-once dead-lettering: the broker keeps the message until the parked queue
+            // confirmed it, instead of dropping it if the move fails.
+            args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+            // Required by at-least-once; when the queue is full, publishes are nacked (the ingest
+            // answers 503 and Harbor retries) rather than the oldest event being dropped.
+            args.insert("x-overflow".into(), string("reject-publish"));
+            declare_queue(channel, &queue, args).await?;
+            // The weight of each queue on the hash ring: all equal.
+            bind(channel, &queue, &hash, "1").await?;
+        }
+
+        let mut workers_args = FieldTable::default();
+        // Quorum, so that the count survives the loss of a node; it holds no message.
+        workers_args.insert("x-queue-type".into(), string("quorum"));
+        declare_queue(channel, &self.workers_queue(), workers_args).await?;
         Ok(())
     }
 }

@@ -2,13 +2,15 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use harbor_shared::broker::{self, BrokerUrl};
 use harbor_shared::config::AmqpSettings;
 use harbor_shared::topology::Topology;
 use lapin::message::BasicGetMessage;
 use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, Consumer};
@@ -70,9 +72,31 @@ impl TestTopology {
             .message_count()
     }
 
-    /// Ready messages in the work queue.
+    /// Ready messages in the work queues, all together.
     pub async fn work_ready(&self) -> u32 {
-        self.ready(self.topology().queue()).await
+        let mut ready = 0;
+        for queue in self.topology().work_queues() {
+            ready += self.ready(&queue).await;
+        }
+        ready
+    }
+
+    /// Takes (and acks) the next message of the work queues, waiting up to a second for one:
+    /// single-active-consumer queues refuse `basic.get`, so this consumes for a moment.
+    pub async fn take_work(&self) -> Option<lapin::message::Delivery> {
+        let connection = broker::connect(&self.amqp.url, "harbor-sync-tests take")
+            .await
+            .unwrap();
+        let options = BasicConsumeOptions::default();
+        let (_channel, mut deliveries) =
+            consume_all(&connection, self.topology(), "take", options).await;
+        let next = tokio::time::timeout(Duration::from_secs(1), deliveries.next()).await;
+        let delivery = next.ok().flatten().map(Result::unwrap);
+        if let Some(delivery) = &delivery {
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        let _ = connection.close(200, "taken".into()).await;
+        delivery
     }
 
     /// Ready messages in the parked queue.
@@ -124,12 +148,12 @@ impl TestTopology {
         );
     }
 
-    /// Caps the work queue at `max_length` messages with a policy (removed on drop): beyond it
+    /// Caps each work queue at `max_length` messages with a policy (removed on drop): beyond it
     /// the broker refuses publishes with a nack, as a full queue does.
-    pub async fn limit_work_queue(&self, max_length: u32) {
+    pub async fn limit_work_queues(&self, max_length: u32) {
         let queue = self.topology().queue();
         let body = serde_json::json!({
-            "pattern": format!("^{}$", queue.replace('.', "\\.")),
+            "pattern": format!("^{}\\.[0-9]+$", queue.replace('.', "\\.")),
             "definition": {"max-length": max_length},
             "apply-to": "queues",
             "priority": 100,
@@ -148,70 +172,89 @@ impl TestTopology {
             "policy not set: {}",
             response.status()
         );
-        // Policies apply asynchronously; wait until the queue reports it.
-        let (url, user, password) = management(&format!("/api/queues/%2f/{queue}"));
-        crate::wait_until(
-            "the policy on the queue",
-            Duration::from_secs(10),
-            || async {
-                let queue: serde_json::Value = reqwest::Client::new()
-                    .get(&url)
-                    .basic_auth(&user, Some(&password))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                queue["effective_policy_definition"]["max-length"] == max_length
-            },
-        )
-        .await;
+        // Policies apply asynchronously; wait until every queue reports it.
+        for queue in self.topology().work_queues() {
+            let (url, user, password) = management(&format!("/api/queues/%2f/{queue}"));
+            crate::wait_until(
+                "the policy on the queue",
+                Duration::from_secs(10),
+                || async {
+                    let queue: serde_json::Value = reqwest::Client::new()
+                        .get(&url)
+                        .basic_auth(&user, Some(&password))
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    queue["effective_policy_definition"]["max-length"] == max_length
+                },
+            )
+            .await;
+        }
     }
 
-    /// A consumer of the work queue tagged `tag`, on a connection of its own named the same,
+    /// A consumer of every work queue tagged `tag`, on a connection of its own named the same,
     /// returned with it: the consumer ends when the connection is dropped.
-    pub async fn consume_work_queue(
+    pub async fn consume_work_queues(
         &self,
         tag: &str,
         options: BasicConsumeOptions,
-    ) -> (Connection, Consumer) {
+    ) -> (Connection, WorkDeliveries) {
         let connection = broker::connect(&self.amqp.url, tag).await.unwrap();
-        let consumer = connection
-            .create_channel()
-            .await
-            .unwrap()
+        let (_channel, deliveries) = consume_all(&connection, self.topology(), tag, options).await;
+        (connection, deliveries)
+    }
+
+    /// Empties the work queues.
+    pub async fn purge_work_queues(&self) {
+        let channel = self.channel().await;
+        for queue in self.topology().work_queues() {
+            channel
+                .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+                .await
+                .expect("purge a work queue");
+        }
+    }
+
+    /// Deletes the work queues, leaving the exchanges without a queue (publishes are
+    /// unroutable).
+    pub async fn delete_work_queues(&self) {
+        let channel = self.channel().await;
+        for queue in self.topology().work_queues() {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// The deliveries of every work queue, as one stream.
+pub type WorkDeliveries = futures_util::stream::SelectAll<Consumer>;
+
+async fn consume_all(
+    connection: &Connection,
+    topology: &Topology,
+    tag: &str,
+    options: BasicConsumeOptions,
+) -> (Channel, WorkDeliveries) {
+    let channel = connection.create_channel().await.unwrap();
+    let mut all = futures_util::stream::SelectAll::new();
+    for queue in topology.work_queues() {
+        let consumer = channel
             .basic_consume(
-                self.topology().queue().into(),
-                tag.into(),
+                queue.as_str().into(),
+                format!("{tag}-{queue}").as_str().into(),
                 options,
                 FieldTable::default(),
             )
             .await
             .unwrap();
-        (connection, consumer)
+        all.push(consumer);
     }
-
-    /// Empties the work queue.
-    pub async fn purge_work_queue(&self) {
-        self.channel()
-            .await
-            .queue_purge(self.topology().queue().into(), QueuePurgeOptions::default())
-            .await
-            .expect("purge the work queue");
-    }
-
-    /// Deletes the work queue, leaving the exchange without a queue (publishes are unroutable).
-    pub async fn delete_work_queue(&self) {
-        self.channel()
-            .await
-            .queue_delete(
-                self.topology().queue().into(),
-                QueueDeleteOptions::default(),
-            )
-            .await
-            .unwrap();
-    }
+    (channel, all)
 }
 
 impl Drop for TestTopology {
@@ -234,13 +277,16 @@ impl Drop for TestTopology {
                     return;
                 };
                 let topology = &amqp.topology;
-                for queue in [topology.queue().to_owned(), topology.parked_queue()] {
+                let mut queues = topology.work_queues();
+                queues.extend([topology.parked_queue(), topology.workers_queue()]);
+                for queue in queues {
                     let _ = channel
                         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                         .await;
                 }
                 for exchange in [
                     topology.exchange().to_owned(),
+                    topology.hash_exchange(),
                     topology.dead_letter_exchange(),
                 ] {
                     let _ = channel

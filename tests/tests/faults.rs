@@ -448,6 +448,10 @@ impl Reconcile for Panics {
 }
 
 impl HandleEvent for Panics {
+    fn subject(&self, _key: &Key) -> String {
+        "library".into()
+    }
+
     fn plan(&self, _body: &[u8]) -> Plan<Key, Work> {
         let refresh = schedule::Request {
             key: Key::Project("library".into()),
@@ -531,7 +535,7 @@ async fn a_message_that_keeps_coming_back_is_dead_lettered_by_the_delivery_limit
 
     // A consumer that dies on the message every time: requeued, delivered again, ...
     let (_connection, mut consumer) = broker
-        .consume_work_queue("crash-loop", BasicConsumeOptions::default())
+        .consume_work_queues("crash-loop", BasicConsumeOptions::default())
         .await;
     let mut deliveries = 0;
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -42,8 +42,7 @@ async fn an_accepted_webhook_is_on_the_queue_with_its_id_routing_key_and_headers
 
     // A 202 means the broker confirmed it: it is on the queue now, not eventually.
     assert_eq!(broker.work_ready().await, 1);
-    let message = broker.take(broker.topology().queue()).await.unwrap();
-    let delivery = &message.delivery;
+    let delivery = &broker.take_work().await.unwrap();
     assert_eq!(delivery.data, body, "the raw bytes travel unchanged");
     assert_eq!(delivery.routing_key.as_str(), "PUSH_ARTIFACT");
     let properties = &delivery.properties;
@@ -57,6 +56,11 @@ async fn an_accepted_webhook_is_on_the_queue_with_its_id_routing_key_and_headers
     assert_eq!(header_string(headers, "x-payload-format"), "default");
     assert_eq!(header_string(headers, "x-request-id"), request_id);
     assert!(header_string(headers, "x-received-at").ends_with('Z'));
+    assert_eq!(
+        header_string(headers, "x-subject"),
+        "harbor",
+        "routed by its project"
+    );
     ingest.stop().await;
 }
 
@@ -71,18 +75,12 @@ async fn a_cloudevents_webhook_is_routed_by_its_harbor_type_with_its_event_id() 
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["message_id"], "bdfe1de3-c069-4efc-b4f4-1a75c9a148c4");
 
-    let message = broker.take(broker.topology().queue()).await.unwrap();
-    assert_eq!(message.delivery.routing_key.as_str(), "SCANNING_FAILED");
-    let headers = message.delivery.properties.headers().as_ref().unwrap();
+    let delivery = broker.take_work().await.unwrap();
+    assert_eq!(delivery.routing_key.as_str(), "SCANNING_FAILED");
+    let headers = delivery.properties.headers().as_ref().unwrap();
     assert_eq!(header_string(headers, "x-payload-format"), "cloudevents");
     assert_eq!(
-        message
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .unwrap()
-            .as_str(),
+        delivery.properties.message_id().as_ref().unwrap().as_str(),
         "bdfe1de3-c069-4efc-b4f4-1a75c9a148c4"
     );
 }
@@ -150,7 +148,7 @@ async fn refused_webhooks_publish_nothing_and_say_why_in_json() {
 async fn an_unroutable_event_is_answered_503_never_202() {
     let broker = TestTopology::new().await;
     let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
-    broker.delete_work_queue().await;
+    broker.delete_work_queues().await;
 
     let response = ingest
         .post(
@@ -169,7 +167,7 @@ async fn a_full_queue_nacks_and_the_answer_is_503_never_202() {
     let broker = TestTopology::new().await;
     let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
     let body = samples::load("push_artifact.default.docs.json");
-    broker.limit_work_queue(1).await;
+    broker.limit_work_queues(1).await;
 
     // A quorum queue enforces its limit a little late; within a few publishes it refuses.
     let mut statuses = Vec::new();
@@ -195,7 +193,7 @@ async fn a_full_queue_nacks_and_the_answer_is_503_never_202() {
         "every 202 is on the queue, no 503 is"
     );
     // A nack is not a broken connection: once there is room, the next publish is accepted.
-    while broker.take(broker.topology().queue()).await.is_some() {}
+    while broker.take_work().await.is_some() {}
     assert_eq!(ingest.post(&body, Some(SECRET)).await.status(), 202);
 }
 

@@ -17,12 +17,13 @@ pub struct QueueBacklog {
     pub ready: u32,
     /// Messages delivered and not yet acknowledged (only with the management API).
     pub unacked: Option<u64>,
-    /// Consumers.
+    /// Consumers; for the work queues together, the workers sharing them.
     pub consumers: u32,
 }
 
-/// Counts of the work and parked queues: exact ready counts from passive declares, and the
-/// unacked count from the management API when its address is given.
+/// Counts of the work queues (together, as `<queue>.*`, with the number of workers as their
+/// consumers) and of the parked queue: exact ready counts from passive declares, and the unacked
+/// count from the management API when its address is given.
 pub async fn backlog(
     amqp: &AmqpSettings,
     management: Option<&Url>,
@@ -32,32 +33,44 @@ pub async fn backlog(
         .create_channel()
         .await
         .context("Failed to open a channel")?;
-    let mut counts = Vec::new();
-    for queue in [
-        amqp.topology.queue().to_owned(),
-        amqp.topology.parked_queue(),
-    ] {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let declared = channel
-            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
-            .await
-            .with_context(|| format!("The queue {queue} does not exist"))?;
-        let unacked = match management {
-            Some(base) => Some(unacked(base, amqp, &queue).await?),
-            None => None,
-        };
-        counts.push(QueueBacklog {
-            queue,
-            ready: declared.message_count(),
-            unacked,
-            consumers: declared.consumer_count(),
-        });
+    let topology = &amqp.topology;
+    let count = |queue: String| {
+        let channel = &channel;
+        async move {
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            let declared = channel
+                .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                .await
+                .with_context(|| format!("The queue {queue} does not exist"))?;
+            let unacked = match management {
+                Some(base) => Some(unacked(base, amqp, &queue).await?),
+                None => None,
+            };
+            Ok::<_, anyhow::Error>(QueueBacklog {
+                queue,
+                ready: declared.message_count(),
+                unacked,
+                consumers: declared.consumer_count(),
+            })
+        }
+    };
+    let mut work = QueueBacklog {
+        queue: format!("{}.*", topology.queue()),
+        ready: 0,
+        unacked: management.map(|_| 0),
+        consumers: count(topology.workers_queue()).await?.consumers,
+    };
+    for queue in topology.work_queues() {
+        let one = count(queue).await?;
+        work.ready += one.ready;
+        work.unacked = work.unacked.zip(one.unacked).map(|(a, b)| a + b);
     }
+    let parked = count(topology.parked_queue()).await?;
     let _ = connection.close(200, "counted".into()).await;
-    Ok(counts)
+    Ok(vec![work, parked])
 }
 
 /// `messages_unacknowledged` from `GET /api/queues/{vhost}/{queue}`, with the broker URL's

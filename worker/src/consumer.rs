@@ -12,6 +12,7 @@
 //! Nothing is acked before its writes are done: a crash or a lost connection leaves the
 //! delivery unacked, and the broker delivers it again.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -19,14 +20,16 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, anyhow};
 use futures_util::StreamExt;
 use futures_util::future::join_all;
+use futures_util::stream::BoxStream;
 use harbor_shared::broker;
 use harbor_shared::config::AmqpSettings;
 use harbor_shared::ops::Readiness;
 use harbor_shared::publisher::{Outgoing, Publisher};
-use harbor_shared::topology::Topology;
+use harbor_shared::topology::{SUBJECT_HEADER, Topology};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
@@ -34,8 +37,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::balance;
 use crate::handler::{Action, HandleEvent, Plan};
-use crate::schedule::{Request, Scheduler, Settled};
+use crate::schedule::{Failure, Request, Scheduler, Settled};
+
+/// Marks a copy of an event forwarded to another project's work queue: the project it came
+/// from.
+const FORWARDED_HEADER: &str = "x-forwarded-from";
 
 /// How long parking may wait for the broker's confirm.
 const PARK_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -88,6 +96,83 @@ pub async fn run<H: HandleEvent>(
     .await;
 }
 
+/// How often a worker looks at how many workers share the queues.
+const REBALANCE_EVERY: Duration = Duration::from_secs(5);
+
+/// What a work queue's consumer yields: its queue, which subscription it is, and a delivery or
+/// (`None`) the end of the consumer.
+type Incoming = (usize, u64, Option<Result<Delivery, lapin::Error>>);
+
+/// This session's consumer of each work queue.
+struct Queues {
+    channel: lapin::Channel,
+    names: Vec<String>,
+    tags: Vec<String>,
+    /// Which subscription is the current one: deliveries of an older one are returned.
+    generation: Vec<u64>,
+    /// Delivered to this worker since it last subscribed: it is the queue's active consumer.
+    active: Vec<bool>,
+    /// Being handed on: what it delivers is held back, and returned once the rest is settled.
+    leaving: Vec<Option<Vec<Delivery>>>,
+}
+
+impl Queues {
+    async fn subscribe(&mut self, queue: usize) -> anyhow::Result<BoxStream<'static, Incoming>> {
+        let tag = format!("harbor-worker-{}-{queue}", uuid::Uuid::new_v4().simple());
+        let consumer = self
+            .channel
+            .basic_consume(
+                self.names[queue].as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("Failed to consume from {}", self.names[queue]))?;
+        self.tags[queue] = tag;
+        self.active[queue] = false;
+        self.generation[queue] += 1;
+        let generation = self.generation[queue];
+        Ok(consumer
+            .map(move |delivery| (queue, generation, Some(delivery)))
+            .chain(futures_util::stream::once(async move {
+                (queue, generation, None)
+            }))
+            .boxed())
+    }
+
+    /// Hands `queue` on: its consumer is cancelled (the next worker in line becomes active),
+    /// what it delivered meanwhile goes back to it, and this worker subscribes again, at the
+    /// back of the line.
+    async fn hand_on(&mut self, queue: usize) -> anyhow::Result<BoxStream<'static, Incoming>> {
+        self.channel
+            .basic_cancel(
+                self.tags[queue].as_str().into(),
+                BasicCancelOptions::default(),
+            )
+            .await
+            .with_context(|| format!("Failed to stop consuming {}", self.names[queue]))?;
+        for delivery in self.leaving[queue].take().unwrap_or_default() {
+            give_back(delivery).await?;
+        }
+        info!(queue = %self.names[queue], "Handed the queue on to the next worker");
+        self.subscribe(queue).await
+    }
+}
+
+/// Returns a delivery to its queue, for another consumer.
+async fn give_back(delivery: Delivery) -> anyhow::Result<()> {
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    delivery
+        .nack(requeue)
+        .await
+        .context("Failed to return a delivery")?;
+    Ok(())
+}
+
 async fn session<H: HandleEvent>(
     connection: &Connection,
     settings: &ConsumerSettings,
@@ -102,43 +187,97 @@ async fn session<H: HandleEvent>(
         .create_channel()
         .await
         .context("Failed to open the consuming channel")?;
-    // Per-consumer prefetch (quorum queues refuse global QoS).
+    // Per-consumer prefetch (quorum queues refuse global QoS): each work queue's consumer holds
+    // up to this many.
     let prefetch = settings.prefetch;
     channel
         .basic_qos(prefetch, BasicQosOptions { global: false })
         .await
         .context("Failed to set the prefetch")?;
-    let tag = format!("harbor-worker-{}", uuid::Uuid::new_v4());
-    let mut deliveries = channel
+    // Counted among the workers for as long as this session lives.
+    let workers_queue = topology.workers_queue();
+    let _counted = channel
         .basic_consume(
-            topology.queue().into(),
-            tag.as_str().into(),
+            workers_queue.as_str().into(),
+            format!("harbor-worker-{}", uuid::Uuid::new_v4().simple())
+                .as_str()
+                .into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
-        .with_context(|| format!("Failed to consume from {}", topology.queue()))?;
+        .with_context(|| format!("Failed to consume from {workers_queue}"))?;
+    let names = topology.work_queues();
+    let count = names.len();
+    let mut queues = Queues {
+        channel: channel.clone(),
+        names,
+        tags: vec![String::new(); count],
+        generation: vec![0; count],
+        active: vec![false; count],
+        leaving: (0..count).map(|_| None).collect(),
+    };
+    let mut deliveries = futures_util::stream::SelectAll::new();
+    // Each worker subscribes in an order of its own, so that workers starting together are the
+    // first in line of different queues.
+    let first = rand::random_range(0..count);
+    for queue in (0..count).map(|n| (first + n) % count) {
+        deliveries.push(queues.subscribe(queue).await?);
+    }
     readiness.set(true);
-    info!(queue = topology.queue(), prefetch, "Consuming");
+    info!(queues = count, prefetch, "Consuming");
 
     let shared = Arc::new(Shared {
         handler: Arc::clone(handler),
         scheduler: scheduler.clone(),
         parker: Arc::clone(&parker),
         topology: topology.clone(),
-        held: AtomicUsize::new(0),
+        held: (0..count).map(|_| AtomicUsize::new(0)).collect(),
         flush_at: (usize::from(prefetch) * 9 / 10).max(1),
     });
     let in_flight = TaskTracker::new();
     let closed = broker::closed(connection);
     tokio::pin!(closed);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut next_rebalance = tokio::time::Instant::now() + REBALANCE_EVERY;
     let ended = loop {
         tokio::select! {
-            delivery = deliveries.next() => match delivery {
-                Some(Ok(delivery)) => dispatch(delivery, &shared, &in_flight),
-                Some(Err(error)) => break Err(anyhow::Error::new(error).context("Consuming failed")),
-                None => break Err(anyhow!("The broker ended the consumer")),
+            incoming = deliveries.next() => match incoming {
+                Some((queue, generation, Some(Ok(delivery)))) => {
+                    if generation != queues.generation[queue] {
+                        // A consumer handed on, delivering before its cancel took effect.
+                        if let Err(error) = give_back(delivery).await {
+                            break Err(error);
+                        }
+                    } else if let Some(held_back) = &mut queues.leaving[queue] {
+                        held_back.push(delivery);
+                    } else {
+                        queues.active[queue] = true;
+                        dispatch(queue, delivery, &shared, &in_flight);
+                    }
+                }
+                Some((_, _, Some(Err(error)))) => {
+                    break Err(anyhow::Error::new(error).context("Consuming failed"));
+                }
+                Some((queue, generation, None)) if generation == queues.generation[queue] => {
+                    break Err(anyhow!("The broker ended the consumer of {}", queues.names[queue]));
+                }
+                // The end of a consumer handed on.
+                Some((_, _, None)) => {}
+                None => break Err(anyhow!("No consumer left")),
             },
+            _ = tick.tick() => {
+                if let Err(error) = hand_on_drained(&mut queues, &shared, &mut deliveries).await {
+                    break Err(error);
+                }
+                if tokio::time::Instant::now() >= next_rebalance {
+                    next_rebalance += REBALANCE_EVERY;
+                    match workers(connection, &workers_queue).await {
+                        Ok(workers) => rebalance(&mut queues, &shared, workers),
+                        Err(error) => break Err(error),
+                    }
+                }
+            }
             () = &mut closed => break Ok(()),
             () = parker.broken() => break Err(anyhow!("The parking channel failed")),
             () = shutdown.cancelled() => break Ok(()),
@@ -150,9 +289,11 @@ async fn session<H: HandleEvent>(
     if shutdown.is_cancelled() {
         // No new deliveries; pulls waiting for their window are refreshed now. Deliveries not
         // settled by the drain timeout stay unacked and are requeued when the connection closes.
-        let _ = channel
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await;
+        for tag in &queues.tags {
+            let _ = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        }
         scheduler.hurry(None);
         info!(
             in_flight = in_flight.len(),
@@ -181,6 +322,53 @@ async fn session<H: HandleEvent>(
     ended
 }
 
+/// How many workers consume the work queues (each consumes the workers' queue).
+async fn workers(connection: &Connection, queue: &str) -> anyhow::Result<usize> {
+    let channel = connection
+        .create_channel()
+        .await
+        .context("Failed to open a channel")?;
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), options, FieldTable::default())
+        .await
+        .with_context(|| format!("Failed to count the consumers of {queue}"));
+    let _ = channel.close(200, "counted".into()).await;
+    Ok(declared?.consumer_count() as usize)
+}
+
+/// Marks the queues this worker should hand on (see [`crate::balance`]); their pulls waiting
+/// for a window are refreshed now, so that they drain.
+fn rebalance<H: HandleEvent>(queues: &mut Queues, shared: &Shared<H>, workers: usize) {
+    let active: Vec<(usize, usize)> = (0..queues.names.len())
+        .filter(|&q| queues.active[q] && queues.leaving[q].is_none())
+        .map(|q| (q, shared.held[q].load(Ordering::Relaxed)))
+        .collect();
+    metrics::gauge!("harbor_worker_work_queues_active").set(active.len() as f64);
+    for queue in balance::to_hand_on(queues.names.len(), workers, &active) {
+        debug!(queue = %queues.names[queue], workers, "Handing the queue on");
+        queues.leaving[queue] = Some(Vec::new());
+        shared.scheduler.hurry(Some(queue));
+    }
+}
+
+/// Hands on the queues being handed on whose deliveries are all settled.
+async fn hand_on_drained<H: HandleEvent>(
+    queues: &mut Queues,
+    shared: &Shared<H>,
+    deliveries: &mut futures_util::stream::SelectAll<BoxStream<'static, Incoming>>,
+) -> anyhow::Result<()> {
+    for queue in 0..queues.names.len() {
+        if queues.leaving[queue].is_some() && shared.held[queue].load(Ordering::Relaxed) == 0 {
+            deliveries.push(queues.hand_on(queue).await?);
+        }
+    }
+    Ok(())
+}
+
 /// What to do with a delivery.
 #[derive(Clone)]
 enum Verdict {
@@ -194,9 +382,9 @@ struct Shared<H: HandleEvent> {
     scheduler: Scheduler<H>,
     parker: Arc<Publisher>,
     topology: Topology,
-    /// Deliveries received and not yet acked or parked. The broker sends no more once they
-    /// reach the prefetch.
-    held: AtomicUsize,
+    /// Deliveries received and not yet acked or parked, per work queue. The broker sends no
+    /// more of a queue once they reach the prefetch.
+    held: Vec<AtomicUsize>,
     /// At this many held (nine tenths of the prefetch), pulls waiting for their window are
     /// refreshed at once: a flood of pulls must not stop the consumer for a window.
     flush_at: usize,
@@ -204,31 +392,105 @@ struct Shared<H: HandleEvent> {
 
 /// Asks for the refreshes a delivery needs (at once, so that each refresh that serves it reads
 /// Harbor after it arrived), and settles it once they are done.
-fn dispatch<H: HandleEvent>(delivery: Delivery, shared: &Arc<Shared<H>>, tasks: &TaskTracker) {
+fn dispatch<H: HandleEvent>(
+    queue: usize,
+    delivery: Delivery,
+    shared: &Arc<Shared<H>>,
+    tasks: &TaskTracker,
+) {
     // On the crossing only: the pulls that start waiting meanwhile wait for the next one.
-    if shared.held.fetch_add(1, Ordering::Relaxed) + 1 == shared.flush_at {
-        shared.scheduler.hurry(Some(0));
+    if shared.held[queue].fetch_add(1, Ordering::Relaxed) + 1 == shared.flush_at {
+        shared.scheduler.hurry(Some(queue));
     }
     let plan = shared.handler.plan(&delivery.data);
-    let requests = match &plan.action {
-        Action::Refresh(refreshes) => refreshes
-            .iter()
-            .map(|refresh| {
-                shared.scheduler.submit(Request {
-                    group: 0,
+    let own_subject = header(&delivery.properties, SUBJECT_HEADER);
+    let forwarded = header(&delivery.properties, FORWARDED_HEADER).is_some();
+    let mut requests = Vec::new();
+    let mut elsewhere = BTreeSet::new();
+    if let Action::Refresh(refreshes) = &plan.action {
+        for refresh in refreshes {
+            let subject = shared.handler.subject(&refresh.key);
+            match &own_subject {
+                // Another project's: its own work queue's worker refreshes it.
+                Some(own) if *own != subject => {
+                    if !forwarded {
+                        elsewhere.insert(subject);
+                    }
+                }
+                _ => requests.push(shared.scheduler.submit(Request {
+                    group: queue,
                     ..refresh.clone()
-                })
+                })),
+            }
+        }
+    }
+    let forwards = elsewhere
+        .into_iter()
+        .map(|subject| {
+            forward(
+                &delivery,
+                subject,
+                Arc::clone(&shared.parker),
+                shared.topology.clone(),
+            )
+        })
+        .collect();
+    tasks.spawn(process(
+        queue,
+        delivery,
+        plan,
+        requests,
+        forwards,
+        Arc::clone(shared),
+    ));
+}
+
+/// A header's text.
+fn header(properties: &BasicProperties, name: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(value) => Some(value.to_string()),
+        AMQPValue::ShortString(value) => Some(value.to_string()),
+        _ => None,
+    }
+}
+
+/// Publishes (confirmed) a copy of the delivery for `subject`'s work queue, marked so that it
+/// is not forwarded again: an event that names two projects (a replication between two of this
+/// Harbor's) is refreshed in each by the worker that owns it.
+fn forward(
+    delivery: &Delivery,
+    subject: String,
+    publisher: Arc<Publisher>,
+    topology: Topology,
+) -> impl Future<Output = Result<(), String>> + Send + 'static {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    let from = header(&delivery.properties, SUBJECT_HEADER).unwrap_or_default();
+    headers.insert(
+        SUBJECT_HEADER.into(),
+        AMQPValue::LongString(subject.as_str().into()),
+    );
+    headers.insert(FORWARDED_HEADER.into(), AMQPValue::LongString(from.into()));
+    let properties = delivery.properties.clone().with_headers(headers);
+    let (body, routing_key) = (delivery.data.clone(), delivery.routing_key.to_string());
+    async move {
+        publisher
+            .publish(Outgoing {
+                exchange: topology.exchange(),
+                routing_key: &routing_key,
+                body: &body,
+                properties,
             })
-            .collect(),
-        _ => Vec::new(),
-    };
-    tasks.spawn(process(delivery, plan, requests, Arc::clone(shared)));
+            .await
+            .map_err(|error| format!("could not forward the event to project {subject}: {error}"))
+    }
 }
 
 async fn process<H: HandleEvent>(
+    queue: usize,
     delivery: Delivery,
     plan: Plan<H::Key, H::Work>,
     requests: Vec<impl Future<Output = Settled>>,
+    forwards: Vec<impl Future<Output = Result<(), String>>>,
     shared: Arc<Shared<H>>,
 ) {
     let message_id = delivery
@@ -247,12 +509,21 @@ async fn process<H: HandleEvent>(
         let started = Instant::now();
         let decided = match plan.action {
             Action::Refresh(_) => {
-                let settled = join_all(requests).await;
+                let (settled, forwarded) = tokio::join!(join_all(requests), join_all(forwards));
                 let elapsed_ms = started.elapsed().as_millis() as u64;
-                let failed = settled.iter().find_map(|s| match s {
-                    Settled::Failed(failure) => Some(failure.clone()),
-                    _ => None,
+                let not_forwarded = forwarded.into_iter().find_map(Result::err).map(|reason| {
+                    Failure {
+                        reason,
+                        attempts: 1,
+                    }
                 });
+                let failed = settled
+                    .iter()
+                    .find_map(|s| match s {
+                        Settled::Failed(failure) => Some(failure.clone()),
+                        _ => None,
+                    })
+                    .or(not_forwarded);
                 if let Some(failure) = failed {
                     Some((
                         Verdict::Park {
@@ -292,7 +563,7 @@ async fn process<H: HandleEvent>(
             metrics::histogram!("harbor_worker_event_duration_seconds", "event_type" => plan.event_type)
                 .record(started.elapsed().as_secs_f64());
         }
-        shared.held.fetch_sub(1, Ordering::Relaxed);
+        shared.held[queue].fetch_sub(1, Ordering::Relaxed);
     }
     .instrument(span)
     .await;

@@ -106,6 +106,10 @@ pub struct Plan<K, W> {
 pub trait HandleEvent: Reconcile {
     /// What a delivery's body asks for.
     fn plan(&self, body: &[u8]) -> Plan<Self::Key, Self::Work>;
+
+    /// The subject whose work queue refreshes `key` (the ingest's `x-subject`): a delivery
+    /// refreshes only the keys of its own subject and forwards the others.
+    fn subject(&self, key: &Self::Key) -> String;
 }
 
 /// What a part of a refresh came to.
@@ -652,6 +656,13 @@ fn verdict(report: &Report, asked: &Work) -> Judgement<Key, Work> {
 }
 
 impl HandleEvent for Handler {
+    fn subject(&self, key: &Key) -> String {
+        match key {
+            Key::Project(name) => name.clone(),
+            Key::Repository(name) => name.project().to_owned(),
+        }
+    }
+
     fn plan(&self, body: &[u8]) -> Plan<Key, Work> {
         match HarborEvent::parse(body) {
             Ok(event) => self.plan_event(&event),

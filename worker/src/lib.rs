@@ -6,6 +6,7 @@
 //! RabbitMQ loop and knows nothing of Harbor.
 
 pub mod backlog;
+pub mod balance;
 pub mod blueprints;
 pub mod clients;
 pub mod consumer;

@@ -22,7 +22,7 @@ use bytes::BytesMut;
 use futures_util::StreamExt;
 use harbor_shared::event::{Envelope, EventError};
 use harbor_shared::publisher::{Outgoing, PublishError};
-use harbor_shared::topology::Topology;
+use harbor_shared::topology::{SUBJECT_HEADER, Topology};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
@@ -260,7 +260,7 @@ fn request_id(request: &HttpRequest) -> String {
 }
 
 /// The AMQP properties an accepted event is published with: persistent, its message id, when
-/// and in which format it was received, and the request it came with.
+/// and in which format it was received, the request it came with, and its subject.
 pub fn properties(envelope: &Envelope, request_id: &str) -> BasicProperties {
     let now = SystemTime::now();
     let mut headers = FieldTable::default();
@@ -276,6 +276,13 @@ pub fn properties(envelope: &Envelope, request_id: &str) -> BasicProperties {
         "x-request-id".into(),
         AMQPValue::LongString(request_id.into()),
     );
+    // The work queue is chosen by this header, so that one worker at a time handles a project.
+    if let Some(subject) = &envelope.subject {
+        headers.insert(
+            SUBJECT_HEADER.into(),
+            AMQPValue::LongString(subject.as_str().into()),
+        );
+    }
     BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())

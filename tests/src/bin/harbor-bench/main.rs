@@ -295,7 +295,7 @@ impl Drain {
             ..Default::default()
         };
         let (connection, mut deliveries) = broker
-            .consume_work_queue("harbor-bench-drain", options)
+            .consume_work_queues("harbor-bench-drain", options)
             .await;
         let delivered = Arc::new(AtomicU64::new(0));
         let counter = delivered.clone();
@@ -540,7 +540,7 @@ async fn ingest(connections: usize, seconds: u64) -> bool {
     // to the broker, through the ingest and through the bare publishing server in turns of a
     // second again, so that a stall of the broker can fall in any.
     let steady = ceiling.rate() * 0.4;
-    broker.purge_work_queue().await;
+    broker.purge_work_queues().await;
     let drain = Drain::start(&broker).await;
     let publisher = Direct::open(&broker.amqp.url, broker.topology().exchange()).await;
     cpu::broker_quiet().await;
