@@ -266,13 +266,12 @@ pub struct TestSandbox {
     _handle: ServerHandle,
 }
 
-/// Starts a sandbox in this process, through its production `build`.
-pub async fn start_sandbox(
+/// The settings of a test sandbox: credentials as above, webhooks to `webhook_url`.
+pub fn sandbox_settings(
     webhook_url: &str,
     format: crate::sandbox::PayloadFormat,
-) -> TestSandbox {
-    init_logs();
-    let settings = crate::sandbox::Settings {
+) -> crate::sandbox::Settings {
+    crate::sandbox::Settings {
         command: None,
         listen_addr: free_port(),
         webhook_url: webhook_url.to_owned(),
@@ -282,8 +281,22 @@ pub async fn start_sandbox(
         harbor_password: "Harbor12345".into(),
         port_client_id: "sandbox-client".into(),
         port_client_secret: "sandbox-secret".into(),
+        harbor_latency_ms: 0,
         empty_port: false,
-    };
+    }
+}
+
+/// Starts a sandbox in this process, through its production `build`.
+pub async fn start_sandbox(
+    webhook_url: &str,
+    format: crate::sandbox::PayloadFormat,
+) -> TestSandbox {
+    start_sandbox_with(sandbox_settings(webhook_url, format)).await
+}
+
+/// Starts a sandbox with these settings.
+pub async fn start_sandbox_with(settings: crate::sandbox::Settings) -> TestSandbox {
+    init_logs();
     let sandbox = crate::sandbox::Sandbox::build(settings).unwrap();
     let base = format!("http://127.0.0.1:{}", sandbox.port());
     let handle = sandbox.handle();
@@ -315,6 +328,27 @@ impl TestSandbox {
             .await
             .unwrap();
         (response.status().as_u16(), response.json().await.unwrap())
+    }
+
+    /// `POST /sandbox/{action}` with any body; the status and the answer.
+    pub async fn post(&self, action: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let response = reqwest::Client::new()
+            .post(format!("{}/sandbox/{action}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
+    /// The entity of a blueprint with this identifier, if Port holds it.
+    pub async fn entity(&self, blueprint: &str, identifier: &str) -> Option<serde_json::Value> {
+        let held = self.entities().await;
+        held[blueprint]
+            .as_array()?
+            .iter()
+            .find(|e| e["identifier"] == identifier)
+            .cloned()
     }
 
     /// What the sandbox's Port holds, by blueprint.

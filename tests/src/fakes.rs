@@ -35,7 +35,8 @@ fn harbor_repository_path(repository: &str) -> String {
     )
 }
 
-fn harbor_not_found(what: &str) -> ResponseTemplate {
+/// Harbor's 404 for something it does not have.
+pub fn harbor_not_found(what: &str) -> ResponseTemplate {
     ResponseTemplate::new(404)
         .insert_header("x-request-id", "d7b4a3c0-0000-4000-8000-000000000000")
         .set_body_json(
@@ -73,6 +74,18 @@ impl FakeHarbor {
             .respond_with(ResponseTemplate::new(200).set_body_json(artifact))
             .mount(&self.server)
             .await;
+    }
+
+    /// `GET .../artifacts/{digest}` answers what `respond` says, each time asked (for a
+    /// Harbor whose state the test changes).
+    pub async fn artifact_answering(
+        &self,
+        repository: &str,
+        digest: &str,
+        respond: impl wiremock::Respond + 'static,
+    ) {
+        let p = format!("{}/artifacts/{digest}", harbor_repository_path(repository));
+        self.get(p).respond_with(respond).mount(&self.server).await;
     }
 
     /// `GET .../artifacts/{digest}` answers 404.

@@ -29,7 +29,8 @@ pub struct Processes {
 }
 
 impl Processes {
-    /// Logs go to `<temp>/harbor-processes-<tag>/<name>.log`.
+    /// Logs go to `<temp>/harbor-processes-<tag>/<name>.log`, removed when dropped unless the
+    /// test is failing.
     pub fn new(tag: &str) -> Self {
         let logs = std::env::temp_dir().join(format!("harbor-processes-{tag}"));
         std::fs::create_dir_all(&logs).unwrap();
@@ -117,6 +118,10 @@ impl Drop for Processes {
         for (_, child) in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // The logs are kept for a test that failed, to read.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.logs);
         }
     }
 }

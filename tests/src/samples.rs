@@ -32,13 +32,18 @@ pub fn subject(body: &[u8]) -> (String, String) {
 
 /// A push of `digest` to `repository` in Harbor's default format, as Harbor sends it.
 pub fn push(repository: &str, digest: &str) -> Vec<u8> {
+    event("PUSH_ARTIFACT", repository, digest, "latest")
+}
+
+/// An event of `kind` (`PUSH_ARTIFACT`, `DELETE_ARTIFACT`, ...) of one artifact, with its tag.
+pub fn event(kind: &str, repository: &str, digest: &str, tag: &str) -> Vec<u8> {
     let (namespace, name) = repository.split_once('/').unwrap();
     serde_json::to_vec(&serde_json::json!({
-        "type": "PUSH_ARTIFACT",
+        "type": kind,
         "occur_at": 1_724_140_800,
         "operator": "robot$ci",
         "event_data": {
-            "resources": [{"digest": digest, "tag": "latest", "resource_url": format!("harbor.example.com/{repository}:latest")}],
+            "resources": [{"digest": digest, "tag": tag, "resource_url": format!("harbor.example.com/{repository}:{tag}")}],
             "repository": {"date_created": 1_700_000_000, "name": name, "namespace": namespace, "repo_full_name": repository, "repo_type": "private"}
         }
     }))

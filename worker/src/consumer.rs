@@ -246,7 +246,7 @@ async fn session<H: HandleEvent>(
                 Some((queue, generation, Some(Ok(delivery)))) => {
                     if generation != queues.generation[queue] {
                         // A consumer handed on, delivering before its cancel took effect.
-                        if let Err(error) = give_back(delivery).await {
+                        if let Err(error) = bounded(give_back(delivery)).await {
                             break Err(error);
                         }
                     } else if let Some(held_back) = &mut queues.leaving[queue] {
@@ -267,12 +267,14 @@ async fn session<H: HandleEvent>(
                 None => break Err(anyhow!("No consumer left")),
             },
             _ = tick.tick() => {
-                if let Err(error) = hand_on_drained(&mut queues, &shared, &mut deliveries).await {
+                // Bounded: a broker that stopped answering must end the session, not hang it.
+                let handed = hand_on_drained(&mut queues, &shared, &mut deliveries);
+                if let Err(error) = bounded(handed).await {
                     break Err(error);
                 }
                 if tokio::time::Instant::now() >= next_rebalance {
                     next_rebalance += REBALANCE_EVERY;
-                    match workers(connection, &workers_queue).await {
+                    match bounded(workers(connection, &workers_queue)).await {
                         Ok(workers) => rebalance(&mut queues, &shared, workers),
                         Err(error) => break Err(error),
                     }
@@ -289,11 +291,14 @@ async fn session<H: HandleEvent>(
     if shutdown.is_cancelled() {
         // No new deliveries; pulls waiting for their window are refreshed now. Deliveries not
         // settled by the drain timeout stay unacked and are requeued when the connection closes.
-        for tag in &queues.tags {
-            let _ = channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await;
-        }
+        let cancel_all = async {
+            for tag in &queues.tags {
+                let _ = channel
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), cancel_all).await;
         scheduler.hurry(None);
         info!(
             in_flight = in_flight.len(),
@@ -322,6 +327,20 @@ async fn session<H: HandleEvent>(
     ended
 }
 
+/// How long the consumer loop waits for the broker to answer one of its own requests.
+const BROKER_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `work`, or an error if the broker has not answered it in time.
+async fn bounded<T>(work: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::time::timeout(BROKER_ANSWER_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(anyhow!(
+                "The broker did not answer within {BROKER_ANSWER_TIMEOUT:?}"
+            ))
+        })
+}
+
 /// How many workers consume the work queues (each consumes the workers' queue).
 async fn workers(connection: &Connection, queue: &str) -> anyhow::Result<usize> {
     let channel = connection
@@ -347,8 +366,9 @@ fn rebalance<H: HandleEvent>(queues: &mut Queues, shared: &Shared<H>, workers: u
         .filter(|&q| queues.active[q] && queues.leaving[q].is_none())
         .map(|q| (q, shared.held[q].load(Ordering::Relaxed)))
         .collect();
-    metrics::gauge!("harbor_worker_work_queues_active").set(active.len() as f64);
-    for queue in balance::to_hand_on(queues.names.len(), workers, &active) {
+    let hand_on = balance::to_hand_on(queues.names.len(), workers, &active);
+    metrics::gauge!("harbor_worker_work_queues_active").set((active.len() - hand_on.len()) as f64);
+    for queue in hand_on {
         debug!(queue = %queues.names[queue], workers, "Handing the queue on");
         queues.leaving[queue] = Some(Vec::new());
         shared.scheduler.hurry(Some(queue));

@@ -21,6 +21,12 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/sandbox/pull", web::post().to(pull))
         .route("/sandbox/delete", web::post().to(delete))
         .route("/sandbox/scan", web::post().to(scan))
+        .route(
+            "/sandbox/delete-repository",
+            web::post().to(delete_repository),
+        )
+        .route("/sandbox/delete-project", web::post().to(delete_project))
+        .route("/sandbox/project", web::post().to(update_project))
         .route("/sandbox/port/entities", web::get().to(entities))
         .route("/sandbox/port/requests", web::get().to(requests))
         .route("/sandbox/harbor", web::get().to(registry));
@@ -34,6 +40,10 @@ pub struct Action {
     /// A tag (or a digest for pull, delete and scan).
     #[serde(default = "latest")]
     pub tag: String,
+    /// For a push: the artifact to put the tag on (as `docker push` of an image Harbor has
+    /// already); a new artifact when absent.
+    #[serde(default)]
+    pub digest: Option<String>,
 }
 
 fn latest() -> String {
@@ -55,10 +65,94 @@ fn names(kind: &str) -> (&'static str, &'static str) {
 }
 
 async fn push(shared: web::Data<Shared>, action: web::Json<Action>) -> HttpResponse {
-    act(&shared, &action, "push", |registry, repo, tag| {
-        Ok(registry.push(repo, tag))
-    })
+    let digest = action.digest.clone();
+    act(
+        &shared,
+        &action,
+        "push",
+        move |registry, repo, tag| match digest {
+            Some(digest) => registry.tag(repo, &digest, tag),
+            None => Ok(registry.push(repo, tag)),
+        },
+    )
     .await
+}
+
+/// What a repository or project change names.
+#[derive(Debug, Deserialize)]
+pub struct Named {
+    /// `project/name`, or the project's name.
+    pub name: String,
+    /// For a project: whether anyone may pull from it.
+    #[serde(default)]
+    pub public: Option<bool>,
+}
+
+/// Deletes a repository with all its artifacts, as Harbor's UI does; Harbor announces it with
+/// the deletion of one artifact.
+async fn delete_repository(shared: web::Data<Shared>, named: web::Json<Named>) -> HttpResponse {
+    let Ok(repository) = RepositoryName::parse(&named.name) else {
+        return bad_request(format!("invalid repository name {:?}", named.name));
+    };
+    let last = lock(&shared.registry).delete_repository(&repository);
+    match last {
+        Some(artifact) => announce_deletion(&shared, &repository, &artifact).await,
+        None => not_found(format!("repository {repository} not found")),
+    }
+}
+
+/// Deletes a project with all its repositories (Harbor wants it emptied first, which this
+/// does); announced with the deletion of one of its artifacts.
+async fn delete_project(shared: web::Data<Shared>, named: web::Json<Named>) -> HttpResponse {
+    let deleted = lock(&shared.registry).delete_project(&named.name);
+    match deleted {
+        Some((repository, artifact)) => {
+            let Ok(repository) = RepositoryName::parse(&repository) else {
+                return bad_request("the project held an invalid repository name");
+            };
+            announce_deletion(&shared, &repository, &artifact).await
+        }
+        None => not_found(format!("project {} not found, or empty", named.name)),
+    }
+}
+
+/// Changes a project's settings; Harbor sends no webhook for that.
+async fn update_project(shared: web::Data<Shared>, named: web::Json<Named>) -> HttpResponse {
+    let mut registry = lock(&shared.registry);
+    match registry.projects.get_mut(&named.name) {
+        Some(project) => {
+            if let Some(public) = named.public {
+                project.public = public;
+            }
+            HttpResponse::Ok().json(json!({"project": project.name, "public": project.public}))
+        }
+        None => not_found(format!("project {} not found", named.name)),
+    }
+}
+
+fn not_found(message: String) -> HttpResponse {
+    HttpResponse::NotFound().json(json!({"error": "not_found", "message": message}))
+}
+
+async fn announce_deletion(
+    shared: &Shared,
+    repository: &RepositoryName,
+    artifact: &Artifact,
+) -> HttpResponse {
+    let tag = artifact
+        .tags
+        .first()
+        .cloned()
+        .unwrap_or_else(|| artifact.digest.clone());
+    let payload = webhook(
+        shared.settings.payload_format,
+        "delete",
+        repository,
+        &tag,
+        artifact,
+        None,
+    );
+    deliver(shared, payload, repository, artifact).await
 }
 
 async fn pull(shared: web::Data<Shared>, action: web::Json<Action>) -> HttpResponse {
@@ -91,10 +185,7 @@ async fn act(
         let mut registry = lock(&shared.registry);
         let artifact = match change(&mut registry, &repository, &action.tag) {
             Ok(artifact) => artifact,
-            Err(message) => {
-                return HttpResponse::NotFound()
-                    .json(json!({"error": "not_found", "message": message}));
-            }
+            Err(message) => return not_found(message),
         };
         let created = registry
             .repositories
@@ -110,6 +201,16 @@ async fn act(
         &artifact,
         created.as_deref(),
     );
+    deliver(shared, payload, &repository, &artifact).await
+}
+
+/// Sends the webhook to the ingest, and answers with it and what the ingest said.
+async fn deliver(
+    shared: &Shared,
+    payload: Value,
+    repository: &RepositoryName,
+    artifact: &Artifact,
+) -> HttpResponse {
     let sent = shared
         .http
         .post(&shared.settings.webhook_url)

@@ -48,7 +48,16 @@ fn repository_segment(raw: &str) -> Option<String> {
 }
 
 async fn get(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
-    if !authorized(&request, &shared) {
+    let latency = shared.settings.harbor_latency_ms;
+    if latency > 0 {
+        let wait = rand::random_range(0..=latency);
+        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+    }
+    answer(&request, &shared)
+}
+
+fn answer(request: &HttpRequest, shared: &Shared) -> HttpResponse {
+    if !authorized(request, shared) {
         return errors(
             actix_web::http::StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
@@ -178,7 +187,7 @@ pub fn project_json(registry: &Registry, project: &Project) -> Value {
         "creation_time": project.created, "update_time": project.created, "deleted": false,
         "owner_name": "admin", "togglable": true, "current_user_role_id": 1,
         "current_user_role_ids": [1], "repo_count": repo_count,
-        "metadata": {"public": "false", "auto_scan": "true"},
+        "metadata": {"public": project.public.to_string(), "auto_scan": "true"},
     })
 }
 

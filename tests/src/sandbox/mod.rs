@@ -99,6 +99,11 @@ pub struct Settings {
     )]
     pub port_client_secret: String,
 
+    /// Each answer of the fake Harbor API waits a random 0 to this many milliseconds, as a busy
+    /// Harbor does (0: at once).
+    #[arg(long, env = "SANDBOX_HARBOR_LATENCY_MS", default_value_t = 0)]
+    pub harbor_latency_ms: u64,
+
     /// Start without Port's blueprints, as a new Port account does (run `harbor-worker
     /// blueprints` to create them). By default they exist.
     #[arg(long, env = "SANDBOX_EMPTY_PORT")]

@@ -16,6 +16,8 @@ pub struct Project {
     pub name: String,
     /// Creation time, RFC 3339.
     pub created: String,
+    /// Anyone may pull from it.
+    pub public: bool,
 }
 
 /// A repository.
@@ -86,6 +88,7 @@ impl Registry {
                 id,
                 name: repository.project().to_owned(),
                 created: now(),
+                public: false,
             };
             self.projects.insert(project.name.clone(), project);
         }
@@ -132,6 +135,59 @@ impl Registry {
             repo.updated = now();
         }
         artifact
+    }
+
+    /// `docker push` of an image Harbor has: the artifact gains the tag, which leaves any
+    /// other artifact that had it.
+    pub fn tag(
+        &mut self,
+        repository: &RepositoryName,
+        digest: &str,
+        tag: &str,
+    ) -> Result<Artifact, String> {
+        let artifacts = self
+            .artifacts
+            .get_mut(repository.full())
+            .ok_or_else(|| format!("repository {repository} not found"))?;
+        if !artifacts.iter().any(|a| a.digest == digest) {
+            return Err(format!("artifact {repository}@{digest} not found"));
+        }
+        let mut tagged = None;
+        for artifact in artifacts.iter_mut() {
+            artifact.tags.retain(|t| t != tag);
+            if artifact.digest == digest {
+                artifact.tags.push(tag.to_owned());
+                artifact.push_time = now();
+                tagged = Some(artifact.clone());
+            }
+        }
+        tagged.ok_or_else(|| format!("artifact {repository}@{digest} not found"))
+    }
+
+    /// Deletes a repository and its artifacts; returns its last artifact.
+    pub fn delete_repository(&mut self, repository: &RepositoryName) -> Option<Artifact> {
+        self.repositories.remove(repository.full())?;
+        self.artifacts.remove(repository.full())?.pop()
+    }
+
+    /// Deletes a project and everything in it; returns one of its repositories with one of
+    /// its artifacts, or `None` if it did not exist or held no artifact.
+    pub fn delete_project(&mut self, name: &str) -> Option<(String, Artifact)> {
+        self.projects.remove(name)?;
+        let inside: Vec<String> = self
+            .repositories
+            .keys()
+            .filter(|r| r.split_once('/').is_some_and(|(p, _)| p == name))
+            .cloned()
+            .collect();
+        let mut last = None;
+        for repository in inside {
+            self.repositories.remove(&repository);
+            if let Some(artifact) = self.artifacts.remove(&repository).and_then(|mut a| a.pop()) {
+                last = Some((repository, artifact));
+            }
+        }
+        last
     }
 
     fn artifact_mut(
