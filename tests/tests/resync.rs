@@ -2,17 +2,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use harbor_sync_tests::apps::{TestSandbox, TestWorker, start_sandbox};
+use harbor_shared::broker;
+use harbor_sync_tests::apps::{TestSandbox, TestWorker, start_sandbox, wait_ready_at};
+use harbor_sync_tests::processes::{Processes, free_port};
 use harbor_sync_tests::rabbit::TestTopology;
 use harbor_sync_tests::samples;
 use harbor_sync_tests::sandbox::PayloadFormat;
 use harbor_sync_tests::wait_until;
 use harbor_worker::clients::http_client;
-use harbor_worker::resync::{Summary, resync};
-use harbor_worker::startup::{handler, scheduler};
+use harbor_worker::resync::{Options, Summary, resync};
+use harbor_worker::startup::handler;
 use serde_json::json;
 
 /// A sandbox whose Harbor holds 105 artifacts in library/nginx (more than one page) and one in
@@ -46,6 +47,16 @@ async fn drifted() -> TestSandbox {
     sandbox
         .put_entity("harborProject", ours("ghost", json!({})))
         .await;
+    // Two that Harbor has, written before the webhooks stopped coming.
+    sandbox
+        .put_entity("harborProject", ours("library", json!({})))
+        .await;
+    sandbox
+        .put_entity(
+            "harborRepository",
+            ours("library/nginx", json!({"project": "library"})),
+        )
+        .await;
     // Someone else's entity in our blueprint: not ours to delete.
     sandbox
         .put_entity(
@@ -56,73 +67,228 @@ async fn drifted() -> TestSandbox {
     sandbox
 }
 
+/// Port's identifiers of each blueprint, sorted.
+async fn held(sandbox: &TestSandbox) -> (usize, Vec<String>, Vec<String>) {
+    let mut repositories = sandbox.ids("harborRepository").await;
+    repositories.sort();
+    let mut projects = sandbox.ids("harborProject").await;
+    projects.sort();
+    (
+        sandbox.ids("harborArtifact").await.len(),
+        repositories,
+        projects,
+    )
+}
+
+fn options(force: bool) -> Options {
+    Options {
+        deletion_threshold: 0.9,
+        force,
+        dry_run: false,
+    }
+}
+
 #[tokio::test]
-async fn resync_upserts_everything_harbor_has_and_deletes_what_it_no_longer_has() {
+async fn resync_has_the_workers_write_what_harbor_has_and_delete_what_it_no_longer_has() {
     let sandbox = drifted().await;
-    let settings = sandbox.worker_settings(&TestTopology::new().await.amqp);
+    let broker = TestTopology::new().await;
+    let settings = sandbox.worker_settings(&broker.amqp);
+    let worker = TestWorker::start(settings.clone()).await;
     let http = http_client(Duration::from_secs(5)).unwrap();
-    let handler = Arc::new(handler(
-        &settings.harbor,
-        &settings.port,
-        http,
-        Duration::ZERO,
-        8,
-    ));
-    let scheduler = scheduler(Arc::clone(&handler), &settings);
+    let handler = handler(&settings.harbor, &settings.port, http, Duration::ZERO, 8);
+    let connection = broker::connect(&broker.amqp.url, "resync test")
+        .await
+        .unwrap();
 
-    let summary = resync(&handler, &scheduler, settings.retry).await;
+    let summary = resync(
+        &handler,
+        settings.retry,
+        &broker.amqp,
+        &connection,
+        options(false),
+    )
+    .await
+    .unwrap();
 
-    // Harbor's 2 projects and 2 repositories, and the ghost project and the old repository,
-    // which Port has and Harbor does not.
+    // Harbor: 2 projects, 2 repositories, 106 artifacts. Ours in Port: library, library/nginx,
+    // and the stale artifact, the old repository and the ghost project, which Harbor does not
+    // have (by-hand is not ours).
     assert_eq!(
         summary,
         Summary {
-            projects: 3,
-            repositories: 3,
-            failed: 0
+            harbor: 110,
+            ours: 5,
+            to_delete: 3,
+            requested: 6,
+            refused: false
         }
     );
+    wait_until("Port to match Harbor", Duration::from_secs(30), || async {
+        held(&sandbox).await
+            == (
+                106,
+                vec!["library/nginx".to_owned(), "team/app/api".to_owned()],
+                vec![
+                    "by-hand".to_owned(),
+                    "library".to_owned(),
+                    "team".to_owned(),
+                ],
+            )
+    })
+    .await;
     let artifacts = sandbox.ids("harborArtifact").await;
-    assert_eq!(artifacts.len(), 106);
     assert!(
         artifacts
             .iter()
             .all(|id| id.starts_with("library/nginx@") || id.starts_with("team/app/api@"))
     );
-    let mut repositories = sandbox.ids("harborRepository").await;
-    repositories.sort();
-    assert_eq!(repositories, ["library/nginx", "team/app/api"]);
-    let mut projects = sandbox.ids("harborProject").await;
-    projects.sort();
-    assert_eq!(projects, ["by-hand", "library", "team"]);
+    wait_until(
+        "the work queues drained",
+        Duration::from_secs(10),
+        || async { broker.work_ready().await == 0 },
+    )
+    .await;
 
-    // A second run has nothing of Port's alone to refresh.
-    let again = resync(&handler, &scheduler, settings.retry).await;
-    assert_eq!(
-        again,
-        Summary {
-            projects: 2,
-            repositories: 2,
-            failed: 0
-        }
-    );
+    // A second run finds nothing of Port's alone.
+    let again = resync(
+        &handler,
+        settings.retry,
+        &broker.amqp,
+        &connection,
+        options(false),
+    )
+    .await
+    .unwrap();
+    assert_eq!((again.ours, again.to_delete, again.requested), (110, 0, 4));
+    worker.stop().await;
 }
 
 #[tokio::test]
-async fn the_worker_resyncs_periodically_when_asked() {
-    let sandbox = drifted().await;
+async fn a_resync_against_an_empty_harbor_is_refused_unless_forced() {
+    // A Harbor with nothing (the wrong one, or a robot account that sees nothing) and a Port
+    // with this integration's entities.
+    let sandbox = start_sandbox("http://127.0.0.1:9/webhook", PayloadFormat::Default).await;
+    for n in 0..5 {
+        let id = format!("library/app@{}", samples::digest(n));
+        sandbox
+            .put_entity(
+                "harborArtifact",
+                json!({"identifier": id, "title": id,
+                "properties": {"harborInstance": "default"}, "relations": {}}),
+            )
+            .await;
+    }
     let broker = TestTopology::new().await;
-    let mut settings = sandbox.worker_settings(&broker.amqp);
-    settings.resync_interval = Some(Duration::from_secs(1));
-    let worker = TestWorker::start(settings).await;
+    let settings = sandbox.worker_settings(&broker.amqp);
+    let http = http_client(Duration::from_secs(5)).unwrap();
+    let handler = handler(&settings.harbor, &settings.port, http, Duration::ZERO, 8);
+    let connection = broker::connect(&broker.amqp.url, "resync test")
+        .await
+        .unwrap();
 
-    wait_until("the periodic resync", Duration::from_secs(30), || async {
-        sandbox.ids("harborArtifact").await.len() == 106
-            && !sandbox
-                .ids("harborProject")
-                .await
-                .contains(&"ghost".to_owned())
+    let refused = resync(
+        &handler,
+        settings.retry,
+        &broker.amqp,
+        &connection,
+        options(false),
+    )
+    .await
+    .unwrap();
+    assert!(refused.refused);
+    assert_eq!(
+        (refused.ours, refused.to_delete, refused.requested),
+        (5, 5, 0)
+    );
+    assert_eq!(broker.work_ready().await, 0, "nothing asked for");
+    assert_eq!(
+        sandbox.ids("harborArtifact").await.len(),
+        5,
+        "nothing deleted"
+    );
+
+    let forced = resync(
+        &handler,
+        settings.retry,
+        &broker.amqp,
+        &connection,
+        options(true),
+    )
+    .await
+    .unwrap();
+    assert!(!forced.refused);
+    assert_eq!(forced.requested, 1, "library/app, to delete its artifacts");
+    let worker = TestWorker::start(settings).await;
+    wait_until("the forced deletes", Duration::from_secs(20), || async {
+        sandbox.ids("harborArtifact").await.is_empty()
     })
     .await;
     worker.stop().await;
+}
+
+#[tokio::test]
+async fn two_workers_with_a_resync_interval_resync_once_per_interval_between_them() {
+    let sandbox = drifted().await;
+    let broker = TestTopology::new().await;
+    let mut processes = Processes::new(broker.topology().queue());
+    let mut metrics = Vec::new();
+    for n in 0..2 {
+        let port = free_port();
+        let topology = broker.topology();
+        let env = [
+            ("AMQP_URL", harbor_sync_tests::rabbit::amqp_url()),
+            ("AMQP_EXCHANGE", topology.exchange().to_owned()),
+            ("AMQP_QUEUE", topology.queue().to_owned()),
+            ("HARBOR_URL", sandbox.base.clone()),
+            ("HARBOR_USERNAME", "admin".to_owned()),
+            ("HARBOR_PASSWORD", "Harbor12345".to_owned()),
+            ("PORT_API_URL", sandbox.base.clone()),
+            ("PORT_CLIENT_ID", "sandbox-client".to_owned()),
+            ("PORT_CLIENT_SECRET", "sandbox-secret".to_owned()),
+            ("METRICS_ADDR", format!("127.0.0.1:{port}")),
+            ("RESYNC_INTERVAL", "5s".to_owned()),
+        ];
+        processes.spawn(&format!("worker-{n}"), "harbor-worker", &env);
+        let url = format!("http://127.0.0.1:{port}");
+        wait_ready_at(&format!("{url}/readyz")).await;
+        metrics.push(url);
+    }
+    let resyncs = |url: String| async move {
+        let text = reqwest::get(format!("{url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("harbor_worker_resyncs_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as usize
+    };
+    wait_until("two resyncs", Duration::from_secs(30), || async {
+        resyncs(metrics[0].clone()).await + resyncs(metrics[1].clone()).await >= 2
+    })
+    .await;
+    let counts = [
+        resyncs(metrics[0].clone()).await,
+        resyncs(metrics[1].clone()).await,
+    ];
+    assert!(
+        counts.contains(&0),
+        "both workers resynced ({counts:?}): twice per interval"
+    );
+    // And it did its work.
+    wait_until(
+        "the periodic resync's deletes",
+        Duration::from_secs(30),
+        || async {
+            !sandbox
+                .ids("harborProject")
+                .await
+                .contains(&"ghost".to_owned())
+                && sandbox.ids("harborArtifact").await.len() == 106
+        },
+    )
+    .await;
+    processes.terminate_all();
 }

@@ -34,6 +34,7 @@ use crate::clients::harbor::{Artifact, HarborClient};
 use crate::clients::port::{BULK_LIMIT, PortClient};
 use crate::entities::{self, ARTIFACT, Entity, PROJECT, REPOSITORY};
 use crate::names::{Digest, RepositoryName, project_name};
+use crate::resync::{self, ResyncRequest, Target};
 use crate::schedule::{self, Judgement, Reconcile, Request};
 
 /// The property every entity this integration writes carries: which Harbor it came from. It is
@@ -665,6 +666,9 @@ impl HandleEvent for Handler {
 
     fn plan(&self, body: &[u8]) -> Plan<Key, Work> {
         match HarborEvent::parse(body) {
+            Ok(event) if event.event_type.as_str() == resync::REQUEST_TYPE => {
+                plan_resync(ResyncRequest::parse(body))
+            }
             Ok(event) => self.plan_event(&event),
             Err(error) => Plan {
                 event_type: "invalid".to_owned(),
@@ -672,6 +676,45 @@ impl HandleEvent for Handler {
                 action: Action::Invalid(format!("not a Harbor event: {error}")),
             },
         }
+    }
+}
+
+/// What a resync request refreshes: a project, or a repository with every artifact.
+fn plan_resync(request: Option<ResyncRequest>) -> Plan<Key, Work> {
+    let plan = |subject: String, action| Plan {
+        event_type: "resync".to_owned(),
+        subject: Some(subject),
+        action,
+    };
+    let refresh = |key, work| {
+        Action::Refresh(vec![Refresh {
+            key,
+            work,
+            delay: Duration::ZERO,
+            group: 0,
+        }])
+    };
+    match request.map(|r| r.resync) {
+        Some(Target::Project(name)) => match project_name(&name) {
+            Ok(_) => plan(name.clone(), refresh(Key::Project(name), Work::default())),
+            Err(error) => plan(name, Action::Invalid(error.to_string())),
+        },
+        Some(Target::Repository(name)) => match RepositoryName::parse(&name) {
+            Ok(repository) => {
+                let work = Work {
+                    repository: true,
+                    every_artifact: true,
+                    ..Work::default()
+                };
+                plan(name, refresh(Key::Repository(repository), work))
+            }
+            Err(error) => plan(name, Action::Invalid(error.to_string())),
+        },
+        None => Plan {
+            event_type: "resync".to_owned(),
+            subject: None,
+            action: Action::Invalid("a resync request without a project or repository".into()),
+        },
     }
 }
 

@@ -1,14 +1,12 @@
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use harbor_shared::{ops, telemetry};
+use harbor_shared::{broker, ops, telemetry};
 use harbor_worker::clients::http_client;
 use harbor_worker::parked::{self, Selection};
 use harbor_worker::retry::RetryPolicy;
-use harbor_worker::schedule::{Limits, Scheduler};
 use harbor_worker::settings::{Cli, Command, ParkedAction};
 use harbor_worker::startup::{Worker, handler, port_client};
 use harbor_worker::{backlog, blueprints, resync};
@@ -35,35 +33,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let retry = RetryPolicy::with_budget(cli.run.retry_max_elapsed);
             blueprints::apply(&port_client(&port, http), retry).await
         }
-        Command::Resync { json } => {
+        Command::Resync {
+            json,
+            dry_run,
+            force,
+        } => {
+            let options = resync::Options {
+                deletion_threshold: cli.run.deletion_threshold()?,
+                force,
+                dry_run,
+            };
             let (harbor, port) = (cli.harbor.into_settings()?, cli.port.into_settings()?);
+            let amqp = cli.amqp.into_settings()?;
             let run = &cli.run;
             let http = http_client(run.http_timeout).context("Failed to build the HTTP client")?;
             let retry = RetryPolicy::with_budget(run.retry_max_elapsed);
-            let handler = Arc::new(handler(
-                &harbor,
-                &port,
-                http,
-                Duration::ZERO,
-                run.worker_concurrency,
-            ));
-            let limits = Limits {
-                concurrency: usize::from(run.worker_concurrency),
-                retry,
-                max_hold: run.consumer_timeout,
-            };
-            let scheduler = Scheduler::start(Arc::clone(&handler), limits);
-            let summary = resync::resync(&handler, &scheduler, retry).await;
+            let handler = handler(&harbor, &port, http, Duration::ZERO, run.worker_concurrency);
+            let connection = broker::connect(&amqp.url, "harbor-worker resync").await?;
+            let summary = resync::resync(&handler, retry, &amqp, &connection, options).await;
+            let _ = connection.close(200, "done".into()).await;
+            let summary = summary?;
             if json {
                 println!("{}", serde_json::json!(summary));
             } else {
                 println!(
-                    "projects {}, repositories {}, failed {}",
-                    summary.projects, summary.repositories, summary.failed
+                    "Harbor has {}; this integration has {} in Port, of which {} ({:.0} %) Harbor no longer has",
+                    summary.harbor,
+                    summary.ours,
+                    summary.to_delete,
+                    summary.deleted_share() * 100.0
                 );
+                println!("refreshes requested: {}", summary.requested);
             }
-            if summary.failed > 0 {
-                bail!("{} refresh(es) failed; see the log", summary.failed);
+            if summary.refused {
+                bail!(
+                    "refused: it would delete {:.0} % of this integration's entities, more than RESYNC_DELETION_THRESHOLD ({}); check HARBOR_URL and the robot account's access, or use --force",
+                    summary.deleted_share() * 100.0,
+                    options.deletion_threshold
+                );
             }
             Ok(())
         }

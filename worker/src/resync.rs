@@ -1,117 +1,224 @@
-//! `harbor-worker resync`: a walk of Harbor that repairs what the webhooks missed.
+//! Resync: repairs what the webhooks missed, through the same queues.
 //!
 //! Webhooks drift: Harbor gives up on a webhook after 3 failed attempts, and sends none when a
 //! tag is removed, garbage collection deletes untagged artifacts or a project is deleted. A
-//! resync lists every project and repository of Harbor, and every project and repository entity
-//! this integration wrote to Port, and asks for a refresh of each: of a project, and of every
-//! artifact of a repository (written as Harbor has them; those it no longer has deleted).
-//! What Port has and Harbor does not answers 404 to its refresh and is deleted.
+//! resync takes stock of Harbor (every project, repository and artifact) and of what this
+//! integration wrote to Port (the entities with its `harborInstance`), and then asks, through
+//! the work exchange, for a refresh of every project and repository either has: each request
+//! goes to the work queue of its project, so the worker that handles that project's webhooks
+//! refreshes it, one refresh of a key at a time, reading Harbor just before it writes. A list
+//! taken minutes ago therefore never overwrites what a webhook wrote since; the stock-taking
+//! only decides what to ask for, and whether to ask at all:
 //!
-//! The refreshes are the webhooks' own, through the same scheduler: one refresh of a key at a
-//! time, each reading Harbor just before it writes, so a resync never overwrites what a webhook
-//! wrote since.
+//! - a resync that would delete more than the deletion threshold (90 % by default, as Port
+//!   Ocean's `entityDeletionThreshold`) of this integration's entities is refused unless forced:
+//!   a resync pointed at the wrong or an empty Harbor must not empty the catalog;
+//! - with `RESYNC_INTERVAL` the workers run it periodically, one of them at a time: the one that
+//!   holds the resync lock (an exclusive queue, released with its connection).
 
-use std::collections::BTreeSet;
-use std::time::Instant;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
-use futures_util::future::join_all;
-use serde::Serialize;
+use anyhow::Context;
+use harbor_shared::broker;
+use harbor_shared::config::AmqpSettings;
+use harbor_shared::publisher::{Outgoing, Publisher};
+use harbor_shared::topology::{SUBJECT_HEADER, Topology};
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tracing::{info, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
 
 use crate::clients::CallError;
-use crate::entities::{PROJECT, REPOSITORY};
-use crate::handler::{Handler, INSTANCE_PROPERTY, Key, Work};
-use crate::names::RepositoryName;
+use crate::entities::{self, ARTIFACT, PROJECT, REPOSITORY};
+use crate::handler::{Handler, INSTANCE_PROPERTY};
+use crate::names::{Digest, RepositoryName};
 use crate::retry::{Budget, RetryPolicy};
-use crate::schedule::{Request, Scheduler, Settled};
 
-/// What a resync did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Summary {
-    /// Projects refreshed (in Harbor, in Port, or both).
-    pub projects: usize,
-    /// Repositories refreshed, with every artifact of each.
-    pub repositories: usize,
-    /// Refreshes that failed (logged); a later resync retries them.
-    pub failed: usize,
+/// The `type` of a resync request on the work queues (and its routing key).
+pub const REQUEST_TYPE: &str = "harbor-port-sync.resync";
+
+/// How long a resync's requests may take to be confirmed by the broker, each.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request, on a work queue, to refresh one project or one repository with every artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncRequest {
+    /// Always [`REQUEST_TYPE`].
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// What to refresh.
+    pub resync: Target,
 }
 
-/// Walks Harbor and Port and refreshes everything either has.
-pub async fn resync(
-    handler: &Handler,
-    scheduler: &Scheduler<Handler>,
-    retry: RetryPolicy,
-) -> Summary {
-    let started = Instant::now();
-    let mut summary = Summary::default();
-    let keys = match inventory(handler, retry).await {
-        Ok(keys) => keys,
-        Err(error) => {
-            warn!(%error, "Resync: cannot list what to refresh; nothing done");
-            summary.failed += 1;
-            return summary;
-        }
-    };
-    let refreshes = keys.into_iter().map(|key| {
-        let work = match &key {
-            Key::Project(_) => Work::default(),
-            Key::Repository(_) => Work {
-                repository: true,
-                every_artifact: true,
-                ..Work::default()
-            },
-        };
-        let settled = scheduler.submit(Request {
-            key: key.clone(),
-            work,
-            delay: std::time::Duration::ZERO,
-            group: 0,
-        });
-        async move { (key, settled.await) }
-    });
-    for (key, settled) in join_all(refreshes).await {
-        match &key {
-            Key::Project(_) => summary.projects += 1,
-            Key::Repository(_) => summary.repositories += 1,
-        }
-        if let Settled::Failed(failure) = settled {
-            warn!(?key, reason = %failure.reason, "Resync: refresh failed");
-            summary.failed += 1;
+/// What one resync request refreshes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// A project's entity.
+    Project(String),
+    /// A repository's entity and every artifact's.
+    Repository(String),
+}
+
+impl ResyncRequest {
+    /// Reads a resync request; `None` for anything else.
+    pub fn parse(body: &[u8]) -> Option<Self> {
+        serde_json::from_slice::<Self>(body)
+            .ok()
+            .filter(|r| r.kind == REQUEST_TYPE)
+    }
+
+    /// The project whose work queue it goes to.
+    pub fn project(&self) -> &str {
+        match &self.resync {
+            Target::Project(name) => name,
+            Target::Repository(name) => name.split_once('/').map_or(name.as_str(), |(p, _)| p),
         }
     }
-    info!(
-        projects = summary.projects,
-        repositories = summary.repositories,
-        failed = summary.failed,
-        elapsed_s = started.elapsed().as_secs(),
-        "Resync finished"
-    );
-    summary
 }
 
-/// Every project and repository in Harbor or among this integration's entities in Port.
-async fn inventory(handler: &Handler, retry: RetryPolicy) -> Result<BTreeSet<Key>, CallError> {
+/// How a resync runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Refused when it would delete more than this share of this integration's entities.
+    pub deletion_threshold: f64,
+    /// Delete whatever share it takes.
+    pub force: bool,
+    /// Take stock and say what it would do, asking for nothing.
+    pub dry_run: bool,
+}
+
+/// What a resync found and did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Summary {
+    /// Projects, repositories and artifacts in Harbor.
+    pub harbor: usize,
+    /// This integration's entities in Port.
+    pub ours: usize,
+    /// Of those, the ones Harbor no longer has: their refreshes will delete them.
+    pub to_delete: usize,
+    /// Refreshes asked for (projects and repositories); none when refused or dry.
+    pub requested: usize,
+    /// Refused: it would have deleted more than the threshold allows.
+    pub refused: bool,
+}
+
+impl Summary {
+    /// The share of this integration's entities the resync deletes.
+    pub fn deleted_share(&self) -> f64 {
+        if self.ours == 0 {
+            0.0
+        } else {
+            self.to_delete as f64 / self.ours as f64
+        }
+    }
+}
+
+/// What Harbor has and what this integration has in Port, by blueprint.
+#[derive(Default)]
+struct Stock {
+    harbor: BTreeMap<&'static str, BTreeSet<String>>,
+    ours: BTreeMap<&'static str, BTreeSet<String>>,
+}
+
+/// Takes stock, checks the deletion threshold, and (unless refused or dry) asks for the
+/// refreshes through the work exchange.
+pub async fn resync(
+    handler: &Handler,
+    retry: RetryPolicy,
+    amqp: &AmqpSettings,
+    connection: &Connection,
+    options: Options,
+) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let stock = take_stock(handler, retry).await?;
+    let count = |map: &BTreeMap<&str, BTreeSet<String>>| map.values().map(BTreeSet::len).sum();
+    let to_delete: usize = stock
+        .ours
+        .iter()
+        .map(|(blueprint, ours)| {
+            let harbor = stock.harbor.get(blueprint);
+            ours.iter()
+                .filter(|id| !harbor.is_some_and(|h| h.contains(*id)))
+                .count()
+        })
+        .sum();
+    let mut summary = Summary {
+        harbor: count(&stock.harbor),
+        ours: count(&stock.ours),
+        to_delete,
+        ..Summary::default()
+    };
+    if summary.deleted_share() > options.deletion_threshold && !options.force {
+        summary.refused = true;
+        error!(
+            ours = summary.ours,
+            to_delete = summary.to_delete,
+            threshold = options.deletion_threshold,
+            harbor = summary.harbor,
+            "Resync refused: it would delete more of this integration's entities than the \
+             deletion threshold allows (is HARBOR_URL the right Harbor, and can its robot account \
+             see every project?); run `harbor-worker resync --force` to do it anyway"
+        );
+        return Ok(summary);
+    }
+    let requests = requests(&stock);
+    if !options.dry_run {
+        publish(&requests, &amqp.topology, connection).await?;
+        summary.requested = requests.len();
+    }
+    info!(
+        harbor = summary.harbor,
+        ours = summary.ours,
+        to_delete = summary.to_delete,
+        requested = summary.requested,
+        dry_run = options.dry_run,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "Resync requested"
+    );
+    Ok(summary)
+}
+
+async fn take_stock(handler: &Handler, retry: RetryPolicy) -> Result<Stock, CallError> {
     let harbor = handler.harbor();
+    let mut stock = Stock::default();
     let projects = Budget::start(retry)
         .run("harbor", || harbor.projects())
         .await?;
-    let mut keys = BTreeSet::new();
     for project in &projects {
-        keys.insert(Key::Project(project.name.clone()));
+        stock
+            .harbor
+            .entry(PROJECT)
+            .or_default()
+            .insert(project.name.clone());
         let repositories = Budget::start(retry)
             .run("harbor", || harbor.repositories(&project.name))
             .await?;
         for repository in repositories {
-            match RepositoryName::parse(&repository.name) {
-                Ok(name) => {
-                    keys.insert(Key::Repository(name));
-                }
-                Err(error) => warn!(%error, "Resync: skipping a repository"),
-            }
+            let Ok(name) = RepositoryName::parse(&repository.name) else {
+                warn!(repository = %repository.name, "Resync: skipping a repository with an unexpected name");
+                continue;
+            };
+            let artifacts = Budget::start(retry)
+                .run("harbor", || harbor.artifacts(&name))
+                .await?;
+            let ids = artifacts
+                .iter()
+                .filter_map(|a| Digest::parse(&a.digest).ok())
+                .map(|digest| entities::artifact_id(&name, &digest));
+            stock.harbor.entry(ARTIFACT).or_default().extend(ids);
+            stock
+                .harbor
+                .entry(REPOSITORY)
+                .or_default()
+                .insert(name.full().to_owned());
         }
     }
-    for blueprint in [PROJECT, REPOSITORY] {
+    for blueprint in [PROJECT, REPOSITORY, ARTIFACT] {
         let query = json!({"combinator": "and", "rules": [
             {"property": "$blueprint", "operator": "=", "value": blueprint},
             {"property": INSTANCE_PROPERTY, "operator": "=", "value": handler.instance()},
@@ -119,18 +226,163 @@ async fn inventory(handler: &Handler, retry: RetryPolicy) -> Result<BTreeSet<Key
         let found = Budget::start(retry)
             .run("port", || handler.port().search(&query, &["identifier"]))
             .await?;
-        for identifier in found.iter().filter_map(|e| e["identifier"].as_str()) {
-            match blueprint {
-                PROJECT => {
-                    keys.insert(Key::Project(identifier.to_owned()));
-                }
-                _ => {
-                    if let Ok(name) = RepositoryName::parse(identifier) {
-                        keys.insert(Key::Repository(name));
-                    }
-                }
-            }
+        let ids = found
+            .iter()
+            .filter_map(|e| e["identifier"].as_str().map(str::to_owned));
+        stock.ours.entry(blueprint).or_default().extend(ids);
+    }
+    Ok(stock)
+}
+
+/// A refresh of every project and repository in Harbor or among this integration's entities;
+/// artifacts are refreshed with their repositories.
+fn requests(stock: &Stock) -> Vec<ResyncRequest> {
+    let all = |blueprint| {
+        stock
+            .harbor
+            .get(blueprint)
+            .into_iter()
+            .chain(stock.ours.get(blueprint))
+            .flatten()
+            .cloned()
+            .collect::<BTreeSet<String>>()
+    };
+    let mut repositories = all(REPOSITORY);
+    // An artifact entity of ours whose repository is in neither list goes with it too.
+    for artifact in stock.ours.get(ARTIFACT).into_iter().flatten() {
+        if let Some((repository, _)) = artifact.rsplit_once('@') {
+            repositories.insert(repository.to_owned());
         }
     }
-    Ok(keys)
+    let request = |resync| ResyncRequest {
+        kind: REQUEST_TYPE.to_owned(),
+        resync,
+    };
+    all(PROJECT)
+        .into_iter()
+        .map(|p| request(Target::Project(p)))
+        .chain(
+            repositories
+                .into_iter()
+                .filter(|r| RepositoryName::parse(r).is_ok())
+                .map(|r| request(Target::Repository(r))),
+        )
+        .collect()
+}
+
+/// Publishes the requests (confirmed), each with its project as its subject.
+async fn publish(
+    requests: &[ResyncRequest],
+    topology: &Topology,
+    connection: &Connection,
+) -> anyhow::Result<()> {
+    let publisher = Publisher::open(connection, 2, CONFIRM_TIMEOUT).await?;
+    let published = futures_util::future::try_join_all(requests.iter().map(|request| {
+        let publisher = &publisher;
+        async move {
+            let body = serde_json::to_vec(request).context("Failed to encode a resync request")?;
+            let mut headers = FieldTable::default();
+            headers.insert(
+                SUBJECT_HEADER.into(),
+                AMQPValue::LongString(request.project().into()),
+            );
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(uuid::Uuid::new_v4().to_string().into())
+                .with_app_id("harbor-worker resync".into())
+                .with_headers(headers);
+            publisher
+                .publish(Outgoing {
+                    exchange: topology.exchange(),
+                    routing_key: REQUEST_TYPE,
+                    body: &body,
+                    properties,
+                })
+                .await
+                .context("Failed to publish a resync request")
+        }
+    }))
+    .await;
+    publisher.close().await;
+    published.map(drop)
+}
+
+/// The name of the queue whose holder runs the periodic resync.
+pub fn lock_queue(topology: &Topology) -> String {
+    format!("{}.resync-lock", topology.queue())
+}
+
+/// Runs a resync every `interval` while this worker holds the resync lock (trying for it at
+/// start and then every `interval`), until shutdown; so the fleet resyncs once per interval,
+/// whichever worker does it. A worker that takes the lock waits a whole interval first.
+pub async fn every(
+    interval: Duration,
+    handler: &Handler,
+    retry: RetryPolicy,
+    amqp: &AmqpSettings,
+    options: Options,
+    shutdown: &CancellationToken,
+) {
+    let mut held: Option<Connection> = None;
+    loop {
+        if held.as_ref().is_none_or(|c| !c.status().connected()) {
+            held = take_lock(amqp).await;
+            if held.is_some() {
+                info!("Holding the resync lock: this worker runs the periodic resync");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = shutdown.cancelled() => break,
+        }
+        // Taken (again) during this interval: the first resync waits for the next.
+        if held.as_ref().is_none_or(|c| !c.status().connected()) {
+            continue;
+        }
+        let Some(connection) = &held else { continue };
+        tokio::select! {
+            done = resync(handler, retry, amqp, connection, options) => {
+                let outcome = match done {
+                    Ok(summary) if summary.refused => "refused",
+                    Ok(_) => "requested",
+                    Err(error) => {
+                        error!(error = format!("{error:#}"), "Resync failed; the next interval tries again");
+                        "failed"
+                    }
+                };
+                metrics::counter!("harbor_worker_resyncs_total", "outcome" => outcome).increment(1);
+            }
+            () = shutdown.cancelled() => break,
+        }
+    }
+    if let Some(connection) = held {
+        let _ = connection.close(200, "stopping".into()).await;
+    }
+}
+
+/// A connection holding the resync lock, or `None` if another worker holds it (or the broker
+/// cannot be reached).
+async fn take_lock(amqp: &AmqpSettings) -> Option<Connection> {
+    let connection = broker::connect(&amqp.url, "harbor-worker resync")
+        .await
+        .ok()?;
+    let channel = connection.create_channel().await.ok()?;
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = lock_queue(&amqp.topology);
+    match channel
+        .queue_declare(queue.as_str().into(), exclusive, FieldTable::default())
+        .await
+    {
+        Ok(_) => Some(connection),
+        Err(_) => {
+            // RESOURCE_LOCKED: another worker's.
+            let _ = connection.close(200, "lock held elsewhere".into()).await;
+            None
+        }
+    }
 }

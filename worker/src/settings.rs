@@ -47,12 +47,20 @@ pub enum Command {
     /// Exit 0 if the worker on METRICS_ADDR is consuming, 1 if not (for container health
     /// checks).
     Healthcheck,
-    /// Walk every project, repository and artifact in Harbor, upsert them into Port, and delete
-    /// the entities Harbor no longer has; prints a summary. Safe while webhooks flow.
+    /// Take stock of Harbor and of this integration's entities in Port, and ask the workers to
+    /// refresh every project and repository either has (writing what Harbor has, deleting what
+    /// it no longer has); prints a summary. Safe while webhooks flow.
     Resync {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// Take stock and print what it would do; ask for nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Resync even if it deletes more than RESYNC_DELETION_THRESHOLD of this integration's
+        /// entities.
+        #[arg(long)]
+        force: bool,
     },
     /// Print how many events wait in the work and parked queues.
     Backlog {
@@ -172,9 +180,15 @@ pub struct RunArgs {
     #[arg(long, env = "HTTP_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub http_timeout: Duration,
 
-    /// Also run a full resync (see `resync`) this often, e.g. `6h`; off by default.
+    /// Also resync (see `resync`) this often, e.g. `6h`, at least `5s`; off by default. One
+    /// worker of the fleet at a time does it (the holder of the resync lock on the broker).
     #[arg(long, env = "RESYNC_INTERVAL", value_parser = humantime::parse_duration)]
     pub resync_interval: Option<Duration>,
+
+    /// A resync that would delete more than this share (0 to 1) of this integration's entities
+    /// is refused (`resync --force` overrides it).
+    #[arg(long, env = "RESYNC_DELETION_THRESHOLD", default_value_t = 0.9)]
+    pub resync_deletion_threshold: f64,
 
     /// On SIGTERM, how long events in flight may take to finish before the worker exits anyway
     /// (they are then redelivered).
@@ -232,6 +246,8 @@ pub struct Settings {
     pub max_hold: Duration,
     /// How often to resync, if at all.
     pub resync_interval: Option<Duration>,
+    /// The share of this integration's entities above which a resync refuses to delete.
+    pub deletion_threshold: f64,
 }
 
 /// An `http(s)://` base URL without credentials, query or fragment.
@@ -302,10 +318,11 @@ impl Cli {
         let max_hold = max_hold(&run)?;
         if run
             .resync_interval
-            .is_some_and(|i| i < Duration::from_secs(60))
+            .is_some_and(|i| i < Duration::from_secs(5))
         {
-            bail!("RESYNC_INTERVAL must be at least 1m");
+            bail!("RESYNC_INTERVAL must be at least 5s");
         }
+        let threshold = run.deletion_threshold()?;
         Ok(Settings {
             amqp: self.amqp.into_settings()?,
             harbor: self.harbor.into_settings()?,
@@ -318,8 +335,20 @@ impl Cli {
             http_timeout: run.http_timeout,
             shutdown_timeout: run.shutdown_timeout,
             resync_interval: run.resync_interval,
+            deletion_threshold: threshold,
             max_hold,
         })
+    }
+}
+
+impl RunArgs {
+    /// `RESYNC_DELETION_THRESHOLD`, checked.
+    pub fn deletion_threshold(&self) -> anyhow::Result<f64> {
+        let threshold = self.resync_deletion_threshold;
+        if !(0.0..=1.0).contains(&threshold) {
+            bail!("RESYNC_DELETION_THRESHOLD must be between 0 and 1 (got {threshold})");
+        }
+        Ok(threshold)
     }
 }
 

@@ -19,7 +19,6 @@ use crate::clients::port::PortClient;
 use crate::consumer::{self, ConsumerSettings};
 use crate::handler::{HandleEvent, Handler};
 use crate::resync;
-use crate::retry::RetryPolicy;
 use crate::schedule::{Limits, Scheduler};
 use crate::settings::{HarborSettings, PortSettings, Settings};
 
@@ -89,11 +88,20 @@ impl Worker {
             settings.concurrency,
         ));
         let scheduler = scheduler(Arc::clone(&handler), &settings);
-        let (interval, retry) = (settings.resync_interval, settings.retry);
-        let worker = Self::start(settings, Arc::clone(&handler), scheduler.clone()).await?;
-        if let Some(interval) = interval {
+        let periodic = settings.resync_interval.map(|interval| {
+            let options = resync::Options {
+                deletion_threshold: settings.deletion_threshold,
+                force: false,
+                dry_run: false,
+            };
+            (interval, settings.retry, settings.amqp.clone(), options)
+        });
+        let worker = Self::start(settings, Arc::clone(&handler), scheduler).await?;
+        if let Some((interval, retry, amqp, options)) = periodic {
             let shutdown = worker.shutdown_token();
-            tokio::spawn(resync_every(interval, handler, scheduler, retry, shutdown));
+            tokio::spawn(async move {
+                resync::every(interval, &handler, retry, &amqp, options, &shutdown).await;
+            });
         }
         Ok(worker)
     }
@@ -170,27 +178,6 @@ impl Worker {
         let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
         info!("harbor-worker stopped");
         Ok(())
-    }
-}
-
-/// Runs a resync every `interval` (the first after one interval) until shutdown; one cut short
-/// by the shutdown is simply redone next time.
-async fn resync_every(
-    interval: Duration,
-    handler: Arc<Handler>,
-    scheduler: Scheduler<Handler>,
-    retry: RetryPolicy,
-    shutdown: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            () = shutdown.cancelled() => return,
-        }
-        tokio::select! {
-            _ = resync::resync(&handler, &scheduler, retry) => {}
-            () = shutdown.cancelled() => return,
-        }
     }
 }
 
