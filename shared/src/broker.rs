@@ -15,12 +15,15 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use backoff::backoff::Backoff;
 use futures_util::StreamExt;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::AmqpSettings;
+use crate::topology::Topology;
 
 /// How long one connection attempt may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -197,7 +200,43 @@ async fn open(amqp: &AmqpSettings, name: &str) -> anyhow::Result<Arc<Connection>
         .context("Failed to open a channel")?;
     amqp.topology.declare(&channel).await?;
     let _ = channel.close(200, "topology declared".into()).await;
+    retire_single_work_queue(&connection, &amqp.topology).await;
     Ok(Arc::new(connection))
+}
+
+/// Versions before the 16 work queues had one, named `AMQP_QUEUE` and bound to the exchange: it
+/// would keep a copy of every event with nobody to consume it. It is unbound (not deleted: what
+/// it holds is moved with `harbor-worker parked replay --all --from <queue>`).
+async fn retire_single_work_queue(connection: &Connection, topology: &Topology) {
+    let Ok(channel) = connection.create_channel().await else {
+        return;
+    };
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = topology.queue();
+    // Absent (the usual case), the passive declare fails and closes this channel.
+    if let Ok(old) = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+    {
+        let unbound = channel
+            .queue_unbind(
+                queue.into(),
+                topology.exchange().into(),
+                "#".into(),
+                FieldTable::default(),
+            )
+            .await;
+        warn!(
+            queue,
+            messages = old.message_count(),
+            unbound = unbound.is_ok(),
+            "The single work queue of an earlier version exists: it no longer receives events; move what it holds with `harbor-worker parked replay --all --from {queue}`, then delete it"
+        );
+        let _ = channel.close(200, "checked".into()).await;
+    }
 }
 
 #[cfg(test)]

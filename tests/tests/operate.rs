@@ -72,7 +72,7 @@ async fn replay_all_brings_parked_events_to_port_and_empties_the_parked_queue() 
     let digests = [samples::digest(1), samples::digest(2)];
     let stack = with_parked(&digests).await;
 
-    let done = parked::replay(&stack.broker.amqp, &Selection::All)
+    let done = parked::replay(&stack.broker.amqp, &Selection::All, None)
         .await
         .unwrap();
 
@@ -97,6 +97,7 @@ async fn replay_by_id_moves_only_the_named_event() {
     let done = parked::replay(
         &stack.broker.amqp,
         &Selection::Ids(vec![first, "nope".into()]),
+        None,
     )
     .await
     .unwrap();
@@ -108,7 +109,12 @@ async fn replay_by_id_moves_only_the_named_event() {
         .broker
         .wait_ready(&stack.broker.topology().parked_queue(), 1, WAIT)
         .await;
-    let unknown = parked::replay(&stack.broker.amqp, &Selection::Ids(vec!["nope".into()])).await;
+    let unknown = parked::replay(
+        &stack.broker.amqp,
+        &Selection::Ids(vec!["nope".into()]),
+        None,
+    )
+    .await;
     assert!(
         unknown.is_err(),
         "asking only for an unknown id is an error"
@@ -150,4 +156,94 @@ async fn backlog_counts_ready_unacked_and_parked_events() {
     assert_eq!(counts[0].unacked, Some(0));
     let json = serde_json::to_value(&counts).unwrap();
     assert_eq!(json[1]["queue"], broker.topology().parked_queue());
+}
+
+#[tokio::test]
+async fn an_earlier_versions_single_work_queue_is_unbound_and_its_events_replayed() {
+    let stack = Stack::start().await;
+    stack
+        .harbor
+        .holds_any_artifact(REPOSITORY, Duration::ZERO)
+        .await;
+    let topology = stack.broker.topology().clone();
+    let old = topology.queue().to_owned();
+    // As an upgrade finds it: the old queue, bound to the exchange, holding two events.
+    let connection = harbor_shared::broker::connect(&stack.broker.amqp.url, "old version")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    let durable = lapin::options::QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(old.as_str().into(), durable, args)
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            old.as_str().into(),
+            topology.exchange().into(),
+            "#".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let waiting = [samples::digest(21), samples::digest(22)];
+    for digest in &waiting {
+        channel
+            .basic_publish(
+                "".into(),
+                old.as_str().into(),
+                Default::default(),
+                &samples::push(REPOSITORY, digest),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    // The worker's next connection unbinds it: new events no longer land there.
+    harbor_sync_tests::rabbit::close_connections(&format!("harbor-worker ({old})"), 1).await;
+    harbor_sync_tests::wait_until("the worker back", WAIT, || async {
+        reqwest::get(format!("{}/readyz", stack.worker.base))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    let unbound = || async {
+        stack
+            .webhook(&samples::push(REPOSITORY, &samples::digest(23)))
+            .await;
+        stack.broker.ready(&old).await == 2
+    };
+    harbor_sync_tests::wait_until("the old queue unbound", WAIT, unbound).await;
+
+    let done = parked::replay(&stack.broker.amqp, &Selection::All, Some(&old))
+        .await
+        .unwrap();
+    assert_eq!(done.replayed, 2);
+    let ids: Vec<String> = waiting
+        .iter()
+        .map(|d| format!("{REPOSITORY}@{d}"))
+        .collect();
+    harbor_sync_tests::wait_until("the old events in Port", WAIT, || async {
+        let writes = stack.port.writes().await;
+        ids.iter()
+            .all(|id| writes.iter().any(|w| &w.identifier == id))
+    })
+    .await;
+    assert_eq!(stack.broker.ready(&old).await, 0);
+    channel
+        .queue_delete(old.as_str().into(), Default::default())
+        .await
+        .unwrap();
 }

@@ -121,14 +121,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Parked {
-            action: ParkedAction::Replay { all, ids },
+            action: ParkedAction::Replay { all, ids, from },
         } => {
             let selection = if all {
                 Selection::All
             } else {
                 Selection::Ids(ids)
             };
-            let done = parked::replay(&cli.amqp.into_settings()?, &selection).await?;
+            let amqp = cli.amqp.into_settings()?;
+            let done = parked::replay(&amqp, &selection, from.as_deref()).await?;
             println!("replayed {}, still parked {}", done.replayed, done.kept);
             if !done.not_found.is_empty() {
                 println!("not found: {}", done.not_found.join(", "));

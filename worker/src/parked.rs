@@ -76,28 +76,27 @@ fn describe(routing_key: &str, properties: &BasicProperties) -> ParkedEvent {
     }
 }
 
-async fn open(amqp: &AmqpSettings) -> anyhow::Result<(Connection, Channel, u32)> {
+async fn open(amqp: &AmqpSettings, queue: &str) -> anyhow::Result<(Connection, Channel, u32)> {
     let connection = broker::connect(&amqp.url, "harbor-worker parked").await?;
     let channel = connection
         .create_channel()
         .await
         .context("Failed to open a channel")?;
-    let queue = amqp.topology.parked_queue();
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
     };
     let declared = channel
-        .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+        .queue_declare(queue.into(), passive, FieldTable::default())
         .await
-        .with_context(|| format!("The parked queue {queue} does not exist"))?;
+        .with_context(|| format!("The queue {queue} does not exist"))?;
     Ok((connection, channel, declared.message_count()))
 }
 
 /// The first `limit` parked events, oldest first; nothing is removed.
 pub async fn list(amqp: &AmqpSettings, limit: usize) -> anyhow::Result<Vec<ParkedEvent>> {
-    let (connection, channel, count) = open(amqp).await?;
     let queue = amqp.topology.parked_queue();
+    let (connection, channel, count) = open(amqp, &queue).await?;
     let mut events = Vec::new();
     while events.len() < limit.min(count as usize) {
         let got = channel
@@ -117,11 +116,16 @@ pub async fn list(amqp: &AmqpSettings, limit: usize) -> anyhow::Result<Vec<Parke
 }
 
 /// Sends the selected parked events back to the work exchange, each removed from the parked
-/// queue only once the broker confirmed its republish.
-pub async fn replay(amqp: &AmqpSettings, selection: &Selection) -> anyhow::Result<Replayed> {
-    let (connection, channel, count) = open(amqp).await?;
+/// queue (or from the queue `from`, the single work queue of an earlier version, say) only once
+/// the broker confirmed its republish.
+pub async fn replay(
+    amqp: &AmqpSettings,
+    selection: &Selection,
+    from: Option<&str>,
+) -> anyhow::Result<Replayed> {
+    let queue = from.map_or_else(|| amqp.topology.parked_queue(), str::to_owned);
+    let (connection, channel, count) = open(amqp, &queue).await?;
     let publisher = Publisher::open(&connection, 1, Duration::from_secs(10)).await?;
-    let queue = amqp.topology.parked_queue();
     let mut summary = Replayed::default();
     let mut found = Vec::new();
     // At most the messages there at the start: those kept come back after the close, not now.

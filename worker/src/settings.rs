@@ -99,6 +99,10 @@ pub enum ParkedAction {
         /// The event with this message id (repeatable).
         #[arg(long = "id", value_name = "MESSAGE_ID")]
         ids: Vec<String>,
+        /// Take them from this queue instead of the parked one: the single work queue
+        /// (`AMQP_QUEUE`) that versions before the 16 work queues consumed.
+        #[arg(long, value_name = "QUEUE")]
+        from: Option<String>,
     },
 }
 
@@ -149,9 +153,10 @@ pub struct RunArgs {
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 32)]
     pub worker_concurrency: u16,
 
-    /// Deliveries held at once (the consumer's prefetch): handled, or waiting to be folded into
-    /// one refresh with others of the same subject. At least WORKER_CONCURRENCY.
-    #[arg(long, env = "WORKER_PREFETCH", default_value_t = 1000)]
+    /// Deliveries held at once per work queue (each consumer's prefetch): handled, or waiting to
+    /// be folded into one refresh with others of the same subject (a flood of pulls waits for
+    /// its window). At least WORKER_CONCURRENCY.
+    #[arg(long, env = "WORKER_PREFETCH", default_value_t = 5000)]
     pub worker_prefetch: u16,
 
     /// A pull is refreshed this long after the last pull of the same artifacts, so that the

@@ -28,6 +28,7 @@ use harbor_ingest::settings::{CONFIRM_TIMEOUT, PUBLISHER_CHANNELS};
 use harbor_shared::broker::BrokerUrl;
 use harbor_shared::event::Envelope;
 use harbor_shared::publisher::{Outgoing, PublishError, Publisher};
+use harbor_shared::topology::SUBJECT_HEADER;
 use harbor_sync_tests::apps::{SECRET, settled_count};
 use harbor_sync_tests::fakes::{FakeHarbor, FakePort, harbor_json};
 use harbor_sync_tests::percentile;
@@ -66,6 +67,12 @@ enum Mode {
         latency_ms: u64,
         #[arg(long, default_value_t = 32)]
         concurrency: u16,
+        /// Worker processes sharing the work queues.
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+        /// Projects the events are spread over (one work queue handles a project).
+        #[arg(long, default_value_t = 1)]
+        projects: u64,
     },
     /// 10,000 PULL_ARTIFACT events for 10 repositories within 10 s; Harbor counts pulls every 10 s.
     PullFlood,
@@ -143,11 +150,22 @@ async fn start_worker(
     port: &FakePort,
     extra: &[(&'static str, String)],
 ) -> String {
+    start_worker_named(processes, "worker", broker, harbor, port, extra).await
+}
+
+async fn start_worker_named(
+    processes: &mut Processes,
+    name: &str,
+    broker: &TestTopology,
+    harbor: &FakeHarbor,
+    port: &FakePort,
+    extra: &[(&'static str, String)],
+) -> String {
     let metrics = free_port();
     let mut env = worker_env(broker, harbor, port, metrics);
     env.push(("RUST_LOG", "warn".to_owned()));
     env.extend(extra.iter().cloned());
-    processes.spawn("worker", "harbor-worker", &env);
+    processes.spawn(name, "harbor-worker", &env);
     let base = format!("http://127.0.0.1:{metrics}");
     harbor_sync_tests::apps::wait_ready_at(&format!("{base}/readyz")).await;
     base
@@ -166,12 +184,17 @@ async fn handled(metrics_base: &str) -> usize {
 
 /// A ~1.2 KB PUSH payload, shaped like Harbor's, unique per `n`.
 fn push_payload(n: u64) -> Vec<u8> {
+    push_payload_in(n, "myproj")
+}
+
+/// [`push_payload`] into `project/team/api`.
+fn push_payload_in(n: u64, project: &str) -> Vec<u8> {
     let digest = samples::digest(n);
     serde_json::to_vec(&json!({
         "type": "PUSH_ARTIFACT", "occur_at": 1_724_140_800 + n, "operator": "robot$myproj+ci-pipeline-runner",
         "event_data": {
-            "resources": [{"digest": digest, "tag": format!("1.{n}.0"), "resource_url": format!("harbor.example.com/myproj/team/api:1.{n}.0")}],
-            "repository": {"date_created": 1_700_000_000, "name": "team/api", "namespace": "myproj", "repo_full_name": "myproj/team/api", "repo_type": "private"},
+            "resources": [{"digest": digest, "tag": format!("1.{n}.0"), "resource_url": format!("harbor.example.com/{project}/team/api:1.{n}.0")}],
+            "repository": {"date_created": 1_700_000_000, "name": "team/api", "namespace": project, "repo_full_name": format!("{project}/team/api"), "repo_type": "private"},
             "custom_attributes": {"pipeline": "https://ci.example.com/myproj/team-api/pipelines/123456789", "commit": "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d", "note": "x".repeat(600)}
         }
     }))
@@ -635,67 +658,99 @@ async fn slow_port(
     (port, writes, first)
 }
 
-async fn worker(events: u64, latency_ms: u64, concurrency: u16) -> bool {
+async fn worker(
+    events: u64,
+    latency_ms: u64,
+    concurrency: u16,
+    replicas: usize,
+    projects: u64,
+) -> bool {
     let latency = Duration::from_millis(latency_ms);
     let broker = TestTopology::new().await;
     let harbor = FakeHarbor::start().await;
-    harbor.holds_any_artifact("myproj/team/api", latency).await;
+    for p in 0..projects {
+        harbor
+            .holds_any_artifact(&format!("{}/team/api", project(p, projects)), latency)
+            .await;
+    }
     let (port, _, _) = slow_port(latency).await;
     for n in 0..events {
+        // As the ingest publishes them: routed by their project.
+        let project = project(n % projects, projects);
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            SUBJECT_HEADER.into(),
+            lapin::types::AMQPValue::LongString(project.as_str().into()),
+        );
         broker
             .publish(
                 "PUSH_ARTIFACT",
-                &push_payload(n),
-                BasicProperties::default(),
+                &push_payload_in(n, &project),
+                BasicProperties::default().with_headers(headers),
             )
             .await;
     }
     let mut processes = Processes::new(&format!("bench-{}", broker.topology().queue()));
-    let metrics = start_worker(
-        &mut processes,
-        &broker,
-        &harbor,
-        &port,
-        &[("WORKER_CONCURRENCY", concurrency.to_string())],
-    )
-    .await;
+    let mut metrics = Vec::new();
+    for replica in 0..replicas {
+        let env = [("WORKER_CONCURRENCY", concurrency.to_string())];
+        let name = format!("worker-{replica}");
+        metrics
+            .push(start_worker_named(&mut processes, &name, &broker, &harbor, &port, &env).await);
+    }
     // Timed from readiness: process start is not throughput. Given up on after 30 s without
     // progress.
     let started = Instant::now();
     let (mut settled, mut progressed) = (0, Instant::now());
     while settled < events as usize && progressed.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = handled(&metrics).await;
+        let mut now = 0;
+        for base in &metrics {
+            now += handled(base).await;
+        }
         if now > settled {
             (settled, progressed) = (now, Instant::now());
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
     let rate = settled as f64 / elapsed;
-    let rss = processes.pid("worker").map_or(0.0, peak_rss_mb);
+    let rss = (0..replicas)
+        .filter_map(|r| processes.pid(&format!("worker-{r}")))
+        .map(peak_rss_mb)
+        .fold(0.0, f64::max);
     let harbor_calls = harbor.requests().await.len();
     let port_calls = port.request_count().await;
-    // Per event: the Harbor reads (at once), then the artifact upsert; the repository's upsert
-    // is skipped once unchanged.
+    // Per event at most: the Harbor reads (at once), then the artifact upsert. Refreshes of one
+    // repository fold the pushes that came meanwhile, and write their artifacts in bulk, so a
+    // worker can pass this.
     let per_event = 2.0 * latency.as_secs_f64();
     println!(
-        "worker: {events} preloaded PUSH events, fakes at {latency_ms} ms, WORKER_CONCURRENCY {concurrency}"
+        "worker: {events} preloaded PUSH events in {projects} project(s), fakes at {latency_ms} ms, WORKER_CONCURRENCY {concurrency}, {replicas} worker(s)"
     );
     println!("  events settled  {settled} of {events}");
     println!("  events/s        {rate:.0}");
     println!("  Harbor calls    {harbor_calls}");
     println!("  Port calls      {port_calls}");
-    println!("  worker peak RSS {rss:.1} MB");
+    println!("  worker peak RSS {rss:.1} MB (the largest)");
     if per_event > 0.0 {
         let bound = f64::from(concurrency) / per_event;
         println!(
-            "  bound           {bound:.0}/s (concurrency ÷ {:.0} ms per event)",
+            "  bound           {bound:.0}/s per worker (concurrency ÷ {:.0} ms per event, one event at a time)",
             per_event * 1000.0
         );
         println!("  events/bound    {:.2}", rate / bound);
     }
     stop(processes).await;
     settled == events as usize
+}
+
+/// The name of project `p` of `projects`: `myproj` when there is one.
+fn project(p: u64, projects: u64) -> String {
+    if projects <= 1 {
+        "myproj".to_owned()
+    } else {
+        format!("myproj{p}")
+    }
 }
 
 /// Harbor's repository endpoint for the pull flood: `pull_count` is what Harbor counted at its
@@ -918,7 +973,9 @@ async fn main() -> std::process::ExitCode {
             events,
             latency_ms,
             concurrency,
-        } => worker(events, latency_ms, concurrency).await,
+            replicas,
+            projects,
+        } => worker(events, latency_ms, concurrency, replicas, projects.max(1)).await,
         Mode::PullFlood => pull_flood().await,
         Mode::E2e { rate, seconds } => e2e(rate, seconds).await,
         Mode::BareHttp { listen, publish_to } => bare_http(listen, publish_to).await,
