@@ -293,10 +293,7 @@ impl FakePort {
             .and(query_param("merge", "true"))
             .and(query_param("create_missing_related_entities", "true"))
             .and(header("authorization", bearer.as_str()))
-            .respond_with(|request: &Request| {
-                let entity: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
-                ResponseTemplate::new(201).set_body_json(json!({"ok": true, "entity": entity}))
-            })
+            .respond_with(accept_upserts)
             .mount(&server)
             .await;
         Mock::given(method("POST"))
@@ -305,18 +302,7 @@ impl FakePort {
             .and(query_param("merge", "true"))
             .and(query_param("create_missing_related_entities", "true"))
             .and(header("authorization", bearer.as_str()))
-            .respond_with(|request: &Request| {
-                let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
-                let created: Vec<Value> = body["entities"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .enumerate()
-                    .map(|(index, e)| json!({"created": true, "identifier": e["identifier"], "index": index}))
-                    .collect();
-                ResponseTemplate::new(200)
-                    .set_body_json(json!({"ok": true, "entities": created, "errors": []}))
-            })
+            .respond_with(accept_upserts)
             .mount(&server)
             .await;
         // Stateless: a search finds nothing (tests that need Port's state use the sandbox).
@@ -492,4 +478,21 @@ pub fn refuse_upsert(
         response = response.insert_header("retry-after", wait.as_secs().to_string().as_str());
     }
     response
+}
+
+/// Port's answer to an upsert it accepts: 201 with the entity alone, 200 naming each entity in
+/// bulk.
+pub fn accept_upserts(request: &Request) -> ResponseTemplate {
+    let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+    if !request.url.path().ends_with("/bulk") {
+        return ResponseTemplate::new(201).set_body_json(json!({"ok": true, "entity": body}));
+    }
+    let created: Vec<Value> = body["entities"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(index, e)| json!({"created": true, "identifier": e["identifier"], "index": index}))
+        .collect();
+    ResponseTemplate::new(200).set_body_json(json!({"ok": true, "entities": created, "errors": []}))
 }

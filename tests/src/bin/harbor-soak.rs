@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use harbor_sync_tests::apps::{SECRET, TestIngest, ingest_settings};
-use harbor_sync_tests::fakes::{FakeHarbor, FakePort};
+use harbor_sync_tests::fakes::{FakeHarbor, FakePort, accept_upserts, entity_writes};
 use harbor_sync_tests::percentile;
 use harbor_sync_tests::processes::{Processes, free_port, worker_env};
 use harbor_sync_tests::rabbit::{TestTopology, close_connections};
@@ -65,16 +65,17 @@ impl Respond for PortFace {
             return ResponseTemplate::new(503)
                 .set_body_json(json!({"ok": false, "error": "unavailable"}));
         }
-        let entity: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
-        if let Some(id) = entity["identifier"].as_str() {
-            let mut writes = self.writes.lock().unwrap();
+        // One artifact alone, or several in bulk.
+        let upserts = entity_writes(request);
+        let mut writes = self.writes.lock().unwrap();
+        for upsert in &upserts {
             writes.total += 1;
             writes
                 .first
-                .entry(id.to_owned())
+                .entry(upsert.identifier.clone())
                 .or_insert_with(Instant::now);
         }
-        ResponseTemplate::new(201).set_body_json(json!({"ok": true, "entity": entity}))
+        accept_upserts(request)
     }
 }
 
@@ -90,7 +91,9 @@ async fn main() -> ExitCode {
     let writes = Arc::new(Mutex::new(Writes::default()));
     let port_down = Arc::new(AtomicBool::new(false));
     Mock::given(method("POST"))
-        .and(path_regex(r"^/v1/blueprints/harborArtifact/entities$"))
+        .and(path_regex(
+            r"^/v1/blueprints/harborArtifact/entities(/bulk)?$",
+        ))
         .respond_with(PortFace {
             writes: writes.clone(),
             down: port_down.clone(),

@@ -30,7 +30,7 @@ use harbor_shared::event::Envelope;
 use harbor_shared::publisher::{Outgoing, PublishError, Publisher};
 use harbor_shared::topology::SUBJECT_HEADER;
 use harbor_sync_tests::apps::{SECRET, settled_count};
-use harbor_sync_tests::fakes::{FakeHarbor, FakePort, harbor_json};
+use harbor_sync_tests::fakes::{FakeHarbor, FakePort, accept_upserts, entity_writes, harbor_json};
 use harbor_sync_tests::percentile;
 use harbor_sync_tests::processes::{Processes, free_port, worker_env};
 use harbor_sync_tests::rabbit::{TestTopology, amqp_url};
@@ -620,18 +620,17 @@ struct SlowPort {
 impl Respond for SlowPort {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         self.writes.fetch_add(1, Ordering::Relaxed);
-        let entity: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
-        if let Some(id) = entity["identifier"].as_str() {
-            let mut first = self.first.lock().unwrap();
-            let now = Instant::now();
+        let now = Instant::now();
+        let mut first = self.first.lock().unwrap();
+        // One entity alone, or several in bulk.
+        for upsert in entity_writes(request) {
+            let entity = upsert.entity.unwrap_or_default();
             first
-                .entry(id.to_owned())
+                .entry(upsert.identifier)
                 .and_modify(|e| e.1 = entity.clone())
-                .or_insert((now, entity.clone()));
+                .or_insert((now, entity));
         }
-        ResponseTemplate::new(201)
-            .set_body_json(json!({"ok": true, "entity": entity}))
-            .set_delay(self.delay)
+        accept_upserts(request).set_delay(self.delay)
     }
 }
 
@@ -646,7 +645,7 @@ async fn slow_port(
     let writes = Arc::new(AtomicUsize::new(0));
     let first = Arc::new(Mutex::new(BTreeMap::new()));
     Mock::given(method("POST"))
-        .and(path_regex(r"^/v1/blueprints/[^/]+/entities$"))
+        .and(path_regex(r"^/v1/blueprints/[^/]+/entities(/bulk)?$"))
         .respond_with(SlowPort {
             delay,
             writes: writes.clone(),
