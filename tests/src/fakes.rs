@@ -287,17 +287,9 @@ impl FakePort {
             .mount(&server)
             .await;
         let bearer = format!("Bearer {PORT_TOKEN}");
+        // Upserts alone and in bulk.
         Mock::given(method("POST"))
-            .and(path_regex(r"^/v1/blueprints/[^/]+/entities$"))
-            .and(query_param("upsert", "true"))
-            .and(query_param("merge", "true"))
-            .and(query_param("create_missing_related_entities", "true"))
-            .and(header("authorization", bearer.as_str()))
-            .respond_with(accept_upserts)
-            .mount(&server)
-            .await;
-        Mock::given(method("POST"))
-            .and(path_regex(r"^/v1/blueprints/[^/]+/entities/bulk$"))
+            .and(path_regex(r"^/v1/blueprints/[^/]+/entities(/bulk)?$"))
             .and(query_param("upsert", "true"))
             .and(query_param("merge", "true"))
             .and(query_param("create_missing_related_entities", "true"))

@@ -17,7 +17,7 @@ use harbor_sync_tests::apps::{
     start_sandbox_with, wait_ready_at,
 };
 use harbor_sync_tests::fakes::{harbor_json, harbor_not_found};
-use harbor_sync_tests::processes::{Processes, free_port};
+use harbor_sync_tests::processes::{Processes, free_port, sandbox_worker_env};
 use harbor_sync_tests::rabbit::TestTopology;
 use harbor_sync_tests::sandbox::PayloadFormat;
 use harbor_sync_tests::{samples, wait_until};
@@ -227,19 +227,7 @@ impl World {
 
     async fn add_worker(&mut self) {
         let metrics_port = free_port();
-        let topology = self.broker.topology();
-        let env = [
-            ("AMQP_URL", harbor_sync_tests::rabbit::amqp_url()),
-            ("AMQP_EXCHANGE", topology.exchange().to_owned()),
-            ("AMQP_QUEUE", topology.queue().to_owned()),
-            ("HARBOR_URL", self.sandbox.base.clone()),
-            ("HARBOR_USERNAME", "admin".to_owned()),
-            ("HARBOR_PASSWORD", "Harbor12345".to_owned()),
-            ("PORT_API_URL", self.sandbox.base.clone()),
-            ("PORT_CLIENT_ID", "sandbox-client".to_owned()),
-            ("PORT_CLIENT_SECRET", "sandbox-secret".to_owned()),
-            ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
-        ];
+        let env = sandbox_worker_env(&self.broker, &self.sandbox.base, metrics_port);
         let name = format!("worker-{}", self.workers.len());
         self.processes.spawn(&name, "harbor-worker", &env);
         wait_ready_at(&format!("http://127.0.0.1:{metrics_port}/readyz")).await;

@@ -5,14 +5,17 @@
 use std::time::Duration;
 
 use harbor_shared::broker;
+use harbor_shared::config::AmqpSettings;
 use harbor_sync_tests::apps::{TestSandbox, TestWorker, start_sandbox, wait_ready_at};
-use harbor_sync_tests::processes::{Processes, free_port};
+use harbor_sync_tests::processes::{Processes, free_port, sandbox_worker_env};
 use harbor_sync_tests::rabbit::TestTopology;
 use harbor_sync_tests::samples;
 use harbor_sync_tests::sandbox::PayloadFormat;
 use harbor_sync_tests::wait_until;
 use harbor_worker::clients::http_client;
+use harbor_worker::handler::Handler;
 use harbor_worker::resync::{Options, Summary, resync};
+use harbor_worker::retry::RetryPolicy;
 use harbor_worker::startup::handler;
 use serde_json::json;
 
@@ -80,11 +83,43 @@ async fn held(sandbox: &TestSandbox) -> (usize, Vec<String>, Vec<String>) {
     )
 }
 
-fn options(force: bool) -> Options {
-    Options {
-        deletion_threshold: 0.9,
-        force,
-        dry_run: false,
+/// `harbor-worker resync` as the command runs it, against the sandbox and this topology.
+struct Resyncs {
+    handler: Handler,
+    retry: RetryPolicy,
+    amqp: AmqpSettings,
+    connection: lapin::Connection,
+}
+
+impl Resyncs {
+    async fn new(sandbox: &TestSandbox, broker: &TestTopology) -> Self {
+        let settings = sandbox.worker_settings(&broker.amqp);
+        let http = http_client(Duration::from_secs(5)).unwrap();
+        Self {
+            handler: handler(&settings.harbor, &settings.port, http, Duration::ZERO, 8),
+            retry: settings.retry,
+            connection: broker::connect(&broker.amqp.url, "resync test")
+                .await
+                .unwrap(),
+            amqp: broker.amqp.clone(),
+        }
+    }
+
+    async fn run(&self, force: bool) -> Summary {
+        let options = Options {
+            deletion_threshold: 0.9,
+            force,
+            dry_run: false,
+        };
+        resync(
+            &self.handler,
+            self.retry,
+            &self.amqp,
+            &self.connection,
+            options,
+        )
+        .await
+        .unwrap()
     }
 }
 
@@ -94,21 +129,9 @@ async fn resync_has_the_workers_write_what_harbor_has_and_delete_what_it_no_long
     let broker = TestTopology::new().await;
     let settings = sandbox.worker_settings(&broker.amqp);
     let worker = TestWorker::start(settings.clone()).await;
-    let http = http_client(Duration::from_secs(5)).unwrap();
-    let handler = handler(&settings.harbor, &settings.port, http, Duration::ZERO, 8);
-    let connection = broker::connect(&broker.amqp.url, "resync test")
-        .await
-        .unwrap();
+    let resyncs = Resyncs::new(&sandbox, &broker).await;
 
-    let summary = resync(
-        &handler,
-        settings.retry,
-        &broker.amqp,
-        &connection,
-        options(false),
-    )
-    .await
-    .unwrap();
+    let summary = resyncs.run(false).await;
 
     // Harbor: 2 projects, 2 repositories, 106 artifacts. Ours in Port: library, library/nginx,
     // and the stale artifact, the old repository and the ghost project, which Harbor does not
@@ -150,15 +173,7 @@ async fn resync_has_the_workers_write_what_harbor_has_and_delete_what_it_no_long
     .await;
 
     // A second run finds nothing of Port's alone.
-    let again = resync(
-        &handler,
-        settings.retry,
-        &broker.amqp,
-        &connection,
-        options(false),
-    )
-    .await
-    .unwrap();
+    let again = resyncs.run(false).await;
     assert_eq!((again.ours, again.to_delete, again.requested), (110, 0, 4));
     worker.stop().await;
 }
@@ -180,21 +195,9 @@ async fn a_resync_against_an_empty_harbor_is_refused_unless_forced() {
     }
     let broker = TestTopology::new().await;
     let settings = sandbox.worker_settings(&broker.amqp);
-    let http = http_client(Duration::from_secs(5)).unwrap();
-    let handler = handler(&settings.harbor, &settings.port, http, Duration::ZERO, 8);
-    let connection = broker::connect(&broker.amqp.url, "resync test")
-        .await
-        .unwrap();
+    let resyncs = Resyncs::new(&sandbox, &broker).await;
 
-    let refused = resync(
-        &handler,
-        settings.retry,
-        &broker.amqp,
-        &connection,
-        options(false),
-    )
-    .await
-    .unwrap();
+    let refused = resyncs.run(false).await;
     assert!(refused.refused);
     assert_eq!(
         (refused.ours, refused.to_delete, refused.requested),
@@ -207,15 +210,7 @@ async fn a_resync_against_an_empty_harbor_is_refused_unless_forced() {
         "nothing deleted"
     );
 
-    let forced = resync(
-        &handler,
-        settings.retry,
-        &broker.amqp,
-        &connection,
-        options(true),
-    )
-    .await
-    .unwrap();
+    let forced = resyncs.run(true).await;
     assert!(!forced.refused);
     assert_eq!(forced.requested, 1, "library/app, to delete its artifacts");
     let worker = TestWorker::start(settings).await;
@@ -234,20 +229,8 @@ async fn two_workers_with_a_resync_interval_resync_once_per_interval_between_the
     let mut metrics = Vec::new();
     for n in 0..2 {
         let port = free_port();
-        let topology = broker.topology();
-        let env = [
-            ("AMQP_URL", harbor_sync_tests::rabbit::amqp_url()),
-            ("AMQP_EXCHANGE", topology.exchange().to_owned()),
-            ("AMQP_QUEUE", topology.queue().to_owned()),
-            ("HARBOR_URL", sandbox.base.clone()),
-            ("HARBOR_USERNAME", "admin".to_owned()),
-            ("HARBOR_PASSWORD", "Harbor12345".to_owned()),
-            ("PORT_API_URL", sandbox.base.clone()),
-            ("PORT_CLIENT_ID", "sandbox-client".to_owned()),
-            ("PORT_CLIENT_SECRET", "sandbox-secret".to_owned()),
-            ("METRICS_ADDR", format!("127.0.0.1:{port}")),
-            ("RESYNC_INTERVAL", "5s".to_owned()),
-        ];
+        let mut env = sandbox_worker_env(&broker, &sandbox.base, port);
+        env.push(("RESYNC_INTERVAL", "5s".to_owned()));
         processes.spawn(&format!("worker-{n}"), "harbor-worker", &env);
         let url = format!("http://127.0.0.1:{port}");
         wait_ready_at(&format!("{url}/readyz")).await;
