@@ -350,6 +350,16 @@ impl FakePort {
         requests.iter().flat_map(entity_writes).collect()
     }
 
+    /// The identifiers of the entities of `blueprint` written (upserted or deleted) so far.
+    pub async fn identifiers_written(&self, blueprint: &str) -> std::collections::BTreeSet<String> {
+        self.writes()
+            .await
+            .into_iter()
+            .filter(|w| w.blueprint == blueprint)
+            .map(|w| w.identifier)
+            .collect()
+    }
+
     /// Waits until at least `count` writes were received, then returns them all.
     pub async fn wait_for_writes(&self, count: usize, timeout: Duration) -> Vec<PortWrite> {
         let what = format!("{count} Port writes");

@@ -244,14 +244,7 @@ async fn refreshes_of_one_repository_run_one_at_a_time_and_fold_what_arrives_mea
         most <= 2.0,
         "{most} refreshes at once for one repository and its project"
     );
-    let artifacts: std::collections::BTreeSet<String> = stack
-        .port
-        .writes()
-        .await
-        .into_iter()
-        .filter(|w| w.blueprint == "harborArtifact")
-        .map(|w| w.identifier)
-        .collect();
+    let artifacts = stack.port.identifiers_written("harborArtifact").await;
     assert_eq!(artifacts.len(), 10, "every pushed artifact was written");
     let reads = stack
         .harbor
@@ -539,14 +532,7 @@ async fn events_of_different_artifacts_are_not_folded_together() {
             .await;
     }
     stack.wait_for_outcome("synced", 5).await;
-    let artifacts: std::collections::BTreeSet<String> = stack
-        .port
-        .writes()
-        .await
-        .into_iter()
-        .filter(|w| w.blueprint == "harborArtifact")
-        .map(|w| w.identifier)
-        .collect();
+    let artifacts = stack.port.identifiers_written("harborArtifact").await;
     assert_eq!(artifacts.len(), 5);
 }
 
