@@ -66,8 +66,10 @@ pub enum Command {
     Healthcheck,
 }
 
-/// Confirm-mode channels the ingest spreads its publishes over.
-pub const PUBLISHER_CHANNELS: usize = 4;
+/// Confirm-mode channels the ingest publishes on, one publish in flight on each (see
+/// `harbor_shared::publisher`): at most this many webhooks wait for the broker's confirm at
+/// once, the others for a free channel.
+pub const PUBLISHER_CHANNELS: usize = 64;
 
 /// How long a publish waits for the broker's confirm before the answer is 503.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);

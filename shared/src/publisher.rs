@@ -1,15 +1,24 @@
-//! Confirmed, mandatory, persistent publishing on a small pool of channels.
+//! Confirmed, mandatory, persistent publishing on a pool of channels, one publish in flight per
+//! channel.
 //!
 //! A publish succeeds only when the broker confirmed it (`basic.ack`) and did not return it as
-//! unroutable. Many publishes are in flight at once on each channel: confirms are pipelined,
-//! never one at a time.
+//! unroutable. Publishes are pipelined across the channels of the pool, but each channel carries
+//! one at a time: lapin (4.12) cannot tell apart the confirms of publishes in flight together on
+//! one channel. It numbers a publish before it queues its frames, so publishes from two threads
+//! can reach the broker in another order than their numbers, and it hands a returned message to
+//! whichever confirm it resolves next (with a `multiple` ack, the first of a hash map's keys).
+//! Either way a publish the broker returned or refused can be reported as acknowledged, and one
+//! it holds as returned: a 202 for a webhook that is on no queue. With one publish per channel
+//! there is nothing to confuse (`docs/confirms.md`; `tests/tests/confirms.rs` keeps the
+//! reproduction).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// Why a message is not safely on a queue.
@@ -45,23 +54,70 @@ pub struct Outgoing<'a> {
     pub properties: BasicProperties,
 }
 
-/// Confirm-mode channels of one connection.
+/// Confirm-mode channels of one connection, each carrying one publish at a time.
 pub struct Publisher {
-    channels: Vec<Channel>,
-    next: AtomicUsize,
+    pool: Arc<Pool>,
     confirm_timeout: Duration,
     broken: CancellationToken,
 }
 
+struct Pool {
+    channels: Vec<Channel>,
+    /// The channels no publish is using.
+    idle: std::sync::Mutex<Vec<usize>>,
+    /// As many permits as idle channels.
+    free: Semaphore,
+}
+
+impl Pool {
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<usize>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn release(&self, index: usize) {
+        self.lock_idle().push(index);
+        self.free.add_permits(1);
+    }
+}
+
+/// A channel taken for one publish. Given back when the publish is over; if the publish was
+/// abandoned half way (its caller dropped it), only once the broker has confirmed what it sent,
+/// so that the next publish on it is alone again.
+struct Lease {
+    pool: Arc<Pool>,
+    index: usize,
+    settled: bool,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.settled {
+            self.pool.release(self.index);
+            return;
+        }
+        let (pool, index) = (Arc::clone(&self.pool), self.index);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = pool.channels[index].wait_for_confirms().await;
+                pool.release(index);
+            });
+        }
+    }
+}
+
 impl Publisher {
-    /// Opens `channels` confirm-mode channels on `connection`.
+    /// Opens `channels` confirm-mode channels on `connection`: at most that many publishes are
+    /// in flight at once; more wait for a channel.
     pub async fn open(
         connection: &Connection,
         channels: usize,
         confirm_timeout: Duration,
     ) -> anyhow::Result<Self> {
-        let mut opened = Vec::with_capacity(channels.max(1));
-        for _ in 0..channels.max(1) {
+        let count = channels.max(1);
+        let mut opened = Vec::with_capacity(count);
+        for _ in 0..count {
             let channel = connection
                 .create_channel()
                 .await
@@ -72,9 +128,13 @@ impl Publisher {
                 .context("Failed to enable publisher confirms")?;
             opened.push(channel);
         }
-        Ok(Self {
+        let pool = Pool {
             channels: opened,
-            next: AtomicUsize::new(0),
+            idle: std::sync::Mutex::new((0..count).collect()),
+            free: Semaphore::new(count),
+        };
+        Ok(Self {
+            pool: Arc::new(pool),
             confirm_timeout,
             broken: CancellationToken::new(),
         })
@@ -83,8 +143,31 @@ impl Publisher {
     /// Publishes `message` (mandatory) and waits for the broker's confirm, at most the confirm
     /// timeout. A timeout or a channel error also marks this publisher [`broken`](Self::broken).
     pub async fn publish(&self, message: Outgoing<'_>) -> Result<(), PublishError> {
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
-        let channel = &self.channels[index];
+        // Never closed: a permit always comes. Each permit stands for an idle channel.
+        let Ok(permit) = self.pool.free.acquire().await else {
+            return Err(PublishError::NotConnected);
+        };
+        permit.forget();
+        let index = self.pool.lock_idle().pop().unwrap_or_default();
+        let mut lease = Lease {
+            pool: Arc::clone(&self.pool),
+            index,
+            settled: false,
+        };
+        let result = self.publish_on(&self.pool.channels[index], message).await;
+        // A confirm that did not come may still come: the channel waits for it before reuse.
+        lease.settled = !matches!(
+            result,
+            Err(PublishError::Timeout(_) | PublishError::Channel(_))
+        );
+        result
+    }
+
+    async fn publish_on(
+        &self,
+        channel: &Channel,
+        message: Outgoing<'_>,
+    ) -> Result<(), PublishError> {
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
@@ -126,7 +209,7 @@ impl Publisher {
     /// Bounded: a broker that does not answer does not hold up a shutdown.
     pub async fn close(&self) {
         let close_all = async {
-            for channel in &self.channels {
+            for channel in &self.pool.channels {
                 let _ = channel.close(200, "closing".into()).await;
             }
         };

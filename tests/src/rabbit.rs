@@ -8,7 +8,7 @@ use harbor_shared::config::AmqpSettings;
 use harbor_shared::topology::Topology;
 use lapin::message::BasicGetMessage;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
     QueuePurgeOptions,
 };
@@ -89,7 +89,7 @@ impl TestTopology {
             .unwrap();
         let options = BasicConsumeOptions::default();
         let (_channel, mut deliveries) =
-            consume_all(&connection, self.topology(), "take", options).await;
+            consume_all(&connection, self.topology(), "take", options, 0).await;
         let next = tokio::time::timeout(Duration::from_secs(1), deliveries.next()).await;
         let delivery = next.ok().flatten().map(Result::unwrap);
         if let Some(delivery) = &delivery {
@@ -195,15 +195,18 @@ impl TestTopology {
         }
     }
 
-    /// A consumer of every work queue tagged `tag`, on a connection of its own named the same,
-    /// returned with it: the consumer ends when the connection is dropped.
+    /// A consumer of every work queue tagged `tag`, each queue lending it at most `prefetch`
+    /// messages (0: no limit), on a connection of its own named the same, returned with it: the
+    /// consumer ends when the connection is dropped.
     pub async fn consume_work_queues(
         &self,
         tag: &str,
         options: BasicConsumeOptions,
+        prefetch: u16,
     ) -> (Connection, WorkDeliveries) {
         let connection = broker::connect(&self.amqp.url, tag).await.unwrap();
-        let (_channel, deliveries) = consume_all(&connection, self.topology(), tag, options).await;
+        let (_channel, deliveries) =
+            consume_all(&connection, self.topology(), tag, options, prefetch).await;
         (connection, deliveries)
     }
 
@@ -239,8 +242,15 @@ async fn consume_all(
     topology: &Topology,
     tag: &str,
     options: BasicConsumeOptions,
+    prefetch: u16,
 ) -> (Channel, WorkDeliveries) {
     let channel = connection.create_channel().await.unwrap();
+    if prefetch > 0 {
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .unwrap();
+    }
     let mut all = futures_util::stream::SelectAll::new();
     for queue in topology.work_queues() {
         let consumer = channel

@@ -535,7 +535,7 @@ async fn a_message_that_keeps_coming_back_is_dead_lettered_by_the_delivery_limit
 
     // A consumer that dies on the message every time: requeued, delivered again, ...
     let (_connection, mut consumer) = broker
-        .consume_work_queues("crash-loop", BasicConsumeOptions::default())
+        .consume_work_queues("crash-loop", BasicConsumeOptions::default(), 0)
         .await;
     let mut deliveries = 0;
     let deadline = Instant::now() + Duration::from_secs(20);

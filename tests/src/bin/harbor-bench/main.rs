@@ -318,7 +318,7 @@ impl Drain {
             ..Default::default()
         };
         let (connection, mut deliveries) = broker
-            .consume_work_queues("harbor-bench-drain", options)
+            .consume_work_queues("harbor-bench-drain", options, 0)
             .await;
         let delivered = Arc::new(AtomicU64::new(0));
         let counter = delivered.clone();
