@@ -145,7 +145,11 @@ impl Bench {
 
 /// Publish number `n` goes to the queue if `n` is even, nowhere if it is odd.
 fn routing_key(n: u64) -> &'static str {
-    if n.is_multiple_of(2) { "routed" } else { "nowhere" }
+    if n.is_multiple_of(2) {
+        "routed"
+    } else {
+        "nowhere"
+    }
 }
 
 const LANES: u64 = 64;
