@@ -83,12 +83,15 @@ impl Pool {
 }
 
 /// A channel taken for one publish. Given back when the publish is over; if the publish was
-/// abandoned half way (its caller dropped it), only once the broker has confirmed what it sent,
-/// so that the next publish on it is alone again.
+/// abandoned half way (its caller dropped it) or its confirm did not come, only once the broker
+/// has confirmed what it sent, so that the next publish on it is alone again. A channel whose
+/// confirm does not come within the confirm timeout is never given back: its publisher is then
+/// broken, and replaced with its connection.
 struct Lease {
     pool: Arc<Pool>,
     index: usize,
     settled: bool,
+    confirm_timeout: Duration,
 }
 
 impl Drop for Lease {
@@ -97,11 +100,14 @@ impl Drop for Lease {
             self.pool.release(self.index);
             return;
         }
-        let (pool, index) = (Arc::clone(&self.pool), self.index);
+        let (pool, index, timeout) = (Arc::clone(&self.pool), self.index, self.confirm_timeout);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let _ = pool.channels[index].wait_for_confirms().await;
-                pool.release(index);
+                let confirmed =
+                    tokio::time::timeout(timeout, pool.channels[index].wait_for_confirms()).await;
+                if matches!(confirmed, Ok(Ok(_))) {
+                    pool.release(index);
+                }
             });
         }
     }
@@ -141,10 +147,21 @@ impl Publisher {
     }
 
     /// Publishes `message` (mandatory) and waits for the broker's confirm, at most the confirm
-    /// timeout. A timeout or a channel error also marks this publisher [`broken`](Self::broken).
+    /// timeout (and as long again for a free channel). A confirm timeout or a channel error also
+    /// marks this publisher [`broken`](Self::broken); a broken publisher refuses at once.
     pub async fn publish(&self, message: Outgoing<'_>) -> Result<(), PublishError> {
-        // Never closed: a permit always comes. Each permit stands for an idle channel.
-        let Ok(permit) = self.pool.free.acquire().await else {
+        if self.broken.is_cancelled() {
+            return Err(PublishError::NotConnected);
+        }
+        // Each permit stands for an idle channel; the semaphore is never closed.
+        let permit = tokio::select! {
+            permit = self.pool.free.acquire() => permit,
+            () = self.broken.cancelled() => return Err(PublishError::NotConnected),
+            () = tokio::time::sleep(self.confirm_timeout) => {
+                return Err(PublishError::Timeout(self.confirm_timeout));
+            }
+        };
+        let Ok(permit) = permit else {
             return Err(PublishError::NotConnected);
         };
         permit.forget();
@@ -153,6 +170,7 @@ impl Publisher {
             pool: Arc::clone(&self.pool),
             index,
             settled: false,
+            confirm_timeout: self.confirm_timeout,
         };
         let result = self.publish_on(&self.pool.channels[index], message).await;
         // A confirm that did not come may still come: the channel waits for it before reuse.

@@ -606,20 +606,31 @@ async fn settle(delivery: Delivery, verdict: Verdict, parker: &Publisher, topolo
                 requeue: true,
                 ..BasicNackOptions::default()
             };
-            if let Err(error) = delivery.nack(requeue).await {
-                debug!(%error, "Nack failed; the broker will redeliver the event");
+            // Bounded, as the ack below.
+            match tokio::time::timeout(SETTLE_TIMEOUT, delivery.nack(requeue)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    debug!(%error, "Nack failed; the broker will redeliver the event")
+                }
+                Err(_) => debug!("Nack not sent in time; the broker will redeliver the event"),
             }
             return;
         }
     }
-    match delivery.ack(BasicAckOptions::default()).await {
-        Ok(true) => {}
-        Ok(false) => {
+    // Bounded: on a connection that just died, lapin may never finish sending the ack, and the
+    // session waits for this task before it reconnects.
+    match tokio::time::timeout(SETTLE_TIMEOUT, delivery.ack(BasicAckOptions::default())).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
             debug!("Ack not sent: the delivery belongs to a closed channel and will be redelivered")
         }
-        Err(error) => debug!(%error, "Ack failed; the broker will redeliver the event"),
+        Ok(Err(error)) => debug!(%error, "Ack failed; the broker will redeliver the event"),
+        Err(_) => debug!("Ack not sent in time; the broker will redeliver the event"),
     }
 }
+
+/// How long an ack or a nack may take to be sent.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The original properties plus the failure headers.
 fn parked_properties(original: &BasicProperties, reason: &str, attempts: u32) -> BasicProperties {
