@@ -96,6 +96,7 @@ pub fn worker_settings(amqp: &AmqpSettings, harbor_url: &str, port_url: &str) ->
             url: port_url.parse().unwrap(),
             client_id: PORT_CLIENT_ID.into(),
             client_secret: SecretString::from(PORT_CLIENT_SECRET),
+            mapping: std::sync::Arc::new(harbor_worker::mapping::Mapping::default_mapping()),
         },
         concurrency: 8,
         prefetch: 100,

@@ -38,7 +38,7 @@ fn project_entity(name: &str) -> PortWrite {
         "harborProject",
         json!({
             "identifier": name, "title": name,
-            "properties": {"harborInstance": "default", "public": false, "ownerName": "admin", "repoCount": 3,
+            "properties": {"harborInstance": "default", "harborRef": format!("project:{name}"), "public": false, "ownerName": "admin", "repoCount": 3,
                            "createdAt": "2023-04-03T06:00:00.000Z", "updatedAt": "2023-04-03T06:00:00.000Z"},
             "relations": {}
         }),
@@ -53,7 +53,7 @@ fn repository_entity(stack: &Stack, full_name: &str, artifacts: i64, pulls: i64)
         json!({
             "identifier": full_name, "title": full_name,
             "properties": {
-                "harborInstance": "default", "artifactCount": artifacts, "pullCount": pulls, "description": "",
+                "harborInstance": "default", "harborRef": format!("repository:{full_name}"), "artifactCount": artifacts, "pullCount": pulls, "description": "",
                 "createdAt": "2023-04-03T06:04:46.771Z", "updatedAt": "2023-04-03T06:12:55.123Z",
                 "url": format!("{}/harbor/projects/2/repositories/{}", stack.harbor.url(), name.replace('/', "%2F")),
             },
@@ -74,7 +74,8 @@ fn artifact_entity(stack: &Stack, full_name: &str, digest: &str, tags: &[&str]) 
         json!({
             "identifier": id, "title": title,
             "properties": {
-                "harborInstance": "default", "digest": digest, "tags": tags, "labels": [], "size": 3_370_706,
+                "harborInstance": "default", "harborRef": format!("artifact:{id}"), "harborTags": tags,
+                "digest": digest, "tags": tags, "labels": [], "size": 3_370_706,
                 "mediaType": "application/vnd.docker.distribution.manifest.v2+json", "type": "IMAGE",
                 "pushTime": "2023-04-03T06:04:46.771Z", "pullTime": null,
                 "scanStatus": null, "scanSeverity": null, "vulnerabilities": null, "scanner": null,

@@ -33,31 +33,44 @@ async fn drifted() -> TestSandbox {
         sandbox.ids("harborArtifact").await.is_empty(),
         "no webhook reached Port"
     );
-    let ours = |identifier: &str, relations| {
+    let ours = |blueprint: &str, identifier: &str, relations| {
+        let kind = &blueprint["harbor".len()..].to_lowercase();
         json!({"identifier": identifier, "title": identifier,
-               "properties": {"harborInstance": "default"}, "relations": relations})
+               "properties": {"harborInstance": "default", "harborRef": format!("{kind}:{identifier}")},
+               "relations": relations})
     };
     let stale = format!("library/old@{}", samples::digest(99));
     sandbox
         .put_entity(
             "harborArtifact",
-            ours(&stale, json!({"repository": "library/old"})),
+            ours(
+                "harborArtifact",
+                &stale,
+                json!({"repository": "library/old"}),
+            ),
         )
-        .await;
-    sandbox
-        .put_entity("harborRepository", ours("library/old", json!({})))
-        .await;
-    sandbox
-        .put_entity("harborProject", ours("ghost", json!({})))
-        .await;
-    // Two that Harbor has, written before the webhooks stopped coming.
-    sandbox
-        .put_entity("harborProject", ours("library", json!({})))
         .await;
     sandbox
         .put_entity(
             "harborRepository",
-            ours("library/nginx", json!({"project": "library"})),
+            ours("harborRepository", "library/old", json!({})),
+        )
+        .await;
+    sandbox
+        .put_entity("harborProject", ours("harborProject", "ghost", json!({})))
+        .await;
+    // Two that Harbor has, written before the webhooks stopped coming.
+    sandbox
+        .put_entity("harborProject", ours("harborProject", "library", json!({})))
+        .await;
+    sandbox
+        .put_entity(
+            "harborRepository",
+            ours(
+                "harborRepository",
+                "library/nginx",
+                json!({"project": "library"}),
+            ),
         )
         .await;
     // Someone else's entity in our blueprint: not ours to delete.
@@ -189,7 +202,8 @@ async fn a_resync_against_an_empty_harbor_is_refused_unless_forced() {
             .put_entity(
                 "harborArtifact",
                 json!({"identifier": id, "title": id,
-                "properties": {"harborInstance": "default"}, "relations": {}}),
+                "properties": {"harborInstance": "default", "harborRef": format!("artifact:{id}")},
+                "relations": {}}),
             )
             .await;
     }

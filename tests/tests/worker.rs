@@ -291,6 +291,7 @@ async fn the_blueprints_command_creates_missing_blueprints_and_updates_existing_
         url: port.url().parse().unwrap(),
         client_id: harbor_sync_tests::fakes::PORT_CLIENT_ID.into(),
         client_secret: harbor_sync_tests::fakes::PORT_CLIENT_SECRET.into(),
+        mapping: std::sync::Arc::new(harbor_worker::mapping::Mapping::default_mapping()),
     };
     let http = harbor_worker::clients::http_client(Duration::from_secs(5)).unwrap();
     let client = harbor_worker::startup::port_client(&settings, http);

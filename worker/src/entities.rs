@@ -1,4 +1,7 @@
-//! Harbor's state as Port entities (blueprints in `deploy/port/blueprints.json`).
+//! Harbor's state as Port entities (blueprints in `deploy/port/blueprints.json`), compiled in:
+//! the reference the default mapping file (`deploy/port/mapping.yaml`) reproduces, property for
+//! property (its tests render every fixture through both), and the bench's yardstick for the
+//! mapping's cost. The worker writes what the mapping makes.
 //!
 //! | blueprint          | identifier                         | title                       |
 //! |--------------------|------------------------------------|-----------------------------|
@@ -211,7 +214,11 @@ mod tests {
 
     /// Shaped like `GET /projects/myproj/repositories/team%252Fapi/artifacts/...` answers.
     fn scanned_artifact() -> Artifact {
-        serde_json::from_value(json!({
+        serde_json::from_value(scanned_fixture()).unwrap()
+    }
+
+    fn scanned_fixture() -> Value {
+        json!({
             "id": 7, "project_id": 3, "repository_id": 5, "repository_name": "myproj/team/api",
             "digest": DIGEST, "size": 3_145_728, "type": "IMAGE",
             "media_type": "application/vnd.oci.image.config.v1+json",
@@ -228,8 +235,7 @@ mod tests {
                 }
             },
             "extra_attrs": {"architecture": "amd64"}, "addition_links": {}
-        }))
-        .unwrap()
+        })
     }
 
     #[test]
@@ -326,5 +332,114 @@ mod tests {
             json!({"public": false, "ownerName": "admin", "repoCount": 2,
                    "createdAt": "2024-08-01T09:00:00.000Z", "updatedAt": "2024-08-01T09:00:00.000Z"})
         );
+    }
+
+    /// The default mapping file makes exactly the entities above.
+    #[test]
+    fn the_default_mapping_file_makes_the_same_entities() {
+        use crate::mapping::{Kind, Mapping};
+        let mapping = Mapping::default_mapping();
+        let with = |raw: Value, extra: Value| {
+            let mut object = raw;
+            object["__harbor"] = json!({"url": "https://harbor.example.com", "name": "default"});
+            for (key, value) in extra.as_object().unwrap() {
+                object[key] = value.clone();
+            }
+            object
+        };
+        let same = |kind: Kind, object: Value, expected: Entity, blueprint: &str| {
+            let rendered = mapping
+                .render(kind, &object)
+                .unwrap_or_else(|e| panic!("{e}: {object}"));
+            assert_eq!(rendered.entities.len(), 1, "{object}");
+            let mapped = &rendered.entities[0];
+            assert_eq!(mapped.blueprint, blueprint);
+            assert_eq!(mapped.entity, expected, "{object}");
+        };
+
+        let mut failed = scanned_artifact();
+        let report = failed
+            .scan_overview
+            .as_mut()
+            .unwrap()
+            .values_mut()
+            .next()
+            .unwrap();
+        report.scan_status = Some("Error".into());
+        report.severity = Some(String::new());
+        report.summary = None;
+        report.scanner = None;
+        let failed_raw = {
+            let mut raw = serde_json::to_value(scanned_fixture()).unwrap();
+            let report = raw["scan_overview"]
+                .as_object_mut()
+                .unwrap()
+                .values_mut()
+                .next()
+                .unwrap();
+            report["scan_status"] = json!("Error");
+            report["severity"] = json!("");
+            report.as_object_mut().unwrap().remove("summary");
+            report.as_object_mut().unwrap().remove("scanner");
+            raw
+        };
+        let sbom_only = json!({
+            "id": 9, "project_id": 3, "repository_name": "myproj/team/api", "digest": DIGEST,
+            "size": 10, "type": "IMAGE", "media_type": "m", "manifest_media_type": null,
+            "push_time": "2024-08-20T08:00:00.000Z", "pull_time": "2024-08-21T08:00:00.000Z",
+            "tags": null, "labels": null,
+            "scan_overview": {"application/vnd.security.sbom.report+json; version=1.0": {
+                "scan_status": "Success", "scanner": {"name": "Trivy"}}}
+        });
+        let bare = json!({"digest": DIGEST, "repository_name": "library/nginx", "project_id": 1});
+        let artifacts = [
+            ("myproj/team/api", scanned_fixture()),
+            ("myproj/team/api", failed_raw),
+            ("myproj/team/api", sbom_only),
+            ("library/nginx", bare),
+        ];
+        for (repository, raw) in artifacts {
+            let name = RepositoryName::parse(repository).unwrap();
+            let digest = Digest::parse(DIGEST).unwrap();
+            let typed: Artifact = serde_json::from_value(raw.clone()).unwrap();
+            let expected = artifact(&name, &digest, &typed, &harbor());
+            same(Kind::Artifact, with(raw, json!({})), expected, ARTIFACT);
+        }
+        let _ = failed;
+
+        let repositories = [
+            json!({
+                "id": 5, "project_id": 3, "name": "myproj/team/api", "description": "",
+                "artifact_count": 4, "pull_count": 19,
+                "creation_time": "2024-08-01T10:00:00.000Z", "update_time": "2024-08-20T08:00:00.000Z"
+            }),
+            json!({"id": 6, "project_id": 1, "name": "library/nginx", "description": "web",
+                   "artifact_count": 0, "pull_count": 0, "creation_time": "0001-01-01T00:00:00Z"}),
+        ];
+        for raw in repositories {
+            let typed: Repository = serde_json::from_value(raw.clone()).unwrap();
+            let name = RepositoryName::parse(&typed.name).unwrap();
+            let expected = repository(&name, &typed, &harbor());
+            same(Kind::Repository, with(raw, json!({})), expected, REPOSITORY);
+        }
+
+        let projects = [
+            json!({
+                "project_id": 3, "name": "myproj", "owner_name": "admin", "repo_count": 2,
+                "creation_time": "2024-08-01T09:00:00.000Z", "update_time": "2024-08-01T09:00:00.000Z",
+                "metadata": {"public": "false", "auto_scan": "true"}
+            }),
+            json!({"project_id": 1, "name": "library", "metadata": {"public": "true"}}),
+            json!({"project_id": 2, "name": "bare"}),
+        ];
+        for raw in projects {
+            let typed: Project = serde_json::from_value(raw.clone()).unwrap();
+            same(
+                Kind::Project,
+                with(raw, json!({})),
+                project(&typed),
+                PROJECT,
+            );
+        }
     }
 }

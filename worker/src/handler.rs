@@ -21,6 +21,7 @@
 //! this integration wrote (its `harborInstance` property) are found and deleted that way.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -32,7 +33,8 @@ use tracing::{debug, warn};
 use crate::clients::CallError;
 use crate::clients::harbor::{Artifact, HarborClient};
 use crate::clients::port::{BULK_LIMIT, PortClient};
-use crate::entities::{self, ARTIFACT, Entity, PROJECT, REPOSITORY};
+use crate::entities::Entity;
+use crate::mapping::{Kind, Mapped, Mapping, Rendered};
 use crate::names::{Digest, RepositoryName, project_name};
 use crate::resync::{self, ResyncRequest, Target};
 use crate::schedule::{self, Judgement, Reconcile, Request};
@@ -40,6 +42,15 @@ use crate::schedule::{self, Judgement, Reconcile, Request};
 /// The property every entity this integration writes carries: which Harbor it came from. It is
 /// how the worker tells its entities from others when it deletes what Harbor no longer has.
 pub const INSTANCE_PROPERTY: &str = "harborInstance";
+
+/// The property that says which Harbor object an entity comes from (`project:<name>`,
+/// `repository:<project/repo>`, `artifact:<project/repo>@<digest>`), whatever the mapping makes
+/// its identifier: it is how the worker finds the entities of an object, or of a repository's
+/// artifacts, to delete what Harbor no longer has.
+pub const REF_PROPERTY: &str = "harborRef";
+
+/// The property that holds an artifact's tags, for finding the artifacts a pushed tag moved off.
+pub const TAGS_PROPERTY: &str = "harborTags";
 
 /// What a refresh covers: never two refreshes of one key at once.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -175,8 +186,11 @@ pub struct Report {
 pub struct Handler {
     harbor: HarborClient,
     port: PortClient,
+    mapping: Arc<Mapping>,
     /// The value of [`INSTANCE_PROPERTY`].
     instance: String,
+    /// `.__harbor` in the mapping's objects.
+    harbor_meta: Value,
     /// How long a pull waits for more pulls of the same repository.
     pull_window: Duration,
     /// One permit per call to Harbor or Port in flight.
@@ -188,13 +202,17 @@ impl Handler {
     pub fn new(
         harbor: HarborClient,
         port: PortClient,
+        mapping: Arc<Mapping>,
         instance: &str,
         pull_window: Duration,
         concurrency: usize,
     ) -> Self {
+        let url = harbor.base().as_str().trim_end_matches('/').to_owned();
         Self {
+            harbor_meta: json!({"url": url, "name": instance}),
             harbor,
             port,
+            mapping,
             instance: instance.to_owned(),
             pull_window,
             calls: Semaphore::new(concurrency.max(1)),
@@ -209,6 +227,11 @@ impl Handler {
     /// The Port client, for commands that read Port directly.
     pub fn port(&self) -> &PortClient {
         &self.port
+    }
+
+    /// The mapping.
+    pub fn mapping(&self) -> &Mapping {
+        &self.mapping
     }
 
     /// Which Harbor this is (the value of [`INSTANCE_PROPERTY`]).
@@ -236,30 +259,143 @@ impl Handler {
         }
     }
 
-    /// The entity as this integration writes it: marked as its own.
-    fn owned(&self, mut entity: Entity) -> Entity {
-        entity
-            .properties
-            .insert(INSTANCE_PROPERTY.to_owned(), json!(self.instance));
-        entity
+    /// The entities the mapping makes of one object as Harbor has it now (`mapping render`):
+    /// `None` when Harbor does not have it.
+    pub async fn render_current(
+        &self,
+        kind: Kind,
+        project: &str,
+        repository: Option<&str>,
+        reference: Option<&str>,
+    ) -> Result<Option<Vec<Mapped>>, String> {
+        let name = match (kind, repository) {
+            (Kind::Project, _) => None,
+            (_, None) => return Err(format!("a {kind} needs --repository")),
+            (_, Some(r)) => {
+                Some(RepositoryName::parse(&format!("{project}/{r}")).map_err(|e| e.to_string())?)
+            }
+        };
+        let fail = |e: CallError| e.to_string();
+        let project_raw = match self.harbor.project(project).await.map_err(fail)? {
+            None => return Ok(None),
+            Some(p) => p.raw,
+        };
+        let rendered = match (kind, name) {
+            (Kind::Project, _) | (_, None) => self.render(
+                Kind::Project,
+                &project_raw,
+                Context::default(),
+                &project_ref(project),
+                None,
+            ),
+            (Kind::Repository, Some(name)) => {
+                let Some(repository) = self.harbor.repository(&name).await.map_err(fail)? else {
+                    return Ok(None);
+                };
+                let context = Context {
+                    project: Some(&project_raw),
+                    repository: None,
+                };
+                let reference = repository_ref(&name);
+                self.render(Kind::Repository, &repository.raw, context, &reference, None)
+            }
+            (Kind::Artifact, Some(name)) => {
+                let Some(at) = reference else {
+                    return Err("an artifact needs --reference (a digest or a tag)".into());
+                };
+                let repository = self.harbor.repository(&name).await.map_err(fail)?;
+                let artifact = self.harbor.artifact_at(&name, at).await.map_err(fail)?;
+                let (Some(repository), Some(artifact)) = (repository, artifact) else {
+                    return Ok(None);
+                };
+                let digest = Digest::parse(&artifact.digest).map_err(|e| e.to_string())?;
+                let context = Context {
+                    project: Some(&project_raw),
+                    repository: Some(&repository.raw),
+                };
+                let tags = Some(tag_names(&artifact).collect());
+                let reference = artifact_ref(&name, &digest);
+                self.render(Kind::Artifact, &artifact.raw, context, &reference, tags)
+            }
+        };
+        match rendered {
+            Ok(rendered) => Ok(Some(rendered.entities)),
+            Err(Status::Failed(reason) | Status::Retry { reason, .. }) => Err(reason),
+            Err(Status::Done) => Ok(Some(Vec::new())),
+        }
     }
 
-    /// A search query for this integration's entities of `blueprint` whose identifier starts
-    /// with `prefix`, and the rules given.
-    fn owned_query(&self, blueprint: &str, prefix: &str, rules: Vec<Value>) -> Value {
+    /// What the mapping makes of an object, with its project and repository as Harbor answered
+    /// them, or why it cannot.
+    pub fn render_object(
+        &self,
+        kind: Kind,
+        raw: &Value,
+        project: Option<&Value>,
+        repository: Option<&Value>,
+        reference: &str,
+        tags: Option<Vec<String>>,
+    ) -> Result<Rendered, String> {
+        let context = Context {
+            project,
+            repository,
+        };
+        self.render(kind, raw, context, reference, tags)
+            .map_err(|status| match status {
+                Status::Failed(reason) | Status::Retry { reason, .. } => reason,
+                Status::Done => String::new(),
+            })
+    }
+
+    /// Turns an object into its entities, marked as this integration's: `harborInstance`,
+    /// `harborRef` (the object) and, for artifacts, `harborTags`.
+    fn render(
+        &self,
+        kind: Kind,
+        raw: &Value,
+        context: Context<'_>,
+        reference: &str,
+        tags: Option<Vec<String>>,
+    ) -> Result<Rendered, Status> {
+        let mut object = raw.clone();
+        if let Value::Object(fields) = &mut object {
+            fields.insert("__harbor".to_owned(), self.harbor_meta.clone());
+            if let Some(project) = context.project {
+                fields.insert("__project".to_owned(), project.clone());
+            }
+            if let Some(repository) = context.repository {
+                fields.insert("__repository".to_owned(), repository.clone());
+            }
+        }
+        let mut rendered = self
+            .mapping
+            .render(kind, &object)
+            .map_err(|error| Status::Failed(format!("{reference}: {error}")))?;
+        for mapped in &mut rendered.entities {
+            let properties = &mut mapped.entity.properties;
+            properties.insert(INSTANCE_PROPERTY.to_owned(), json!(self.instance));
+            properties.insert(REF_PROPERTY.to_owned(), json!(reference));
+            if let Some(tags) = &tags {
+                properties.insert(TAGS_PROPERTY.to_owned(), json!(tags));
+            }
+        }
+        Ok(rendered)
+    }
+
+    /// A search query for this integration's entities whose `harborRef` matches `rule`, and the
+    /// rules given.
+    fn owned_query(&self, rule: Value, more: Vec<Value>) -> Value {
         let mut all = vec![
-            json!({"property": "$blueprint", "operator": "=", "value": blueprint}),
-            json!({"property": "$identifier", "operator": "beginsWith", "value": prefix}),
             json!({"property": INSTANCE_PROPERTY, "operator": "=", "value": self.instance}),
+            rule,
         ];
-        all.extend(rules);
+        all.extend(more);
         json!({"combinator": "and", "rules": all})
     }
 
     /// Upserts entities of one blueprint: alone, or through the bulk endpoint in batches.
     /// Returns what became of each, in order.
     async fn upsert_all(&self, blueprint: &str, entities: Vec<Entity>) -> Vec<Status> {
-        let entities: Vec<Entity> = entities.into_iter().map(|e| self.owned(e)).collect();
         if let [entity] = entities.as_slice() {
             return vec![Status::of(
                 &self.call(self.port.upsert(blueprint, entity)).await,
@@ -274,30 +410,34 @@ impl Handler {
         join_all(batches).await.into_iter().flatten().collect()
     }
 
-    async fn delete(&self, blueprint: &str, identifier: &str) -> Status {
-        Status::of(&self.call(self.port.delete(blueprint, identifier)).await)
+    async fn delete(&self, found: &Found) -> Status {
+        Status::of(
+            &self
+                .call(self.port.delete(&found.blueprint, &found.identifier))
+                .await,
+        )
     }
 
-    /// The identifiers (and digests, for artifacts) of this integration's entities a query
-    /// finds.
+    /// This integration's entities a query finds.
     async fn find(&self, query: &Value) -> Result<Vec<Found>, CallError> {
-        let found = self
-            .call(
-                self.port
-                    .search(query, &["identifier", "properties.digest"]),
-            )
-            .await?;
+        let include = ["identifier", "blueprint", "properties.harborRef"];
+        let found = self.call(self.port.search(query, &include)).await?;
         Ok(found
             .iter()
             .filter_map(|entity| {
-                let identifier = entity["identifier"].as_str()?.to_owned();
-                let digest = entity["properties"]["digest"]
-                    .as_str()
-                    .or_else(|| identifier.rsplit_once('@').map(|(_, d)| d))
-                    .and_then(|d| Digest::parse(d).ok());
-                Some(Found { identifier, digest })
+                Some(Found {
+                    identifier: entity["identifier"].as_str()?.to_owned(),
+                    blueprint: entity["blueprint"].as_str()?.to_owned(),
+                    reference: entity["properties"][REF_PROPERTY].as_str()?.to_owned(),
+                })
             })
             .collect())
+    }
+
+    /// This integration's entities of the objects whose `harborRef` starts with `prefix`.
+    async fn find_under(&self, prefix: &str, more: Vec<Value>) -> Result<Vec<Found>, CallError> {
+        let rule = json!({"property": REF_PROPERTY, "operator": "beginsWith", "value": prefix});
+        self.find(&self.owned_query(rule, more)).await
     }
 
     async fn refresh_project(&self, name: &str) -> Report {
@@ -305,21 +445,30 @@ impl Handler {
         match self.call(self.harbor.project(name)).await {
             Err(error) => report.main = Status::of::<()>(&Err(error)),
             Ok(Some(project)) => {
-                let written = self
-                    .upsert_all(PROJECT, vec![entities::project(&project)])
-                    .await;
-                report.main = Status::all(&written);
-                report.upserted = 1;
+                let mut batch = Batch::default();
+                let rendered = self.render(
+                    Kind::Project,
+                    &project.raw,
+                    Context::default(),
+                    &project_ref(name),
+                    None,
+                );
+                batch.add(Part::Main, project_ref(name), rendered);
+                self.execute(batch, &mut report).await;
             }
             Ok(None) => {
                 // Gone: its repositories go first (each through its own refresh), then it.
-                let query = self.owned_query(REPOSITORY, &format!("{name}/"), Vec::new());
-                match self.find(&query).await {
+                let repositories = format!("repository:{name}/");
+                match self.find_under(&repositories, Vec::new()).await {
                     Err(error) => report.main = Status::of::<()>(&Err(error)),
                     Ok(repositories) if !repositories.is_empty() => {
-                        report.first = repositories
+                        let names: BTreeSet<RepositoryName> = repositories
                             .iter()
-                            .filter_map(|r| RepositoryName::parse(&r.identifier).ok())
+                            .filter_map(|r| r.reference.strip_prefix("repository:"))
+                            .filter_map(|r| RepositoryName::parse(r).ok())
+                            .collect();
+                        report.first = names
+                            .into_iter()
                             .map(|r| {
                                 let work = Work {
                                     repository: true,
@@ -330,8 +479,9 @@ impl Handler {
                             .collect();
                     }
                     Ok(_) => {
-                        report.main = self.delete(PROJECT, name).await;
-                        report.deleted = 1;
+                        let mut batch = Batch::default();
+                        batch.clear.push((Part::Main, project_ref(name)));
+                        self.execute(batch, &mut report).await;
                     }
                 }
             }
@@ -340,10 +490,21 @@ impl Handler {
     }
 
     async fn refresh_repository(&self, name: &RepositoryName, work: &Work) -> Report {
-        let read_repository = work.repository || work.every_artifact;
+        let artifacts_read = !work.artifacts.is_empty() || work.every_artifact || work.moved_tags;
+        let read_repository = work.repository
+            || work.every_artifact
+            || (artifacts_read && self.mapping.reads_repository(Kind::Artifact));
+        let read_project = (work.repository && self.mapping.reads_project(Kind::Repository))
+            || (artifacts_read && self.mapping.reads_project(Kind::Artifact));
         let repository = async {
             match read_repository {
                 true => Some(self.call(self.harbor.repository(name)).await),
+                false => None,
+            }
+        };
+        let project = async {
+            match read_project {
+                true => Some(self.call(self.harbor.project(name.project())).await),
                 false => None,
             }
         };
@@ -357,139 +518,197 @@ impl Handler {
                 false => None,
             }
         };
-        let (repository, artifacts, listed) = tokio::join!(repository, artifacts, listed);
+        let (repository, project, artifacts, listed) =
+            tokio::join!(repository, project, artifacts, listed);
 
         if let Some(Ok(None)) = repository {
             return self.repository_gone(name, work).await;
         }
-
         let mut report = Report::default();
-        let mut upserts: Vec<(Option<Digest>, Entity)> = Vec::new();
-        let mut deletes: Vec<(Option<Digest>, String)> = Vec::new();
-        match repository {
-            Some(Ok(Some(repository))) => {
-                let entity = entities::repository(name, &repository, self.harbor.base());
-                upserts.push((None, entity));
+        let project = match project {
+            Some(Err(error)) => {
+                // Every part needs it: each is told.
+                let failed = Status::of::<()>(&Err(error));
+                report.main = failed.clone();
+                report.moved_tags = failed.clone();
+                report.every_artifact = failed.clone();
+                for digest in &work.artifacts {
+                    report.artifacts.insert(digest.clone(), failed.clone());
+                }
+                return report;
             }
-            Some(Err(error)) => report.main = Status::of::<()>(&Err(error)),
-            _ => {}
+            Some(Ok(project)) => project.map(|p| p.raw),
+            None => None,
+        };
+        let repository = match repository {
+            Some(Ok(Some(repository))) => Some(repository),
+            Some(Err(error)) => {
+                report.main = Status::of::<()>(&Err(error));
+                None
+            }
+            _ => None,
+        };
+        let context = Context {
+            project: project.as_ref(),
+            repository: repository.as_ref().map(|r| &r.raw),
+        };
+
+        let mut batch = Batch::default();
+        if let Some(repository) = repository.as_ref().filter(|_| work.repository) {
+            let reference = repository_ref(name);
+            let rendered = self.render(
+                Kind::Repository,
+                &repository.raw,
+                Context {
+                    repository: None,
+                    ..context
+                },
+                &reference,
+                None,
+            );
+            batch.add(Part::Main, reference, rendered);
         }
         let mut written = BTreeSet::new();
         let mut tags = BTreeSet::new();
         for (digest, found) in artifacts {
+            let part = Part::Artifact(digest.clone());
             match found {
                 Ok(Some(artifact)) => {
                     tags.extend(tag_names(&artifact));
                     written.insert(digest.clone());
-                    let entity = entities::artifact(name, &digest, &artifact, self.harbor.base());
-                    upserts.push((Some(digest), entity));
+                    self.add_artifact(&mut batch, part, name, &digest, &artifact, context);
                 }
-                Ok(None) => {
-                    let id = entities::artifact_id(name, &digest);
-                    deletes.push((Some(digest), id));
-                }
-                Err(error) => {
-                    report
-                        .artifacts
-                        .insert(digest, Status::of::<()>(&Err(error)));
-                }
+                Ok(None) => batch.clear.push((part, artifact_ref(name, &digest))),
+                Err(error) => batch.failed.push((part, Status::of::<()>(&Err(error)))),
             }
         }
-        let every = async {
-            match listed {
-                None => (Status::Done, 0, 0),
-                Some(listed) => self.every_artifact(name, listed, &written).await,
-            }
-        };
-        let moved = async {
-            match work.moved_tags && !tags.is_empty() {
-                true => self.take_moved_tags(name, &tags, &written).await,
-                false => (Status::Done, 0, 0),
-            }
-        };
-        let writes = self.write(upserts, deletes);
-        let ((every, every_up, every_del), (moved, moved_up, moved_del), written) =
-            tokio::join!(every, moved, writes);
-        report.every_artifact = every;
-        report.moved_tags = moved;
-        report.upserted = every_up + moved_up;
-        report.deleted = every_del + moved_del;
-        for (digest, status, upserted) in written {
-            report.upserted += usize::from(upserted);
-            report.deleted += usize::from(!upserted);
-            match digest {
-                Some(digest) => {
-                    report.artifacts.insert(digest, status);
-                }
-                None => report.main = report.main.and(&status),
-            }
+        if let Some(listed) = listed {
+            self.every_artifact(&mut batch, name, listed, &written, context)
+                .await;
         }
+        if work.moved_tags && !tags.is_empty() {
+            self.take_moved_tags(&mut batch, name, &tags, &written, context)
+                .await;
+        }
+        self.execute(batch, &mut report).await;
         report
     }
 
-    /// Upserts and deletes at once; returns, for each, its digest (none for the repository's
-    /// entity), what became of it and whether it was an upsert.
-    async fn write(
+    /// Adds an artifact's entities to a batch.
+    fn add_artifact(
         &self,
-        upserts: Vec<(Option<Digest>, Entity)>,
-        deletes: Vec<(Option<Digest>, String)>,
-    ) -> Vec<(Option<Digest>, Status, bool)> {
-        let (repositories, artifacts): (Vec<_>, Vec<_>) = upserts
-            .into_iter()
-            .partition(|(digest, _)| digest.is_none());
-        let upsert = |blueprint, list: Vec<(Option<Digest>, Entity)>| async move {
-            let (digests, entities): (Vec<_>, Vec<_>) = list.into_iter().unzip();
-            let statuses = match entities.is_empty() {
-                true => Vec::new(),
-                false => self.upsert_all(blueprint, entities).await,
-            };
-            digests
-                .into_iter()
-                .zip(statuses)
-                .map(|(digest, status)| (digest, status, true))
-                .collect::<Vec<_>>()
+        batch: &mut Batch,
+        part: Part,
+        name: &RepositoryName,
+        digest: &Digest,
+        artifact: &Artifact,
+        context: Context<'_>,
+    ) {
+        let reference = artifact_ref(name, digest);
+        let tags = Some(tag_names(artifact).collect());
+        let rendered = self.render(Kind::Artifact, &artifact.raw, context, &reference, tags);
+        batch.add(part, reference, rendered);
+    }
+
+    /// Does a batch's writes: the upserts (by blueprint, in bulk) and the deletes of the
+    /// entities of the objects to clear (all of this integration's entities of each, but those
+    /// the batch upserts). Each part of the report is told what became of its own.
+    async fn execute(&self, batch: Batch, report: &mut Report) {
+        let Batch {
+            upserts,
+            clear,
+            failed,
+        } = batch;
+        let mut outcomes: Vec<(Part, Status)> = failed;
+        let upserted: BTreeSet<(String, String)> = upserts
+            .iter()
+            .map(|(_, m)| (m.blueprint.clone(), m.entity.identifier.clone()))
+            .collect();
+        let cleared = async {
+            if clear.is_empty() {
+                return Vec::new();
+            }
+            let references: Vec<&String> = clear.iter().map(|(_, r)| r).collect();
+            let rule = json!({"property": REF_PROPERTY, "operator": "in", "value": references});
+            match self.find(&self.owned_query(rule, Vec::new())).await {
+                Err(error) => {
+                    let status = Status::of::<()>(&Err(error));
+                    clear
+                        .iter()
+                        .map(|(p, _)| (p.clone(), status.clone()))
+                        .collect()
+                }
+                Ok(found) => {
+                    let found: Vec<(Part, Found)> = found
+                        .into_iter()
+                        .filter(|f| {
+                            !upserted.contains(&(f.blueprint.clone(), f.identifier.clone()))
+                        })
+                        .filter_map(|f| {
+                            let part = clear.iter().find(|(_, r)| *r == f.reference)?.0.clone();
+                            Some((part, f))
+                        })
+                        .collect();
+                    let done = join_all(found.iter().map(|(_, f)| self.delete(f))).await;
+                    found.into_iter().map(|(p, _)| p).zip(done).collect()
+                }
+            }
         };
-        let deleted =
-            join_all(deletes.into_iter().map(|(digest, id)| async move {
-                (digest, self.delete(ARTIFACT, &id).await, false)
-            }));
-        let (mut done, artifacts, deleted) = tokio::join!(
-            upsert(REPOSITORY, repositories),
-            upsert(ARTIFACT, artifacts),
-            deleted
+        let mut by_blueprint: BTreeMap<String, Vec<(Part, Entity)>> = BTreeMap::new();
+        for (part, mapped) in upserts {
+            by_blueprint
+                .entry(mapped.blueprint)
+                .or_default()
+                .push((part, mapped.entity));
+        }
+        let upserted = join_all(
+            by_blueprint
+                .into_iter()
+                .map(|(blueprint, list)| async move {
+                    let (parts, entities): (Vec<Part>, Vec<Entity>) = list.into_iter().unzip();
+                    let statuses = self.upsert_all(&blueprint, entities).await;
+                    parts.into_iter().zip(statuses).collect::<Vec<_>>()
+                }),
         );
-        done.extend(artifacts);
-        done.extend(deleted);
-        done
+        let (cleared, upserted) = tokio::join!(cleared, upserted);
+        let upserted: Vec<(Part, Status)> = upserted.into_iter().flatten().collect();
+        report.upserted += upserted.len();
+        report.deleted += cleared.len();
+        outcomes.extend(cleared);
+        outcomes.extend(upserted);
+        for (part, status) in outcomes {
+            let slot = match part {
+                Part::Main => &mut report.main,
+                Part::Artifact(digest) => report.artifacts.entry(digest).or_default(),
+                Part::Every => &mut report.every_artifact,
+                Part::Moved => &mut report.moved_tags,
+            };
+            *slot = std::mem::take(slot).and(&status);
+        }
     }
 
     /// The repository is gone: the entities of all its artifacts (this integration's) and its
-    /// own are deleted.
+    /// own are deleted, the artifacts' first.
     async fn repository_gone(&self, name: &RepositoryName, work: &Work) -> Report {
         let mut report = Report::default();
-        let query = self.owned_query(ARTIFACT, &format!("{name}@"), Vec::new());
-        let status = match self.find(&query).await {
-            Err(error) => Status::of::<()>(&Err(error)),
-            Ok(artifacts) => {
-                let deletes = join_all(
-                    artifacts
-                        .iter()
-                        .map(|a| self.delete(ARTIFACT, &a.identifier)),
-                )
-                .await;
-                let named: Vec<String> = work
-                    .artifacts
-                    .iter()
-                    .map(|d| entities::artifact_id(name, d))
-                    .filter(|id| !artifacts.iter().any(|a| &a.identifier == id))
-                    .collect();
-                // The artifacts the event named, whether or not Port listed them as ours.
-                let named = join_all(named.iter().map(|id| self.delete(ARTIFACT, id))).await;
-                report.deleted = deletes.len() + named.len() + 1;
-                let artifacts_gone = Status::all(deletes.iter().chain(&named));
-                // The repository's entity last, once nothing of it is left to relate to it.
-                match artifacts_gone {
-                    Status::Done => self.delete(REPOSITORY, name.full()).await,
+        let prefix = format!("artifact:{name}@");
+        let own = self.owned_query(
+            json!({"property": REF_PROPERTY, "operator": "=", "value": repository_ref(name)}),
+            Vec::new(),
+        );
+        let searches = tokio::join!(self.find_under(&prefix, Vec::new()), self.find(&own));
+        let status = match searches {
+            (Err(error), _) | (_, Err(error)) => Status::of::<()>(&Err(error)),
+            (Ok(artifacts), Ok(own)) => {
+                let deletes = join_all(artifacts.iter().map(|a| self.delete(a))).await;
+                report.deleted = deletes.len();
+                // The repository's entities last, once nothing of it is left to relate to them.
+                match Status::all(&deletes) {
+                    Status::Done => {
+                        let own = join_all(own.iter().map(|r| self.delete(r))).await;
+                        report.deleted += own.len();
+                        Status::all(&own)
+                    }
                     failed => failed,
                 }
             }
@@ -504,68 +723,88 @@ impl Handler {
         report
     }
 
-    /// Every artifact Harbor listed is written; this integration's artifacts of the repository
-    /// that Harbor no longer has are deleted. Returns the status, and how many were upserted and
-    /// deleted.
+    /// Every artifact Harbor listed is written; this integration's entities of the
+    /// repository's artifacts that the mapping no longer makes (Harbor no longer has the
+    /// artifact, or a selector leaves it out) are deleted.
     async fn every_artifact(
         &self,
+        batch: &mut Batch,
         name: &RepositoryName,
         listed: Result<Vec<Artifact>, CallError>,
         written: &BTreeSet<Digest>,
-    ) -> (Status, usize, usize) {
+        context: Context<'_>,
+    ) {
         let listed = match listed {
             Ok(listed) => listed,
-            Err(error) => return (Status::of::<()>(&Err(error)), 0, 0),
+            Err(error) => {
+                return batch
+                    .failed
+                    .push((Part::Every, Status::of::<()>(&Err(error))));
+            }
         };
-        let query = self.owned_query(ARTIFACT, &format!("{name}@"), Vec::new());
-        let in_port = match self.find(&query).await {
+        let in_port = match self
+            .find_under(&format!("artifact:{name}@"), Vec::new())
+            .await
+        {
             Ok(found) => found,
-            Err(error) => return (Status::of::<()>(&Err(error)), 0, 0),
+            Err(error) => {
+                return batch
+                    .failed
+                    .push((Part::Every, Status::of::<()>(&Err(error))));
+            }
         };
-        let mut keep = BTreeSet::new();
-        let mut upserts = Vec::new();
+        let mut kept = BTreeSet::new();
         for artifact in &listed {
             let Ok(digest) = Digest::parse(&artifact.digest) else {
                 warn!(repository = %name, digest = %artifact.digest, "Skipping an artifact with an unexpected digest");
                 continue;
             };
-            keep.insert(entities::artifact_id(name, &digest));
+            kept.insert(artifact_ref(name, &digest));
             if !written.contains(&digest) {
-                let entity = entities::artifact(name, &digest, artifact, self.harbor.base());
-                upserts.push((Some(digest), entity));
+                self.add_artifact(batch, Part::Every, name, &digest, artifact, context);
             }
         }
-        let deletes: Vec<(Option<Digest>, String)> = in_port
+        // Objects that are gone; the entities of those still there but left out by a selector
+        // are cleared with them (their references are in the batch, excluded).
+        let gone: BTreeSet<String> = in_port
             .into_iter()
-            .filter(|found| !keep.contains(&found.identifier))
-            .map(|found| (None, found.identifier))
+            .map(|found| found.reference)
+            .filter(|reference| !kept.contains(reference))
             .collect();
-        let done = self.write(upserts, deletes).await;
-        let upserted = done.iter().filter(|(_, _, up)| *up).count();
-        let status = Status::all(done.iter().map(|(_, status, _)| status));
-        (status, upserted, done.len() - upserted)
+        batch
+            .clear
+            .extend(gone.into_iter().map(|reference| (Part::Every, reference)));
     }
 
     /// The other artifacts of the repository that Port shows with one of `tags` are read again
     /// from Harbor and written as Harbor has them now (without the tag that moved).
     async fn take_moved_tags(
         &self,
+        batch: &mut Batch,
         name: &RepositoryName,
         tags: &BTreeSet<String>,
         written: &BTreeSet<Digest>,
-    ) -> (Status, usize, usize) {
-        let rule = json!({"property": "tags", "operator": "containsAny", "value": tags});
-        let query = self.owned_query(ARTIFACT, &format!("{name}@"), vec![rule]);
-        let stale: Vec<Digest> = match self.find(&query).await {
+        context: Context<'_>,
+    ) {
+        let rule = json!({"property": TAGS_PROPERTY, "operator": "containsAny", "value": tags});
+        let stale: BTreeSet<Digest> = match self
+            .find_under(&format!("artifact:{name}@"), vec![rule])
+            .await
+        {
             Ok(found) => found
-                .into_iter()
-                .filter_map(|f| f.digest)
+                .iter()
+                .filter_map(|f| f.reference.rsplit_once('@'))
+                .filter_map(|(_, d)| Digest::parse(d).ok())
                 .filter(|d| !written.contains(d))
                 .collect(),
-            Err(error) => return (Status::of::<()>(&Err(error)), 0, 0),
+            Err(error) => {
+                return batch
+                    .failed
+                    .push((Part::Moved, Status::of::<()>(&Err(error))));
+            }
         };
         if stale.is_empty() {
-            return (Status::Done, 0, 0);
+            return;
         }
         debug!(repository = %name, count = stale.len(), "Taking moved tags off older artifacts");
         let reads = join_all(stale.into_iter().map(|digest| async move {
@@ -573,32 +812,84 @@ impl Handler {
             (digest, found)
         }))
         .await;
-        let mut status = Status::Done;
-        let (mut upserts, mut deletes) = (Vec::new(), Vec::new());
         for (digest, found) in reads {
             match found {
                 Ok(Some(artifact)) => {
-                    let entity = entities::artifact(name, &digest, &artifact, self.harbor.base());
-                    upserts.push((Some(digest), entity));
+                    self.add_artifact(batch, Part::Moved, name, &digest, &artifact, context)
                 }
-                Ok(None) => {
-                    let id = entities::artifact_id(name, &digest);
-                    deletes.push((Some(digest), id));
-                }
-                Err(error) => status = status.and(&Status::of::<()>(&Err(error))),
+                Ok(None) => batch.clear.push((Part::Moved, artifact_ref(name, &digest))),
+                Err(error) => batch
+                    .failed
+                    .push((Part::Moved, Status::of::<()>(&Err(error)))),
             }
         }
-        let done = self.write(upserts, deletes).await;
-        let upserted = done.iter().filter(|(_, _, up)| *up).count();
-        let status = status.and(&Status::all(done.iter().map(|(_, s, _)| s)));
-        (status, upserted, done.len() - upserted)
     }
 }
 
-/// An entity a search found.
+/// The `harborRef` of a project's entities.
+pub fn project_ref(name: &str) -> String {
+    format!("project:{name}")
+}
+
+/// The `harborRef` of a repository's entities.
+pub fn repository_ref(name: &RepositoryName) -> String {
+    format!("repository:{name}")
+}
+
+/// The `harborRef` of an artifact's entities.
+pub fn artifact_ref(name: &RepositoryName, digest: &Digest) -> String {
+    format!("artifact:{name}@{digest}")
+}
+
+/// What an object's expressions see besides the object: its project and repository, as Harbor
+/// answered them (when the mapping reads them).
+#[derive(Clone, Copy, Default)]
+struct Context<'a> {
+    project: Option<&'a Value>,
+    repository: Option<&'a Value>,
+}
+
+/// Which part of a refresh a write belongs to, to tell it what became of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Main,
+    Artifact(Digest),
+    Every,
+    Moved,
+}
+
+/// The writes of one refresh, done together by [`Handler::execute`].
+#[derive(Default)]
+struct Batch {
+    upserts: Vec<(Part, Mapped)>,
+    /// Objects whose entities (this integration's) go, but those the batch upserts.
+    clear: Vec<(Part, String)>,
+    /// Parts that failed before writing anything (a read, the mapping).
+    failed: Vec<(Part, Status)>,
+}
+
+impl Batch {
+    /// An object's entities; if a selector left it out, its other entities go.
+    fn add(&mut self, part: Part, reference: String, rendered: Result<Rendered, Status>) {
+        match rendered {
+            Err(status) => self.failed.push((part, status)),
+            Ok(rendered) => {
+                if rendered.excluded {
+                    self.clear.push((part.clone(), reference));
+                }
+                self.upserts
+                    .extend(rendered.entities.into_iter().map(|m| (part.clone(), m)));
+            }
+        }
+    }
+}
+
+/// An entity of this integration's a search found.
 struct Found {
     identifier: String,
-    digest: Option<Digest>,
+    blueprint: String,
+    /// Its `harborRef`.
+    reference: String,
 }
 
 fn tag_names(artifact: &Artifact) -> impl Iterator<Item = String> + '_ {

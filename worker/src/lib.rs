@@ -12,6 +12,7 @@ pub mod clients;
 pub mod consumer;
 pub mod entities;
 pub mod handler;
+pub mod mapping;
 pub mod names;
 pub mod parked;
 pub mod resync;

@@ -5,9 +5,10 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use harbor_shared::{broker, ops, telemetry};
 use harbor_worker::clients::http_client;
+use harbor_worker::mapping::Kind;
 use harbor_worker::parked::{self, Selection};
 use harbor_worker::retry::RetryPolicy;
-use harbor_worker::settings::{Cli, Command, ParkedAction};
+use harbor_worker::settings::{Cli, Command, MappingAction, ParkedAction};
 use harbor_worker::startup::{Worker, handler, port_client};
 use harbor_worker::{backlog, blueprints, resync};
 
@@ -38,12 +39,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dry_run,
             force,
         } => {
+            let (harbor, port) = (cli.harbor.into_settings()?, cli.port.into_settings()?);
             let options = resync::Options {
-                deletion_threshold: cli.run.deletion_threshold()?,
+                deletion_threshold: cli.run.deletion_threshold(&port.mapping)?,
                 force,
                 dry_run,
             };
-            let (harbor, port) = (cli.harbor.into_settings()?, cli.port.into_settings()?);
             let amqp = cli.amqp.into_settings()?;
             let run = &cli.run;
             let http = http_client(run.http_timeout).context("Failed to build the HTTP client")?;
@@ -133,6 +134,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("replayed {}, still parked {}", done.replayed, done.kept);
             if !done.not_found.is_empty() {
                 println!("not found: {}", done.not_found.join(", "));
+            }
+            Ok(())
+        }
+        Command::Mapping {
+            action: MappingAction::Check,
+        } => {
+            cli.port.mapping()?;
+            let file = cli.port.mapping_file.as_ref();
+            let file = file.map_or_else(
+                || "the built-in mapping".into(),
+                |f| f.display().to_string(),
+            );
+            println!("{file}: ok");
+            Ok(())
+        }
+        Command::Mapping {
+            action:
+                MappingAction::Render {
+                    kind,
+                    project,
+                    repository,
+                    reference,
+                },
+        } => {
+            let Some(kind) = Kind::parse(&kind) else {
+                bail!("--kind must be project, repository or artifact (got {kind})");
+            };
+            let (harbor, port) = (cli.harbor.into_settings()?, cli.port.into_settings()?);
+            let http =
+                http_client(cli.run.http_timeout).context("Failed to build the HTTP client")?;
+            let handler = handler(&harbor, &port, http, Duration::ZERO, 1);
+            let rendered = handler
+                .render_current(kind, &project, repository.as_deref(), reference.as_deref())
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let Some(entities) = rendered else {
+                bail!("Harbor has no such {kind}");
+            };
+            for mapped in entities {
+                println!(
+                    "{}",
+                    serde_json::json!({"blueprint": mapped.blueprint, "entity": mapped.entity})
+                );
             }
             Ok(())
         }

@@ -16,7 +16,7 @@
 //! - with `RESYNC_INTERVAL` the workers run it periodically, one of them at a time: the one that
 //!   holds the resync lock (an exclusive queue, released with its connection).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -33,8 +33,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::clients::CallError;
-use crate::entities::{self, ARTIFACT, PROJECT, REPOSITORY};
-use crate::handler::{Handler, INSTANCE_PROPERTY};
+use crate::handler::{
+    Handler, INSTANCE_PROPERTY, REF_PROPERTY, artifact_ref, project_ref, repository_ref,
+};
+use crate::mapping::{Kind, Rendered};
 use crate::names::{Digest, RepositoryName};
 use crate::retry::{Budget, RetryPolicy};
 
@@ -118,11 +120,48 @@ impl Summary {
     }
 }
 
-/// What Harbor has and what this integration has in Port, by blueprint.
+/// What the mapping makes of Harbor's objects, and what this integration has in Port.
 #[derive(Default)]
 struct Stock {
-    harbor: BTreeMap<&'static str, BTreeSet<String>>,
-    ours: BTreeMap<&'static str, BTreeSet<String>>,
+    /// The entities (blueprint, identifier) the mapping makes of Harbor's objects.
+    expected: BTreeSet<(String, String)>,
+    /// Objects the mapping failed on: their entities are not counted as to delete (their
+    /// refreshes will park with the reason).
+    unknown: BTreeSet<String>,
+    projects: BTreeSet<String>,
+    repositories: BTreeSet<String>,
+    /// This integration's entities in Port: (blueprint, identifier, harborRef).
+    ours: Vec<(String, String, Option<String>)>,
+}
+
+impl Stock {
+    fn expect(&mut self, reference: String, rendered: Result<Rendered, String>) {
+        match rendered {
+            Ok(rendered) => self.expected.extend(
+                rendered
+                    .entities
+                    .into_iter()
+                    .map(|m| (m.blueprint, m.entity.identifier)),
+            ),
+            Err(reason) => {
+                warn!(object = %reference, %reason, "Resync: the mapping failed on an object");
+                self.unknown.insert(reference);
+            }
+        }
+    }
+
+    /// This integration's entities that the mapping no longer makes of anything in Harbor.
+    fn to_delete(&self) -> usize {
+        self.ours
+            .iter()
+            .filter(|(blueprint, id, reference)| {
+                !self.expected.contains(&(blueprint.clone(), id.clone()))
+                    && reference
+                        .as_ref()
+                        .is_some_and(|r| !self.unknown.contains(r))
+            })
+            .count()
+    }
 }
 
 /// Takes stock, checks the deletion threshold, and (unless refused or dry) asks for the
@@ -136,21 +175,10 @@ pub async fn resync(
 ) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let stock = take_stock(handler, retry).await?;
-    let count = |map: &BTreeMap<&str, BTreeSet<String>>| map.values().map(BTreeSet::len).sum();
-    let to_delete: usize = stock
-        .ours
-        .iter()
-        .map(|(blueprint, ours)| {
-            let harbor = stock.harbor.get(blueprint);
-            ours.iter()
-                .filter(|id| !harbor.is_some_and(|h| h.contains(*id)))
-                .count()
-        })
-        .sum();
     let mut summary = Summary {
-        harbor: count(&stock.harbor),
-        ours: count(&stock.ours),
-        to_delete,
+        harbor: stock.expected.len(),
+        ours: stock.ours.len(),
+        to_delete: stock.to_delete(),
         ..Summary::default()
     };
     if summary.deleted_share() > options.deletion_threshold && !options.force {
@@ -190,11 +218,11 @@ async fn take_stock(handler: &Handler, retry: RetryPolicy) -> Result<Stock, Call
         .run("harbor", || harbor.projects())
         .await?;
     for project in &projects {
-        stock
-            .harbor
-            .entry(PROJECT)
-            .or_default()
-            .insert(project.name.clone());
+        stock.projects.insert(project.name.clone());
+        let reference = project_ref(&project.name);
+        let rendered =
+            handler.render_object(Kind::Project, &project.raw, None, None, &reference, None);
+        stock.expect(reference, rendered);
         let repositories = Budget::start(retry)
             .run("harbor", || harbor.repositories(&project.name))
             .await?;
@@ -203,33 +231,67 @@ async fn take_stock(handler: &Handler, retry: RetryPolicy) -> Result<Stock, Call
                 warn!(repository = %repository.name, "Resync: skipping a repository with an unexpected name");
                 continue;
             };
+            let reference = repository_ref(&name);
+            let rendered = handler.render_object(
+                Kind::Repository,
+                &repository.raw,
+                Some(&project.raw),
+                None,
+                &reference,
+                None,
+            );
+            stock.expect(reference, rendered);
             let artifacts = Budget::start(retry)
                 .run("harbor", || harbor.artifacts(&name))
                 .await?;
-            let ids = artifacts
-                .iter()
-                .filter_map(|a| Digest::parse(&a.digest).ok())
-                .map(|digest| entities::artifact_id(&name, &digest));
-            stock.harbor.entry(ARTIFACT).or_default().extend(ids);
-            stock
-                .harbor
-                .entry(REPOSITORY)
-                .or_default()
-                .insert(name.full().to_owned());
+            for artifact in artifacts {
+                let Ok(digest) = Digest::parse(&artifact.digest) else {
+                    continue;
+                };
+                let reference = artifact_ref(&name, &digest);
+                let tags = artifact
+                    .tags
+                    .iter()
+                    .flatten()
+                    .map(|t| t.name.clone())
+                    .collect();
+                let rendered = handler.render_object(
+                    Kind::Artifact,
+                    &artifact.raw,
+                    Some(&project.raw),
+                    Some(&repository.raw),
+                    &reference,
+                    Some(tags),
+                );
+                stock.expect(reference, rendered);
+            }
+            stock.repositories.insert(name.full().to_owned());
         }
     }
-    for blueprint in [PROJECT, REPOSITORY, ARTIFACT] {
-        let query = json!({"combinator": "and", "rules": [
-            {"property": "$blueprint", "operator": "=", "value": blueprint},
-            {"property": INSTANCE_PROPERTY, "operator": "=", "value": handler.instance()},
-        ]});
-        let found = Budget::start(retry)
-            .run("port", || handler.port().search(&query, &["identifier"]))
-            .await?;
-        let ids = found
-            .iter()
-            .filter_map(|e| e["identifier"].as_str().map(str::to_owned));
-        stock.ours.entry(blueprint).or_default().extend(ids);
+    let query = json!({"combinator": "and", "rules": [
+        {"property": INSTANCE_PROPERTY, "operator": "=", "value": handler.instance()},
+    ]});
+    let include = ["identifier", "blueprint", "properties.harborRef"];
+    let found = Budget::start(retry)
+        .run("port", || handler.port().search(&query, &include))
+        .await?;
+    stock.ours = found
+        .iter()
+        .filter_map(|e| {
+            let identifier = e["identifier"].as_str()?.to_owned();
+            let blueprint = e["blueprint"].as_str()?.to_owned();
+            let reference = e["properties"][REF_PROPERTY].as_str().map(str::to_owned);
+            Some((blueprint, identifier, reference))
+        })
+        .collect();
+    let unreferenced = stock.ours.iter().filter(|(_, _, r)| r.is_none()).count();
+    if unreferenced > 0 {
+        warn!(
+            count = unreferenced,
+            "Resync: entities of this integration without harborRef (written by a version before \
+             the mapping file); those whose objects still exist get it when refreshed, the others \
+             are left for you to delete"
+        );
     }
     Ok(stock)
 }
@@ -237,20 +299,17 @@ async fn take_stock(handler: &Handler, retry: RetryPolicy) -> Result<Stock, Call
 /// A refresh of every project and repository in Harbor or among this integration's entities;
 /// artifacts are refreshed with their repositories.
 fn requests(stock: &Stock) -> Vec<ResyncRequest> {
-    let all = |blueprint| {
-        stock
-            .harbor
-            .get(blueprint)
-            .into_iter()
-            .chain(stock.ours.get(blueprint))
-            .flatten()
-            .cloned()
-            .collect::<BTreeSet<String>>()
-    };
-    let mut repositories = all(REPOSITORY);
-    // An artifact entity of ours whose repository is in neither list goes with it too.
-    for artifact in stock.ours.get(ARTIFACT).into_iter().flatten() {
-        if let Some((repository, _)) = artifact.rsplit_once('@') {
+    let mut projects = stock.projects.clone();
+    let mut repositories = stock.repositories.clone();
+    for reference in stock.ours.iter().filter_map(|(_, _, r)| r.as_deref()) {
+        if let Some(project) = reference.strip_prefix("project:") {
+            projects.insert(project.to_owned());
+        } else if let Some(repository) = reference.strip_prefix("repository:") {
+            repositories.insert(repository.to_owned());
+        } else if let Some((repository, _)) = reference
+            .strip_prefix("artifact:")
+            .and_then(|a| a.rsplit_once('@'))
+        {
             repositories.insert(repository.to_owned());
         }
     }
@@ -258,7 +317,7 @@ fn requests(stock: &Stock) -> Vec<ResyncRequest> {
         kind: REQUEST_TYPE.to_owned(),
         resync,
     };
-    all(PROJECT)
+    projects
         .into_iter()
         .map(|p| request(Target::Project(p)))
         .chain(

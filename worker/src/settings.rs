@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -11,6 +12,7 @@ use harbor_shared::config::{AmqpArgs, AmqpSettings, LogArgs, required_secret};
 use secrecy::SecretString;
 use url::Url;
 
+use crate::mapping::Mapping;
 use crate::retry::RetryPolicy;
 
 /// Consumes Harbor events from RabbitMQ and keeps Port's catalog in sync with Harbor.
@@ -75,6 +77,35 @@ pub enum Command {
     Parked {
         #[command(subcommand)]
         action: ParkedAction,
+    },
+    /// Check the mapping file (MAPPING_FILE), or try it on Harbor's current data.
+    Mapping {
+        #[command(subcommand)]
+        action: MappingAction,
+    },
+}
+
+/// What to do with the mapping.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum MappingAction {
+    /// Read and compile the mapping as the worker does at start; exit 1 with the reason if it
+    /// cannot be used.
+    Check,
+    /// Print the entities (JSON, one per line) the mapping makes of one object as Harbor has it
+    /// now; writes nothing.
+    Render {
+        /// `project`, `repository` or `artifact`.
+        #[arg(long)]
+        kind: String,
+        /// The project's name.
+        #[arg(long)]
+        project: String,
+        /// The repository's name within the project (for `repository` and `artifact`).
+        #[arg(long)]
+        repository: Option<String>,
+        /// The artifact's digest or tag (for `artifact`).
+        #[arg(long)]
+        reference: Option<String>,
     },
 }
 
@@ -144,6 +175,11 @@ pub struct PortArgs {
     /// File holding the Port client secret, instead of PORT_CLIENT_SECRET.
     #[arg(long, env = "PORT_CLIENT_SECRET_FILE")]
     pub port_client_secret_file: Option<PathBuf>,
+
+    /// How Harbor's objects become Port entities: a port-app-config YAML file (the default is
+    /// deploy/port/mapping.yaml, built in). Read at start: a change takes a restart.
+    #[arg(long, env = "MAPPING_FILE")]
+    pub mapping_file: Option<PathBuf>,
 }
 
 /// How the consumer runs.
@@ -191,7 +227,8 @@ pub struct RunArgs {
     pub resync_interval: Option<Duration>,
 
     /// A resync that would delete more than this share (0 to 1) of this integration's entities
-    /// is refused (`resync --force` overrides it).
+    /// is refused (`resync --force` overrides it). The mapping file's entityDeletionThreshold,
+    /// when it sets one, takes its place.
     #[arg(long, env = "RESYNC_DELETION_THRESHOLD", default_value_t = 0.9)]
     pub resync_deletion_threshold: f64,
 
@@ -221,6 +258,8 @@ pub struct PortSettings {
     pub client_id: String,
     /// Client secret.
     pub client_secret: SecretString,
+    /// How Harbor's objects become entities.
+    pub mapping: Arc<Mapping>,
 }
 
 /// Everything the consuming worker needs, checked.
@@ -293,9 +332,18 @@ impl HarborArgs {
 }
 
 impl PortArgs {
+    /// The mapping: MAPPING_FILE, compiled, or the built-in default.
+    pub fn mapping(&self) -> anyhow::Result<Mapping> {
+        match &self.mapping_file {
+            None => Ok(Mapping::default_mapping()),
+            Some(path) => Ok(Mapping::load(path)?),
+        }
+    }
+
     /// Checks the Port options.
     pub fn into_settings(self) -> anyhow::Result<PortSettings> {
         Ok(PortSettings {
+            mapping: Arc::new(self.mapping()?),
             url: base_url(&self.port_api_url, "PORT_API_URL")?,
             client_id: required(self.port_client_id, "PORT_CLIENT_ID")?,
             client_secret: required_secret(
@@ -327,11 +375,14 @@ impl Cli {
         {
             bail!("RESYNC_INTERVAL must be at least 5s");
         }
-        let threshold = run.deletion_threshold()?;
+        let amqp = self.amqp.into_settings()?;
+        let harbor = self.harbor.into_settings()?;
+        let port = self.port.into_settings()?;
+        let threshold = run.deletion_threshold(&port.mapping)?;
         Ok(Settings {
-            amqp: self.amqp.into_settings()?,
-            harbor: self.harbor.into_settings()?,
-            port: self.port.into_settings()?,
+            amqp,
+            harbor,
+            port,
             concurrency: run.worker_concurrency,
             prefetch: run.worker_prefetch,
             pull_window: run.pull_coalesce_window,
@@ -347,8 +398,11 @@ impl Cli {
 }
 
 impl RunArgs {
-    /// `RESYNC_DELETION_THRESHOLD`, checked.
-    pub fn deletion_threshold(&self) -> anyhow::Result<f64> {
+    /// The mapping's `entityDeletionThreshold`, or else `RESYNC_DELETION_THRESHOLD`, checked.
+    pub fn deletion_threshold(&self, mapping: &Mapping) -> anyhow::Result<f64> {
+        if let Some(threshold) = mapping.deletion_threshold {
+            return Ok(threshold);
+        }
         let threshold = self.resync_deletion_threshold;
         if !(0.0..=1.0).contains(&threshold) {
             bail!("RESYNC_DELETION_THRESHOLD must be between 0 and 1 (got {threshold})");

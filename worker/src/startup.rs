@@ -42,6 +42,7 @@ pub fn handler(
     Handler::new(
         harbor,
         port_client(port, http),
+        Arc::clone(&port.mapping),
         DEFAULT_INSTANCE,
         pull_window,
         usize::from(concurrency),
@@ -65,6 +66,10 @@ pub fn port_client(settings: &PortSettings, http: reqwest::Client) -> PortClient
         settings.url.clone(),
         settings.client_id.clone(),
         settings.client_secret.clone(),
+    )
+    .with_options(
+        settings.mapping.create_missing_related,
+        settings.mapping.delete_dependents,
     )
 }
 

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use reqwest::{Client, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use serde_json::Value;
 use tracing::instrument;
 use url::Url;
 
@@ -28,6 +29,9 @@ pub struct Project {
     pub creation_time: Option<String>,
     pub update_time: Option<String>,
     pub metadata: ProjectMetadata,
+    /// The answer as Harbor sent it, for the mapping.
+    #[serde(skip)]
+    pub raw: Value,
 }
 
 /// Project settings; Harbor sends booleans as the strings `"true"` / `"false"`.
@@ -49,6 +53,9 @@ pub struct Repository {
     pub pull_count: Option<i64>,
     pub creation_time: Option<String>,
     pub update_time: Option<String>,
+    /// The answer as Harbor sent it, for the mapping.
+    #[serde(skip)]
+    pub raw: Value,
 }
 
 /// An artifact (`GET .../artifacts/{digest}`) with tags, labels and scan overview.
@@ -69,6 +76,33 @@ pub struct Artifact {
     pub tags: Option<Vec<Tag>>,
     pub labels: Option<Vec<Label>>,
     pub scan_overview: Option<BTreeMap<String, ScanSummary>>,
+    /// The answer as Harbor sent it, for the mapping.
+    #[serde(skip)]
+    pub raw: Value,
+}
+
+/// An object as Harbor answers it: read into its type, and kept whole for the mapping.
+pub trait Answer: for<'de> Deserialize<'de> {
+    /// Keeps the whole answer beside the fields read from it.
+    fn keep(&mut self, raw: Value);
+}
+
+macro_rules! answer {
+    ($($t:ty),*) => {$(
+        impl Answer for $t {
+            fn keep(&mut self, raw: Value) {
+                self.raw = raw;
+            }
+        }
+    )*};
+}
+answer!(Project, Repository, Artifact);
+
+/// Reads an answer, keeping it whole.
+fn read<T: Answer>(raw: Value) -> Result<T, serde_json::Error> {
+    let mut typed = T::deserialize(&raw)?;
+    typed.keep(raw);
+    Ok(typed)
 }
 
 /// A tag of an artifact.
@@ -150,6 +184,33 @@ impl HarborClient {
         what: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<Option<T>, CallError> {
+        let Some(raw) = self.get_raw(what, request).await? else {
+            return Ok(None);
+        };
+        T::deserialize(&raw)
+            .map(Some)
+            .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))
+    }
+
+    /// An object, kept whole beside its fields.
+    async fn get_answer<T: Answer>(
+        &self,
+        what: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Option<T>, CallError> {
+        let Some(raw) = self.get_raw(what, request).await? else {
+            return Ok(None);
+        };
+        read(raw)
+            .map(Some)
+            .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))
+    }
+
+    async fn get_raw(
+        &self,
+        what: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Option<Value>, CallError> {
         let response = request
             .basic_auth(&self.username, Some(self.password.expose_secret()))
             .send()
@@ -160,7 +221,7 @@ impl HarborClient {
         }
         let response = success(what, response).await?;
         let found = response
-            .json::<T>()
+            .json::<Value>()
             .await
             .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))?;
         Ok(Some(found))
@@ -168,7 +229,7 @@ impl HarborClient {
 
     /// Every item of a paginated list (`page_size` 100, Harbor's maximum), page by page; the
     /// first failed page ends it (a list is retried whole, never resumed from a stale page).
-    async fn list_all<T: for<'de> Deserialize<'de>>(
+    async fn list_all<T: Answer>(
         &self,
         what: &str,
         segments: &[&str],
@@ -188,9 +249,14 @@ impl HarborClient {
                 .http
                 .get(url)
                 .header("X-Accept-Vulnerabilities", VULNERABILITY_REPORTS);
-            let items: Vec<T> = self.get(&what, request).await?.unwrap_or_default();
+            let items: Vec<Value> = self.get(&what, request).await?.unwrap_or_default();
             let last = items.len() < PAGE_SIZE;
-            all.extend(items);
+            for item in items {
+                let item = read(item).map_err(|error| {
+                    CallError::permanent(format!("{what}: unreadable answer: {error}"))
+                })?;
+                all.push(item);
+            }
             if last {
                 break;
             }
@@ -234,7 +300,7 @@ impl HarborClient {
     pub async fn project(&self, name: &str) -> Result<Option<Project>, CallError> {
         let url = self.endpoint(&["projects", name]);
         let request = self.http.get(url).header("X-Is-Resource-Name", "true");
-        self.get(&format!("Harbor GET project {name}"), request)
+        self.get_answer(&format!("Harbor GET project {name}"), request)
             .await
     }
 
@@ -250,7 +316,7 @@ impl HarborClient {
             "repositories",
             &repository.encoded_once(),
         ]);
-        self.get(
+        self.get_answer(
             &format!("Harbor GET repository {repository}"),
             self.http.get(url),
         )
@@ -264,13 +330,22 @@ impl HarborClient {
         repository: &RepositoryName,
         digest: &Digest,
     ) -> Result<Option<Artifact>, CallError> {
+        self.artifact_at(repository, digest.as_str()).await
+    }
+
+    /// The artifact a digest or a tag names, as [`HarborClient::artifact`].
+    pub async fn artifact_at(
+        &self,
+        repository: &RepositoryName,
+        reference: &str,
+    ) -> Result<Option<Artifact>, CallError> {
         let mut url = self.endpoint(&[
             "projects",
             repository.project(),
             "repositories",
             &repository.encoded_once(),
             "artifacts",
-            digest.as_str(),
+            reference,
         ]);
         url.query_pairs_mut()
             .append_pair("with_tag", "true")
@@ -280,8 +355,8 @@ impl HarborClient {
             .http
             .get(url)
             .header("X-Accept-Vulnerabilities", VULNERABILITY_REPORTS);
-        self.get(
-            &format!("Harbor GET artifact {repository}@{digest}"),
+        self.get_answer(
+            &format!("Harbor GET artifact {repository}@{reference}"),
             request,
         )
         .await

@@ -32,6 +32,10 @@ pub struct PortClient {
     client_secret: SecretString,
     token: Mutex<Option<Token>>,
     refreshing: tokio::sync::Mutex<()>,
+    /// `create_missing_related_entities` on upserts.
+    create_missing_related: bool,
+    /// `delete_dependents` on deletes.
+    delete_dependents: bool,
 }
 
 /// What [`PortClient::apply_blueprint`] did.
@@ -51,6 +55,15 @@ struct AccessToken {
 }
 
 impl PortClient {
+    /// Whether upserts create missing related entities (the mapping's
+    /// `createMissingRelatedEntities`; on by default) and deletes take the entities that depend
+    /// on the deleted one with them (`deleteDependentEntities`; off by default).
+    pub fn with_options(mut self, create_missing_related: bool, delete_dependents: bool) -> Self {
+        self.create_missing_related = create_missing_related;
+        self.delete_dependents = delete_dependents;
+        self
+    }
+
     /// `base` is the API's address (`https://api.port.io`).
     pub fn new(http: Client, base: Url, client_id: String, client_secret: SecretString) -> Self {
         Self {
@@ -60,6 +73,8 @@ impl PortClient {
             client_secret,
             token: Mutex::new(None),
             refreshing: tokio::sync::Mutex::new(()),
+            create_missing_related: true,
+            delete_dependents: false,
         }
     }
 
@@ -162,14 +177,22 @@ impl PortClient {
     }
 
     /// Creates the entity or merges it into the existing one; a missing related entity (the
-    /// repository of an artifact, say) is created empty, to be filled in by its own upsert.
+    /// repository of an artifact, say) is created empty, to be filled in by its own upsert,
+    /// unless the mapping turns that off.
     #[instrument(skip_all, fields(blueprint = blueprint, identifier = %entity.identifier))]
     pub async fn upsert(&self, blueprint: &str, entity: &Entity) -> Result<(), CallError> {
         let mut url = self.endpoint(&["blueprints", blueprint, "entities"]);
         url.query_pairs_mut()
             .append_pair("upsert", "true")
             .append_pair("merge", "true")
-            .append_pair("create_missing_related_entities", "true");
+            .append_pair(
+                "create_missing_related_entities",
+                if self.create_missing_related {
+                    "true"
+                } else {
+                    "false"
+                },
+            );
         let what = format!("Port upsert {blueprint} {}", entity.identifier);
         let response = self
             .send(&what, |token| {
@@ -192,7 +215,14 @@ impl PortClient {
         url.query_pairs_mut()
             .append_pair("upsert", "true")
             .append_pair("merge", "true")
-            .append_pair("create_missing_related_entities", "true");
+            .append_pair(
+                "create_missing_related_entities",
+                if self.create_missing_related {
+                    "true"
+                } else {
+                    "false"
+                },
+            );
         let what = format!("Port bulk upsert of {} {blueprint}", entities.len());
         let body = json!({ "entities": entities });
         let response = self
@@ -277,8 +307,14 @@ impl PortClient {
     #[instrument(skip_all, fields(blueprint = blueprint, identifier = identifier))]
     pub async fn delete(&self, blueprint: &str, identifier: &str) -> Result<(), CallError> {
         let mut url = self.endpoint(&["blueprints", blueprint, "entities", identifier]);
-        url.query_pairs_mut()
-            .append_pair("delete_dependents", "false");
+        url.query_pairs_mut().append_pair(
+            "delete_dependents",
+            if self.delete_dependents {
+                "true"
+            } else {
+                "false"
+            },
+        );
         let what = format!("Port delete {blueprint} {identifier}");
         let response = self
             .send(&what, |token| {

@@ -1,0 +1,701 @@
+//! The mapping from Harbor's objects to Port entities, in Port Ocean's port-app-config format:
+//! per kind (`project`, `repository`, `artifact`), a JQ `selector.query` and JQ
+//! `port.entity.mappings`, evaluated by jaq. Every expression is compiled once, when the file is
+//! read; a file that does not parse or an expression that does not compile is refused then,
+//! with a message naming the file, the resource (index and kind), the field and the error.
+//!
+//! The object a kind's expressions see is what Harbor's API answers for it, with `.__project` on
+//! repositories and artifacts and `.__repository` on artifacts (each as Harbor answers it), and
+//! `.__harbor` (`url`, `name`) on all: which Harbor it comes from.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+
+use jaq_core::load::{Arena, File, Loader};
+use jaq_core::{Ctx, Native, RcIter};
+use jaq_json::Val;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::entities::Entity;
+
+/// The mapping used without `MAPPING_FILE`: today's entities, property for property.
+pub const DEFAULT: &str = include_str!("../../deploy/port/mapping.yaml");
+
+/// What a resource maps: one of Harbor's three kinds of object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// `GET /projects/{name}`.
+    Project,
+    /// `GET /projects/{p}/repositories/{r}`, with `.__project`.
+    Repository,
+    /// `GET .../artifacts/{digest}` with tags, labels and scan overview, with `.__project` and
+    /// `.__repository`.
+    Artifact,
+}
+
+impl Kind {
+    /// Its name in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Project => "project",
+            Self::Repository => "repository",
+            Self::Artifact => "artifact",
+        }
+    }
+
+    /// A kind by its name in the file.
+    pub fn parse(name: &str) -> Option<Self> {
+        // Port Ocean's own Harbor integration names them in the plural.
+        match name {
+            "project" | "projects" => Some(Self::Project),
+            "repository" | "repositories" => Some(Self::Repository),
+            "artifact" | "artifacts" => Some(Self::Artifact),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A mapping file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct MappingError {
+    file: String,
+    message: String,
+}
+
+/// An object the mapping could not turn into entities: a bad entity, or an expression that
+/// failed at run time. Names the resource and the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("mapping resource {index} ({kind}), {field}: {message}")]
+pub struct RenderError {
+    index: usize,
+    kind: Kind,
+    field: String,
+    message: String,
+}
+
+/// An entity and the blueprint it belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapped {
+    /// The blueprint's identifier.
+    pub blueprint: String,
+    /// The entity.
+    pub entity: Entity,
+}
+
+/// What an object maps to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rendered {
+    /// One entity per resource of the kind whose selector took the object.
+    pub entities: Vec<Mapped>,
+    /// A resource of the kind left the object out (its selector was false): entities of it
+    /// that this integration wrote earlier are to be deleted.
+    pub excluded: bool,
+}
+
+type Filter = jaq_core::Filter<Native<Val>>;
+
+/// A compiled expression and its source, for messages.
+struct Expression {
+    filter: Filter,
+}
+
+struct Resource {
+    index: usize,
+    kind: Kind,
+    selector: Expression,
+    identifier: Expression,
+    title: Option<Expression>,
+    blueprint: Expression,
+    properties: Vec<(String, Expression)>,
+    relations: Vec<(String, Expression)>,
+}
+
+/// A compiled mapping.
+pub struct Mapping {
+    resources: Vec<Resource>,
+    /// `deleteDependentEntities`: Port deletes the entities that depend on one deleted.
+    pub delete_dependents: bool,
+    /// `createMissingRelatedEntities`: Port creates a related entity that does not exist yet.
+    pub create_missing_related: bool,
+    /// `entityDeletionThreshold`, if the file sets it.
+    pub deletion_threshold: Option<f64>,
+    /// Whether some expression of a kind reads `.__project` / `.__repository` (else they are
+    /// not fetched).
+    reads: BTreeMap<Kind, (bool, bool)>,
+}
+
+impl fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mapping")
+            .field("resources", &self.resources.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FileFormat {
+    #[serde(default = "yes")]
+    delete_dependent_entities: bool,
+    #[serde(default = "yes")]
+    create_missing_related_entities: bool,
+    entity_deletion_threshold: Option<f64>,
+    resources: Vec<ResourceFormat>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResourceFormat {
+    kind: String,
+    #[serde(default)]
+    selector: SelectorFormat,
+    port: PortFormat,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SelectorFormat {
+    query: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortFormat {
+    entity: EntityFormat,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntityFormat {
+    mappings: MappingsFormat,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MappingsFormat {
+    identifier: String,
+    title: Option<String>,
+    blueprint: String,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
+    #[serde(default)]
+    relations: BTreeMap<String, String>,
+}
+
+/// Compiles one JQ expression, or says why it does not.
+fn compile(code: &str) -> Result<Filter, String> {
+    let defs = jaq_std::defs().chain(jaq_json::defs());
+    let loader = Loader::new(defs);
+    let arena = Arena::default();
+    let modules = loader
+        .load(&arena, File { code, path: () })
+        .map_err(|errors| {
+            let reasons: Vec<String> = errors
+                .into_iter()
+                .flat_map(|(_, error)| match error {
+                    jaq_core::load::Error::Io(io) => io
+                        .into_iter()
+                        .map(|(path, e)| format!("{path}: {e}"))
+                        .collect::<Vec<_>>(),
+                    jaq_core::load::Error::Lex(lex) => lex
+                        .into_iter()
+                        .map(|(expect, at)| {
+                            format!("expected {} at `{}`", expect.as_str(), near(at))
+                        })
+                        .collect(),
+                    jaq_core::load::Error::Parse(parse) => parse
+                        .into_iter()
+                        .map(|(expect, at)| {
+                            format!("expected {} at `{}`", expect.as_str(), near(at))
+                        })
+                        .collect(),
+                })
+                .collect();
+            format!("does not parse: {}", reasons.join("; "))
+        })?;
+    jaq_core::Compiler::default()
+        .with_funs(jaq_std::funs().chain(jaq_json::funs()))
+        .compile(modules)
+        .map_err(|errors| {
+            let reasons: Vec<String> = errors
+                .into_iter()
+                .flat_map(|(_, undefined)| undefined)
+                .map(|(name, what)| format!("undefined {}: `{name}`", undefined_kind(&what)))
+                .collect();
+            format!("does not compile: {}", reasons.join("; "))
+        })
+}
+
+fn undefined_kind(what: &jaq_core::compile::Undefined) -> String {
+    use jaq_core::compile::Undefined;
+    match what {
+        Undefined::Mod => "module".into(),
+        Undefined::Var => "variable".into(),
+        Undefined::Label => "label".into(),
+        Undefined::Filter(arity) => format!("filter of {arity} arguments"),
+        _ => "name".into(),
+    }
+}
+
+/// The start of the text at an error, for the message.
+fn near(rest: &str) -> String {
+    let shown: String = rest.chars().take(24).collect();
+    if shown.is_empty() {
+        "the end".into()
+    } else {
+        shown
+    }
+}
+
+impl Mapping {
+    /// Reads and compiles the mapping file at `path`.
+    pub fn load(path: &Path) -> Result<Self, MappingError> {
+        let text = std::fs::read_to_string(path).map_err(|error| MappingError {
+            file: path.display().to_string(),
+            message: format!("cannot be read: {error}"),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// The default mapping (`deploy/port/mapping.yaml`, built in).
+    pub fn default_mapping() -> Self {
+        Self::parse(DEFAULT, "deploy/port/mapping.yaml")
+            .unwrap_or_else(|error| unreachable!("the built-in mapping is tested: {error}"))
+    }
+
+    /// Compiles a mapping from its text; `file` names it in messages.
+    pub fn parse(text: &str, file: &str) -> Result<Self, MappingError> {
+        let refuse = |message: String| MappingError {
+            file: file.to_owned(),
+            message,
+        };
+        let format: FileFormat = serde_yaml_ng::from_str(text)
+            .map_err(|error| refuse(format!("not a port-app-config mapping: {error}")))?;
+        if let Some(threshold) = format.entity_deletion_threshold
+            && !(0.0..=1.0).contains(&threshold)
+        {
+            return Err(refuse(format!(
+                "entityDeletionThreshold is {threshold}; it is a share, from 0 to 1"
+            )));
+        }
+        let mut resources = Vec::with_capacity(format.resources.len());
+        let mut reads: BTreeMap<Kind, (bool, bool)> = BTreeMap::new();
+        for (index, resource) in format.resources.into_iter().enumerate() {
+            let Some(kind) = Kind::parse(&resource.kind) else {
+                return Err(refuse(format!(
+                    "resource {index}: unknown kind `{}` (project, repository or artifact)",
+                    resource.kind
+                )));
+            };
+            let expression = |field: &str, code: &str| {
+                compile(code)
+                    .map(|filter| Expression { filter })
+                    .map_err(|e| {
+                        refuse(format!("resource {index} ({kind}), {field}: `{code}` {e}"))
+                    })
+            };
+            let mappings = resource.port.entity.mappings;
+            let mut sources = vec![
+                resource.selector.query.clone().unwrap_or_default(),
+                mappings.identifier.clone(),
+                mappings.blueprint.clone(),
+            ];
+            sources.extend(mappings.title.clone());
+            sources.extend(mappings.properties.values().cloned());
+            sources.extend(mappings.relations.values().cloned());
+            let read = reads.entry(kind).or_default();
+            read.0 |= sources.iter().any(|s| s.contains("__project"));
+            read.1 |= sources.iter().any(|s| s.contains("__repository"));
+            let selector = resource.selector.query.as_deref().unwrap_or("true");
+            let mut properties = Vec::with_capacity(mappings.properties.len());
+            for (name, code) in &mappings.properties {
+                properties.push((
+                    name.clone(),
+                    expression(&format!("properties.{name}"), code)?,
+                ));
+            }
+            let mut relations = Vec::with_capacity(mappings.relations.len());
+            for (name, code) in &mappings.relations {
+                relations.push((
+                    name.clone(),
+                    expression(&format!("relations.{name}"), code)?,
+                ));
+            }
+            resources.push(Resource {
+                index,
+                kind,
+                selector: expression("selector.query", selector)?,
+                identifier: expression("identifier", &mappings.identifier)?,
+                title: match &mappings.title {
+                    Some(code) => Some(expression("title", code)?),
+                    None => None,
+                },
+                blueprint: expression("blueprint", &mappings.blueprint)?,
+                properties,
+                relations,
+            });
+        }
+        Ok(Self {
+            resources,
+            delete_dependents: format.delete_dependent_entities,
+            create_missing_related: format.create_missing_related_entities,
+            deletion_threshold: format.entity_deletion_threshold,
+            reads,
+        })
+    }
+
+    /// Whether the expressions of `kind` read `.__project`.
+    pub fn reads_project(&self, kind: Kind) -> bool {
+        self.reads.get(&kind).is_some_and(|r| r.0)
+    }
+
+    /// Whether the expressions of `kind` read `.__repository`.
+    pub fn reads_repository(&self, kind: Kind) -> bool {
+        self.reads.get(&kind).is_some_and(|r| r.1)
+    }
+
+    /// Whether any resource maps `kind`.
+    pub fn maps(&self, kind: Kind) -> bool {
+        self.resources.iter().any(|r| r.kind == kind)
+    }
+
+    /// The entities `object` (of `kind`, with its `__` fields) maps to.
+    pub fn render(&self, kind: Kind, object: &Value) -> Result<Rendered, RenderError> {
+        let mut rendered = Rendered::default();
+        let input = Val::from(object.clone());
+        for resource in self.resources.iter().filter(|r| r.kind == kind) {
+            let selected = resource.eval("selector.query", &resource.selector, &input)?;
+            if !truthy(&selected) {
+                rendered.excluded = true;
+                continue;
+            }
+            rendered.entities.push(resource.entity(&input)?);
+        }
+        Ok(rendered)
+    }
+}
+
+fn truthy(value: &Value) -> bool {
+    !matches!(value, Value::Null | Value::Bool(false))
+}
+
+impl Resource {
+    fn error(&self, field: &str, message: impl Into<String>) -> RenderError {
+        RenderError {
+            index: self.index,
+            kind: self.kind,
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// The first value the expression yields (`null` when it yields none).
+    fn eval(
+        &self,
+        field: &str,
+        expression: &Expression,
+        input: &Val,
+    ) -> Result<Value, RenderError> {
+        let run = || {
+            let inputs = RcIter::new(core::iter::empty());
+            let mut out = expression
+                .filter
+                .run((Ctx::new([], &inputs), input.clone()));
+            match out.next() {
+                None => Ok(Value::Null),
+                Some(Ok(value)) => Ok(Value::from(value)),
+                Some(Err(error)) => {
+                    // `error("text")` shows as the JSON string; the text reads better.
+                    let text = error.to_string();
+                    let unquoted = text.strip_prefix('"').and_then(|t| t.strip_suffix('"'));
+                    Err(clip(unquoted.unwrap_or(&text)))
+                }
+            }
+        };
+        match catch_unwind(AssertUnwindSafe(run)) {
+            Ok(result) => result.map_err(|message| self.error(field, message)),
+            Err(_) => Err(self.error(field, "the expression failed (jaq panicked)")),
+        }
+    }
+
+    fn string(
+        &self,
+        field: &str,
+        expression: &Expression,
+        input: &Val,
+    ) -> Result<String, RenderError> {
+        match self.eval(field, expression, input)? {
+            Value::String(s) if !s.is_empty() => Ok(s),
+            Value::String(_) => Err(self.error(field, "is an empty string")),
+            other => Err(self.error(field, format!("is {}, not a string", describe(&other)))),
+        }
+    }
+
+    fn entity(&self, input: &Val) -> Result<Mapped, RenderError> {
+        let identifier = self.string("identifier", &self.identifier, input)?;
+        let blueprint = self.string("blueprint", &self.blueprint, input)?;
+        let title = match &self.title {
+            None => identifier.clone(),
+            Some(title) => match self.eval("title", title, input)? {
+                Value::Null => identifier.clone(),
+                Value::String(s) => s,
+                other => {
+                    return Err(
+                        self.error("title", format!("is {}, not a string", describe(&other)))
+                    );
+                }
+            },
+        };
+        let mut properties = Map::new();
+        for (name, expression) in &self.properties {
+            let field = format!("properties.{name}");
+            properties.insert(name.clone(), self.eval(&field, expression, input)?);
+        }
+        let mut relations = Map::new();
+        for (name, expression) in &self.relations {
+            let field = format!("relations.{name}");
+            let value = self.eval(&field, expression, input)?;
+            let valid = match &value {
+                Value::Null | Value::String(_) => true,
+                Value::Array(items) => items.iter().all(Value::is_string),
+                _ => false,
+            };
+            if !valid {
+                return Err(self.error(
+                    &field,
+                    format!(
+                        "is {}, not an identifier or a list of them",
+                        describe(&value)
+                    ),
+                ));
+            }
+            relations.insert(name.clone(), value);
+        }
+        Ok(Mapped {
+            blueprint,
+            entity: Entity {
+                identifier,
+                title,
+                properties,
+                relations,
+            },
+        })
+    }
+}
+
+/// A value, named for a message, its text clipped.
+fn describe(value: &Value) -> String {
+    let kind = match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    match value {
+        Value::Null => kind.to_owned(),
+        _ => format!("{kind} ({})", clip(&value.to_string())),
+    }
+}
+
+/// At most 80 characters of a text from a payload, for a message.
+fn clip(text: &str) -> String {
+    const MAX: usize = 80;
+    match text.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn mapping(resources: &str) -> Result<Mapping, MappingError> {
+        Mapping::parse(&format!("resources:\n{resources}"), "test.yaml")
+    }
+
+    const ARTIFACT: &str = r#"
+  - kind: artifact
+    selector:
+      query: '.__project.name | startswith("sandbox-") | not'
+    port:
+      entity:
+        mappings:
+          identifier: '.__repository.name + "@" + .digest'
+          title: '.__repository.name + ":" + ((.tags // [])[0].name // "untagged")'
+          blueprint: '"harborArtifact"'
+          properties:
+            tags: '[.tags[]?.name]'
+          relations:
+            repository: '.__repository.name'
+"#;
+
+    fn artifact(project: &str) -> Value {
+        json!({
+            "digest": "sha256:aa", "tags": [{"name": "v1"}, {"name": "latest"}],
+            "__repository": {"name": format!("{project}/web")},
+            "__project": {"name": project},
+        })
+    }
+
+    #[test]
+    fn an_artifact_is_mapped_as_the_file_says() {
+        let mapping = mapping(ARTIFACT).unwrap();
+        assert!(mapping.reads_project(Kind::Artifact));
+        assert!(mapping.reads_repository(Kind::Artifact));
+        assert!(!mapping.maps(Kind::Project));
+        let rendered = mapping.render(Kind::Artifact, &artifact("alpha")).unwrap();
+        assert!(!rendered.excluded);
+        assert_eq!(
+            rendered.entities,
+            vec![Mapped {
+                blueprint: "harborArtifact".into(),
+                entity: Entity {
+                    identifier: "alpha/web@sha256:aa".into(),
+                    title: "alpha/web:v1".into(),
+                    properties: json!({"tags": ["v1", "latest"]})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                    relations: json!({"repository": "alpha/web"})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                },
+            }]
+        );
+    }
+
+    #[test]
+    fn a_selector_leaves_an_object_out() {
+        let mapping = mapping(ARTIFACT).unwrap();
+        let rendered = mapping
+            .render(Kind::Artifact, &artifact("sandbox-1"))
+            .unwrap();
+        assert!(rendered.excluded);
+        assert!(rendered.entities.is_empty());
+        // Kinds the file does not map yield nothing, and leave nothing out.
+        let project = mapping
+            .render(Kind::Project, &json!({"name": "x"}))
+            .unwrap();
+        assert_eq!(project, Rendered::default());
+    }
+
+    #[test]
+    fn a_kind_may_appear_twice() {
+        let twice = format!(
+            "{ARTIFACT}{}",
+            ARTIFACT
+                .replace("harborArtifact", "image")
+                .replace(" | not'", "'")
+        );
+        let mapping = mapping(&twice).unwrap();
+        let alpha = mapping.render(Kind::Artifact, &artifact("alpha")).unwrap();
+        assert_eq!(alpha.entities.len(), 1);
+        assert!(alpha.excluded);
+        let both = mapping
+            .render(Kind::Artifact, &artifact("sandbox-1"))
+            .unwrap();
+        assert_eq!(both.entities[0].blueprint, "image");
+    }
+
+    #[test]
+    fn files_that_cannot_be_used_are_refused_with_the_resource_and_the_field() {
+        let cases = [
+            ("resources: [", "test.yaml: not a port-app-config mapping"),
+            (
+                "resources:\n  - kind: user\n    port: {entity: {mappings: {identifier: '.a', blueprint: '\"b\"'}}}",
+                "test.yaml: resource 0: unknown kind `user`",
+            ),
+            (
+                "resources:\n  - kind: project\n    port: {entity: {mappings: {identifier: '.name |', blueprint: '\"b\"'}}}",
+                "test.yaml: resource 0 (project), identifier: `.name |` does not parse",
+            ),
+            (
+                "resources:\n  - kind: project\n    port: {entity: {mappings: {identifier: '.name', blueprint: '\"b\"', properties: {x: 'nosuch(1)'}}}}",
+                "test.yaml: resource 0 (project), properties.x: `nosuch(1)` does not compile: undefined filter of 1 arguments: `nosuch`",
+            ),
+            (
+                "resources:\n  - kind: project\n    selector: {query: '$x'}\n    port: {entity: {mappings: {identifier: '.name', blueprint: '\"b\"'}}}",
+                "test.yaml: resource 0 (project), selector.query: `$x` does not compile: undefined variable",
+            ),
+            (
+                "entityDeletionThreshold: 2\nresources: []",
+                "test.yaml: entityDeletionThreshold is 2",
+            ),
+            (
+                "resources:\n  - kind: project\n    port: {entity: {mappings: {identifier: '.name', blueprint: '\"b\"', team: '\"t\"'}}}",
+                "unknown field `team`",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = Mapping::parse(text, "test.yaml").unwrap_err().to_string();
+            assert!(
+                error.contains(expected),
+                "{text}\n  gave: {error}\n  expected: {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_entity_names_the_resource_and_the_field() {
+        let cases = [
+            (
+                "identifier: '.missing'",
+                "identifier: is null, not a string",
+            ),
+            (
+                "identifier: '.id'",
+                "identifier: is a number (7), not a string",
+            ),
+            ("identifier: '.name | error(\"boom\")'", "identifier: boom"),
+            (
+                "identifier: '.name', properties: {x: '.name | tonumber'}",
+                "properties.x:",
+            ),
+            (
+                "identifier: '.name', relations: {r: '{a: 1}'}",
+                "relations.r: is an object",
+            ),
+        ];
+        for (fields, expected) in cases {
+            let text = format!(
+                "resources:\n  - kind: project\n    port: {{entity: {{mappings: {{blueprint: '\"b\"', {fields}}}}}}}"
+            );
+            let mapping = Mapping::parse(&text, "t").unwrap();
+            let error = mapping
+                .render(Kind::Project, &json!({"name": "alpha", "id": 7}))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.starts_with("mapping resource 0 (project), ") && error.contains(expected),
+                "{fields}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_plural_kinds_of_port_oceans_harbor_integration_are_understood() {
+        let text = "resources:\n  - kind: repositories\n    port: {entity: {mappings: {identifier: '.name', blueprint: '\"b\"'}}}";
+        let mapping = Mapping::parse(text, "t").unwrap();
+        assert!(mapping.maps(Kind::Repository));
+        assert!(!mapping.reads_project(Kind::Repository));
+    }
+}
