@@ -2,6 +2,7 @@
 //! shapes: Harbor's swagger (`tests/fixtures/harbor/swagger.yaml`) and Port's route schemas
 //! (`tests/fixtures/port/`).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::prelude::{BASE64_STANDARD, Engine as _};
@@ -272,6 +273,9 @@ pub struct PortWrite {
 pub struct FakePort {
     /// The mock server; mount more on it at will (with a priority below 5 to override).
     pub server: MockServer,
+    /// What Port holds, by blueprint and identifier: what was written, and what a test says
+    /// it holds. Searches look here.
+    held: Held,
 }
 
 impl FakePort {
@@ -287,6 +291,7 @@ impl FakePort {
             .mount(&server)
             .await;
         let bearer = format!("Bearer {PORT_TOKEN}");
+        let held = Held::default();
         // Upserts alone and in bulk.
         Mock::given(method("POST"))
             .and(path_regex(r"^/v1/blueprints/[^/]+/entities(/bulk)?$"))
@@ -294,26 +299,53 @@ impl FakePort {
             .and(query_param("merge", "true"))
             .and(query_param("create_missing_related_entities", "true"))
             .and(header("authorization", bearer.as_str()))
-            .respond_with(accept_upserts)
+            .respond_with({
+                let held = held.clone();
+                move |request: &Request| {
+                    for write in entity_writes(request) {
+                        held.write(&write);
+                    }
+                    accept_upserts(request)
+                }
+            })
             .mount(&server)
             .await;
-        // Stateless: a search finds nothing (tests that need Port's state use the sandbox).
         Mock::given(method("POST"))
             .and(path("/v1/entities/search"))
             .and(header("authorization", bearer.as_str()))
-            .respond_with(
-                ResponseTemplate::new(200).set_body_json(json!({"ok": true, "entities": []})),
-            )
+            .respond_with({
+                let held = held.clone();
+                move |request: &Request| held.search(request)
+            })
             .mount(&server)
             .await;
         Mock::given(method("DELETE"))
             .and(path_regex(r"^/v1/blueprints/[^/]+/entities/[^/]+$"))
             .and(query_param("delete_dependents", "false"))
             .and(header("authorization", bearer.as_str()))
-            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"ok": true})))
+            .respond_with({
+                let held = held.clone();
+                move |request: &Request| {
+                    for write in entity_writes(request) {
+                        held.write(&write);
+                    }
+                    ResponseTemplate::new(200).set_body_json(json!({"ok": true}))
+                }
+            })
             .mount(&server)
             .await;
-        Self { server }
+        Self { server, held }
+    }
+
+    /// Port holds this entity of `blueprint` (written before the test began).
+    pub fn holds(&self, blueprint: &str, entity: Value) {
+        let identifier = entity["identifier"].as_str().unwrap_or_default().to_owned();
+        self.held.write(&PortWrite {
+            action: "upsert",
+            blueprint: blueprint.to_owned(),
+            identifier,
+            entity: Some(entity),
+        });
     }
 
     /// Its address, as `PORT_API_URL`.
@@ -377,6 +409,69 @@ impl FakePort {
             .await
             .unwrap_or_default()
             .len()
+    }
+}
+
+/// The entities the fake Port holds, by blueprint and identifier.
+#[derive(Clone, Default)]
+struct Held(Arc<Mutex<std::collections::BTreeMap<(String, String), Value>>>);
+
+impl Held {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<(String, String), Value>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An upsert merges its properties and relations into the entity; a delete removes it.
+    fn write(&self, write: &PortWrite) {
+        let key = (write.blueprint.clone(), write.identifier.clone());
+        let mut held = self.lock();
+        match &write.entity {
+            None => {
+                held.remove(&key);
+            }
+            Some(entity) => {
+                let current = held
+                    .entry(key)
+                    .or_insert_with(|| json!({"properties": {}, "relations": {}}));
+                for (field, value) in entity.as_object().into_iter().flatten() {
+                    match (field.as_str(), value.as_object()) {
+                        ("properties" | "relations", Some(values)) => {
+                            for (name, v) in values {
+                                current[field][name] = v.clone();
+                            }
+                        }
+                        _ => current[field] = value.clone(),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `POST /v1/entities/search` over what it holds.
+    fn search(&self, request: &Request) -> ResponseTemplate {
+        let query: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+        let include: Vec<String> = request
+            .url
+            .query_pairs()
+            .filter(|(key, _)| key == "include")
+            .map(|(_, value)| value.into_owned())
+            .collect();
+        let mut found = Vec::new();
+        for ((blueprint, _), entity) in self.lock().iter() {
+            match crate::sandbox::port::matches(&query, blueprint, entity) {
+                Ok(true) => found.push(crate::sandbox::port::included(entity, blueprint, &include)),
+                Ok(false) => {}
+                Err(message) => {
+                    return ResponseTemplate::new(422)
+                        .set_body_json(json!({"ok": false, "message": message}));
+                }
+            }
+        }
+        ResponseTemplate::new(200).set_body_json(json!({"ok": true, "entities": found}))
     }
 }
 

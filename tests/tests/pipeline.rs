@@ -86,6 +86,17 @@ fn artifact_entity(stack: &Stack, full_name: &str, digest: &str, tags: &[&str]) 
     )
 }
 
+/// Port holds this integration's entity of `blueprint` (`harborArtifact`, ...) for `identifier`,
+/// as an earlier refresh wrote it.
+fn held(stack: &Stack, blueprint: &str, identifier: &str) {
+    let kind = blueprint["harbor".len()..].to_lowercase();
+    stack.port.holds(
+        blueprint,
+        json!({"identifier": identifier, "title": identifier, "relations": {},
+               "properties": {"harborInstance": "default", "harborRef": format!("{kind}:{identifier}")}}),
+    );
+}
+
 /// Refreshes of different things run side by side: their writes arrive in any order.
 fn sorted(mut writes: Vec<PortWrite>) -> Vec<PortWrite> {
     writes.sort_by(|a, b| {
@@ -170,6 +181,7 @@ async fn delete_event_deletes_the_artifact_and_refreshes_the_repository() {
         .repository(&repo, harbor_json::repository(&repo, 0, 7))
         .await;
     stack.harbor.artifact_gone(&repo, &digest).await;
+    held(&stack, "harborArtifact", &format!("{repo}@{digest}"));
 
     stack.webhook(&body).await;
     let writes = stack.port.wait_for_writes(3, WAIT).await;
@@ -335,6 +347,8 @@ async fn replication_refreshes_the_copied_repositories_at_both_ends() {
         )
         .await;
     stack.harbor.repository_gone("library/alpine").await;
+    held(&stack, "harborRepository", "library/alpine");
+    held(&stack, "harborProject", "library");
 
     stack
         .webhook(&samples::load(
@@ -494,6 +508,7 @@ async fn harbor_404_on_push_deletes_the_artifact_entity() {
         .repository(&repo, harbor_json::repository(&repo, 0, 0))
         .await;
     stack.harbor.artifact_gone(&repo, &digest).await;
+    held(&stack, "harborArtifact", &format!("{repo}@{digest}"));
 
     stack.webhook(&body).await;
     let writes = stack.port.wait_for_writes(3, WAIT).await;
@@ -512,11 +527,14 @@ async fn a_repository_that_is_gone_deletes_its_entity_and_its_artifacts() {
     let (repo, digest) = samples::subject(&body);
     stack.harbor.repository_gone(&repo).await;
     stack.harbor.artifact_gone(&repo, &digest).await;
+    held(&stack, "harborArtifact", &format!("{repo}@{digest}"));
+    held(&stack, "harborRepository", &repo);
+    held(&stack, "harborProject", "harbor");
 
     stack.webhook(&body).await;
     let writes = stack.port.wait_for_writes(3, WAIT).await;
 
-    // The project answers 404 too (the fake holds nothing): its entity goes as well.
+    // The project answers 404 too (the fake Harbor holds nothing): its entity goes as well.
     assert_eq!(
         sorted(writes),
         sorted(vec![

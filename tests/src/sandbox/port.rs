@@ -356,7 +356,8 @@ async fn search(
     HttpResponse::Ok().json(json!({"ok": true, "entities": found}))
 }
 
-fn matches(query: &Value, blueprint: &str, entity: &Value) -> Result<bool, String> {
+/// Whether a search query matches an entity of `blueprint` (also used by the fake Port).
+pub fn matches(query: &Value, blueprint: &str, entity: &Value) -> Result<bool, String> {
     let rules = query["rules"].as_array().ok_or("a query needs rules")?;
     let mut results = Vec::new();
     for rule in rules {
@@ -413,7 +414,7 @@ fn rule_matches(rule: &Value, blueprint: &str, entity: &Value) -> Result<bool, S
 }
 
 /// The entity with only the fields named (`identifier`, `properties.digest`, ...).
-fn included(entity: &Value, blueprint: &str, include: &[String]) -> Value {
+pub fn included(entity: &Value, blueprint: &str, include: &[String]) -> Value {
     let mut full = entity.clone();
     full["blueprint"] = json!(blueprint);
     if include.is_empty() {

@@ -73,6 +73,11 @@ enum Mode {
         /// Projects the events are spread over (one work queue handles a project).
         #[arg(long, default_value_t = 1)]
         projects: u64,
+        /// Another harbor-worker binary (an earlier build, such as the last one with the
+        /// compiled mapping) to measure in turns with this one, on the same load: prints both
+        /// and their ratio.
+        #[arg(long)]
+        baseline_worker: Option<std::path::PathBuf>,
     },
     /// 10,000 PULL_ARTIFACT events for 10 repositories within 10 s; Harbor counts pulls every 10 s.
     PullFlood,
@@ -161,11 +166,32 @@ async fn start_worker_named(
     port: &FakePort,
     extra: &[(&'static str, String)],
 ) -> String {
+    start_worker_binary(
+        processes,
+        name,
+        "harbor-worker",
+        broker,
+        harbor,
+        port,
+        extra,
+    )
+    .await
+}
+
+async fn start_worker_binary(
+    processes: &mut Processes,
+    name: &str,
+    binary: &str,
+    broker: &TestTopology,
+    harbor: &FakeHarbor,
+    port: &FakePort,
+    extra: &[(&'static str, String)],
+) -> String {
     let metrics = free_port();
     let mut env = worker_env(broker, harbor, port, metrics);
     env.push(("RUST_LOG", "warn".to_owned()));
     env.extend(extra.iter().cloned());
-    processes.spawn(name, "harbor-worker", &env);
+    processes.spawn(name, binary, &env);
     let base = format!("http://127.0.0.1:{metrics}");
     harbor_sync_tests::apps::wait_ready_at(&format!("{base}/readyz")).await;
     base
@@ -657,13 +683,52 @@ async fn slow_port(
     (port, writes, first)
 }
 
+/// The worker mode: this build's worker, and, with a baseline binary, that one in turns
+/// (this, baseline, this, baseline), each on a fresh topology and fakes.
 async fn worker(
     events: u64,
     latency_ms: u64,
     concurrency: u16,
     replicas: usize,
     projects: u64,
+    baseline: Option<std::path::PathBuf>,
 ) -> bool {
+    let load = (events, latency_ms, concurrency, replicas, projects);
+    let Some(baseline) = baseline else {
+        return worker_round("harbor-worker", load).await.is_some();
+    };
+    let baseline = baseline.display().to_string();
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        let Some(rate) = worker_round("harbor-worker", load).await else {
+            return false;
+        };
+        ours.push(rate);
+        let Some(rate) = worker_round(&baseline, load).await else {
+            return false;
+        };
+        theirs.push(rate);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    println!(
+        "this worker, events/s      {ours:.0?} (mean {:.0})",
+        mean(&ours)
+    );
+    println!(
+        "baseline {baseline}, events/s {theirs:.0?} (mean {:.0})",
+        mean(&theirs)
+    );
+    println!(
+        "this ÷ baseline            {:.3}",
+        mean(&ours) / mean(&theirs)
+    );
+    true
+}
+
+/// One run of `binary` (a name in the build's directory, or a path) on the load; its rate if
+/// every event settled.
+async fn worker_round(binary: &str, load: (u64, u64, u16, usize, u64)) -> Option<f64> {
+    let (events, latency_ms, concurrency, replicas, projects) = load;
     let latency = Duration::from_millis(latency_ms);
     let broker = TestTopology::new().await;
     let harbor = FakeHarbor::start().await;
@@ -694,8 +759,9 @@ async fn worker(
     for replica in 0..replicas {
         let env = [("WORKER_CONCURRENCY", concurrency.to_string())];
         let name = format!("worker-{replica}");
-        metrics
-            .push(start_worker_named(&mut processes, &name, &broker, &harbor, &port, &env).await);
+        metrics.push(
+            start_worker_binary(&mut processes, &name, binary, &broker, &harbor, &port, &env).await,
+        );
     }
     // Timed from readiness: process start is not throughput. Given up on after 30 s without
     // progress.
@@ -724,7 +790,7 @@ async fn worker(
     // worker can pass this.
     let per_event = 2.0 * latency.as_secs_f64();
     println!(
-        "worker: {events} preloaded PUSH events in {projects} project(s), fakes at {latency_ms} ms, WORKER_CONCURRENCY {concurrency}, {replicas} worker(s)"
+        "worker ({binary}): {events} preloaded PUSH events in {projects} project(s), fakes at {latency_ms} ms, WORKER_CONCURRENCY {concurrency}, {replicas} worker(s)"
     );
     println!("  events settled  {settled} of {events}");
     println!("  events/s        {rate:.0}");
@@ -740,7 +806,7 @@ async fn worker(
         println!("  events/bound    {:.2}", rate / bound);
     }
     stop(processes).await;
-    settled == events as usize
+    (settled == events as usize).then_some(rate)
 }
 
 /// The name of project `p` of `projects`: `myproj` when there is one.
@@ -974,7 +1040,18 @@ async fn main() -> std::process::ExitCode {
             concurrency,
             replicas,
             projects,
-        } => worker(events, latency_ms, concurrency, replicas, projects.max(1)).await,
+            baseline_worker,
+        } => {
+            worker(
+                events,
+                latency_ms,
+                concurrency,
+                replicas,
+                projects.max(1),
+                baseline_worker,
+            )
+            .await
+        }
         Mode::PullFlood => pull_flood().await,
         Mode::E2e { rate, seconds } => e2e(rate, seconds).await,
         Mode::BareHttp { listen, publish_to } => bare_http(listen, publish_to).await,

@@ -1,0 +1,224 @@
+//! A custom mapping file, end to end: webhooks through the ingest and the broker to a worker
+//! whose `MAPPING_FILE` says what becomes of Harbor's objects.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use harbor_sync_tests::apps::Stack;
+use harbor_sync_tests::fakes::{PortWrite, harbor_json};
+use harbor_sync_tests::samples;
+use harbor_worker::mapping::Mapping;
+use lapin::types::AMQPValue;
+use serde_json::{Value, json};
+
+/// Artifacts twice (the integration's own blueprint, and the team's `image` blueprint related
+/// to its `service` from a `team-*` label, with a property from an OCI annotation), and
+/// projects, with `sandbox-*` projects and everything in them left out.
+const MAPPING: &str = r#"
+deleteDependentEntities: false
+resources:
+  - kind: project
+    selector:
+      query: '.name | startswith("sandbox-") | not'
+    port:
+      entity:
+        mappings:
+          identifier: .name
+          blueprint: '"harborProject"'
+  - kind: artifact
+    selector:
+      query: '.__project.name | startswith("sandbox-") | not'
+    port:
+      entity:
+        mappings:
+          identifier: '.__repository.name + "@" + .digest'
+          title: '.__repository.name + ":" + ((.tags // [])[0].name // "untagged")'
+          blueprint: '"harborArtifact"'
+          properties:
+            tags: '[.tags[]?.name]'
+          relations:
+            repository: .__repository.name
+  - kind: artifact
+    selector:
+      query: '[(.labels // [])[].name | select(startswith("team-"))] | length > 0'
+    port:
+      entity:
+        mappings:
+          identifier: .digest
+          title: .repository_name
+          blueprint: '"image"'
+          properties:
+            source: '(.annotations // {})["org.opencontainers.image.source"]'
+          relations:
+            service: '[(.labels // [])[].name | select(startswith("team-")) | ltrimstr("team-")][0]'
+"#;
+
+async fn stack(mapping: &str) -> Stack {
+    let mapping = Arc::new(Mapping::parse(mapping, "test mapping").unwrap());
+    Stack::start_with(|settings| settings.port.mapping = mapping).await
+}
+
+fn upserts(writes: &[PortWrite], blueprint: &str) -> Vec<Value> {
+    writes
+        .iter()
+        .filter(|w| w.action == "upsert" && w.blueprint == blueprint)
+        .filter_map(|w| w.entity.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_label_relates_an_artifact_to_a_service_and_one_artifact_makes_two_entities() {
+    let stack = stack(MAPPING).await;
+    let (repo, digest) = ("payments/api", samples::digest(1));
+    stack
+        .harbor
+        .project("payments", harbor_json::project("payments"))
+        .await;
+    stack
+        .harbor
+        .repository(repo, harbor_json::repository(repo, 1, 0))
+        .await;
+    let mut artifact = harbor_json::artifact(repo, &digest, &["v1"], None);
+    artifact["labels"] = json!([{"id": 3, "name": "team-checkout", "scope": "g"}]);
+    artifact["annotations"] =
+        json!({"org.opencontainers.image.source": "https://github.com/acme/api"});
+    stack.harbor.artifact(repo, &digest, artifact).await;
+
+    stack
+        .webhook(&samples::event("PUSH_ARTIFACT", repo, &digest, "v1"))
+        .await;
+    stack.wait_for_outcome("synced", 1).await;
+
+    let writes = stack.port.writes().await;
+    let id = format!("{repo}@{digest}");
+    assert_eq!(
+        upserts(&writes, "harborArtifact"),
+        vec![json!({
+            "identifier": id, "title": format!("{repo}:v1"),
+            "properties": {"tags": ["v1"], "harborInstance": "default",
+                           "harborRef": format!("artifact:{id}"), "harborTags": ["v1"]},
+            "relations": {"repository": repo},
+        })]
+    );
+    assert_eq!(
+        upserts(&writes, "image"),
+        vec![json!({
+            "identifier": digest, "title": repo,
+            "properties": {"source": "https://github.com/acme/api", "harborInstance": "default",
+                           "harborRef": format!("artifact:{id}"), "harborTags": ["v1"]},
+            "relations": {"service": "checkout"},
+        })]
+    );
+    // The mapping has no repository resource: nothing is written for the repository.
+    assert!(upserts(&writes, "harborRepository").is_empty());
+    assert_eq!(upserts(&writes, "harborProject").len(), 1);
+}
+
+#[tokio::test]
+async fn a_project_its_selector_leaves_out_is_not_written_and_its_entities_are_deleted() {
+    let stack = stack(MAPPING).await;
+    let (repo, digest) = ("sandbox-1/app", samples::digest(2));
+    stack
+        .harbor
+        .project("sandbox-1", harbor_json::project("sandbox-1"))
+        .await;
+    stack
+        .harbor
+        .repository(repo, harbor_json::repository(repo, 1, 0))
+        .await;
+    stack.harbor.holds(repo, &digest, &["v1"], None).await;
+    // Written before the mapping left sandbox projects out.
+    let id = format!("{repo}@{digest}");
+    for (blueprint, identifier, reference) in [
+        (
+            "harborProject",
+            "sandbox-1".to_owned(),
+            "project:sandbox-1".to_owned(),
+        ),
+        ("harborArtifact", id.clone(), format!("artifact:{id}")),
+    ] {
+        stack.port.holds(
+            blueprint,
+            json!({"identifier": identifier, "title": identifier, "relations": {},
+                   "properties": {"harborInstance": "default", "harborRef": reference}}),
+        );
+    }
+
+    stack
+        .webhook(&samples::event("PUSH_ARTIFACT", repo, &digest, "v1"))
+        .await;
+    stack.wait_for_outcome("synced", 1).await;
+
+    let writes = stack.port.writes().await;
+    let actions: Vec<(&str, &str, &str)> = writes
+        .iter()
+        .map(|w| (w.action, w.blueprint.as_str(), w.identifier.as_str()))
+        .collect();
+    assert!(
+        actions.contains(&("delete", "harborProject", "sandbox-1")),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&("delete", "harborArtifact", id.as_str())),
+        "{actions:?}"
+    );
+    assert!(
+        !writes.iter().any(|w| w.action == "upsert"),
+        "nothing of a sandbox project is written: {actions:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_mapping_that_fails_on_an_object_parks_its_event_with_the_resource_and_the_field() {
+    // jaq refuses to index null: an artifact without labels fails this identifier.
+    let broken = r#"
+resources:
+  - kind: artifact
+    port:
+      entity:
+        mappings:
+          identifier: '.labels[0].name'
+          blueprint: '"harborArtifact"'
+"#;
+    let stack = stack(broken).await;
+    let (repo, digest) = ("alpha/web", samples::digest(3));
+    stack
+        .harbor
+        .project("alpha", harbor_json::project("alpha"))
+        .await;
+    stack
+        .harbor
+        .repository(repo, harbor_json::repository(repo, 1, 0))
+        .await;
+    stack.harbor.holds(repo, &digest, &["v1"], None).await;
+
+    stack
+        .webhook(&samples::event("PUSH_ARTIFACT", repo, &digest, "v1"))
+        .await;
+    stack.wait_for_outcome("parked", 1).await;
+
+    let parked = stack
+        .broker
+        .take(&stack.broker.topology().parked_queue())
+        .await
+        .unwrap();
+    let headers = parked.delivery.properties.headers().clone().unwrap();
+    let Some(AMQPValue::LongString(reason)) = headers.inner().get("x-failure-reason") else {
+        panic!("{headers:?}")
+    };
+    let reason = reason.to_string();
+    assert!(
+        reason.contains("mapping resource 0 (artifact), identifier:"),
+        "{reason}"
+    );
+    assert!(
+        !stack
+            .port
+            .writes()
+            .await
+            .iter()
+            .any(|w| w.action == "upsert"),
+        "nothing written for the object"
+    );
+}
