@@ -222,3 +222,50 @@ resources:
         "nothing written for the object"
     );
 }
+
+#[tokio::test]
+async fn mapping_render_prints_what_the_mapping_makes_of_harbors_current_data() {
+    let sandbox = harbor_sync_tests::apps::start_sandbox(
+        "http://127.0.0.1:9/webhook",
+        harbor_sync_tests::sandbox::PayloadFormat::Default,
+    )
+    .await;
+    sandbox.act("push", "library/nginx", "1.27").await;
+    let output = std::process::Command::new(harbor_sync_tests::processes::binary("harbor-worker"))
+        .args([
+            "mapping",
+            "render",
+            "--kind",
+            "artifact",
+            "--project",
+            "library",
+        ])
+        .args(["--repository", "nginx", "--reference", "1.27"])
+        .env_clear()
+        .env("HARBOR_URL", &sandbox.base)
+        .env("HARBOR_USERNAME", "admin")
+        .env("HARBOR_PASSWORD", "Harbor12345")
+        .env("PORT_CLIENT_ID", "sandbox-client")
+        .env("PORT_CLIENT_SECRET", "sandbox-secret")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let lines: Vec<Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["blueprint"], "harborArtifact");
+    let entity = &lines[0]["entity"];
+    assert_eq!(entity["title"], "library/nginx:1.27");
+    assert_eq!(entity["properties"]["tags"], json!(["1.27"]));
+    assert!(
+        entity["properties"]["harborRef"]
+            .as_str()
+            .unwrap()
+            .starts_with("artifact:library/nginx@sha256:")
+    );
+    // Nothing was written.
+    assert!(sandbox.ids("harborArtifact").await.is_empty());
+}

@@ -68,7 +68,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if summary.refused {
                 bail!(
-                    "refused: it would delete {:.0} % of this integration's entities, more than RESYNC_DELETION_THRESHOLD ({}); check HARBOR_URL and the robot account's access, or use --force",
+                    "refused: it would delete {:.0} % of this integration's entities, more than the deletion threshold ({}: the mapping file's entityDeletionThreshold, else RESYNC_DELETION_THRESHOLD); check HARBOR_URL and the robot account's access, or use --force",
                     summary.deleted_share() * 100.0,
                     options.deletion_threshold
                 );

@@ -178,7 +178,7 @@ pub struct PortArgs {
 
     /// How Harbor's objects become Port entities: a port-app-config YAML file (the default is
     /// deploy/port/mapping.yaml, built in). Read at start: a change takes a restart.
-    #[arg(long, env = "MAPPING_FILE")]
+    #[arg(long, env = "MAPPING_FILE", global = true)]
     pub mapping_file: Option<PathBuf>,
 }
 

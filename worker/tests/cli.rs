@@ -54,3 +54,42 @@ fn healthcheck_fails_when_no_worker_is_ready() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
 }
+
+#[test]
+fn mapping_check_accepts_the_default_and_names_what_is_wrong_in_a_bad_file() {
+    let default = worker().args(["mapping", "check"]).output().unwrap();
+    assert_eq!(default.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8(default.stdout).unwrap().trim(),
+        "the built-in mapping: ok"
+    );
+
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/port/mapping.yaml");
+    let output = worker()
+        .args(["mapping", "check"])
+        .env("MAPPING_FILE", shipped)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+
+    let dir = std::env::temp_dir().join(format!("mapping-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "resources:\n  - kind: artifact\n    port: {entity: {mappings: {identifier: '.digest', blueprint: '\"b\"', properties: {size: '.size |'}}}}\n",
+    )
+    .unwrap();
+    let output = worker()
+        .args(["mapping", "check", "--mapping-file"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let log = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        log.contains("bad.yaml: resource 0 (artifact), properties.size: `.size |` does not parse"),
+        "{log}"
+    );
+}
