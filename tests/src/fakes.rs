@@ -123,6 +123,14 @@ impl FakeHarbor {
             .await;
     }
 
+    /// `repository` exists (holding one artifact, never pulled), and so does its project.
+    pub async fn project_and_repository(&self, repository: &str) {
+        let project = repository.split_once('/').map_or(repository, |(p, _)| p);
+        self.project(project, harbor_json::project(project)).await;
+        self.repository(repository, harbor_json::repository(repository, 1, 0))
+            .await;
+    }
+
     /// Mounts the project, repository and artifact of a sample, all present.
     pub async fn holds(&self, repository: &str, digest: &str, tags: &[&str], scan: Option<Value>) {
         let project = repository.split_once('/').unwrap().0;

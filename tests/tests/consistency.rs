@@ -65,14 +65,7 @@ async fn a_write_port_refused_is_retried_with_what_harbor_has_then_not_what_it_h
     let stack = Stack::start().await;
     let (repository, digest) = ("alpha/web", samples::digest(1));
     let id = format!("{repository}@{digest}");
-    stack
-        .harbor
-        .project("alpha", harbor_json::project("alpha"))
-        .await;
-    stack
-        .harbor
-        .repository(repository, harbor_json::repository(repository, 1, 0))
-        .await;
+    stack.harbor.project_and_repository(repository).await;
     let tags = Arc::new(Mutex::new(vec!["v1"]));
     let answer = TagsNow {
         repository: repository.into(),
@@ -141,14 +134,7 @@ impl Respond for SlowThenGone {
 async fn a_delete_that_arrives_while_the_push_is_refreshed_leaves_the_artifact_deleted() {
     let stack = Stack::start().await;
     let (repository, digest) = ("alpha/web", samples::digest(2));
-    stack
-        .harbor
-        .project("alpha", harbor_json::project("alpha"))
-        .await;
-    stack
-        .harbor
-        .repository(repository, harbor_json::repository(repository, 1, 0))
-        .await;
+    stack.harbor.project_and_repository(repository).await;
     let (exists, asked) = (
         Arc::new(AtomicBool::new(true)),
         Arc::new(AtomicUsize::new(0)),

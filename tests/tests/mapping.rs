@@ -71,14 +71,7 @@ fn upserts(writes: &[PortWrite], blueprint: &str) -> Vec<Value> {
 async fn a_label_relates_an_artifact_to_a_service_and_one_artifact_makes_two_entities() {
     let stack = stack(MAPPING).await;
     let (repo, digest) = ("payments/api", samples::digest(1));
-    stack
-        .harbor
-        .project("payments", harbor_json::project("payments"))
-        .await;
-    stack
-        .harbor
-        .repository(repo, harbor_json::repository(repo, 1, 0))
-        .await;
+    stack.harbor.project_and_repository(repo).await;
     let mut artifact = harbor_json::artifact(repo, &digest, &["v1"], None);
     artifact["labels"] = json!([{"id": 3, "name": "team-checkout", "scope": "g"}]);
     artifact["annotations"] =
@@ -119,14 +112,7 @@ async fn a_label_relates_an_artifact_to_a_service_and_one_artifact_makes_two_ent
 async fn a_project_its_selector_leaves_out_is_not_written_and_its_entities_are_deleted() {
     let stack = stack(MAPPING).await;
     let (repo, digest) = ("sandbox-1/app", samples::digest(2));
-    stack
-        .harbor
-        .project("sandbox-1", harbor_json::project("sandbox-1"))
-        .await;
-    stack
-        .harbor
-        .repository(repo, harbor_json::repository(repo, 1, 0))
-        .await;
+    stack.harbor.project_and_repository(repo).await;
     stack.harbor.holds(repo, &digest, &["v1"], None).await;
     // Written before the mapping left sandbox projects out.
     let id = format!("{repo}@{digest}");
@@ -183,14 +169,7 @@ resources:
 "#;
     let stack = stack(broken).await;
     let (repo, digest) = ("alpha/web", samples::digest(3));
-    stack
-        .harbor
-        .project("alpha", harbor_json::project("alpha"))
-        .await;
-    stack
-        .harbor
-        .repository(repo, harbor_json::repository(repo, 1, 0))
-        .await;
+    stack.harbor.project_and_repository(repo).await;
     stack.harbor.holds(repo, &digest, &["v1"], None).await;
 
     stack

@@ -348,13 +348,14 @@ mod tests {
             object
         };
         let same = |kind: Kind, object: Value, expected: Entity, blueprint: &str| {
+            let shown = object.to_string();
             let rendered = mapping
-                .render(kind, &object)
-                .unwrap_or_else(|e| panic!("{e}: {object}"));
-            assert_eq!(rendered.entities.len(), 1, "{object}");
+                .render(kind, object)
+                .unwrap_or_else(|e| panic!("{e}: {shown}"));
+            assert_eq!(rendered.entities.len(), 1, "{shown}");
             let mapped = &rendered.entities[0];
             assert_eq!(mapped.blueprint, blueprint);
-            assert_eq!(mapped.entity, expected, "{object}");
+            assert_eq!(mapped.entity, expected, "{shown}");
         };
 
         let mut failed = scanned_artifact();

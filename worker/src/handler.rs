@@ -318,11 +318,7 @@ impl Handler {
                 self.render(Kind::Artifact, &artifact.raw, context, &reference, tags)
             }
         };
-        match rendered {
-            Ok(rendered) => Ok(Some(rendered.entities)),
-            Err(Status::Failed(reason) | Status::Retry { reason, .. }) => Err(reason),
-            Err(Status::Done) => Ok(Some(Vec::new())),
-        }
+        rendered.map(|rendered| Some(rendered.entities))
     }
 
     /// What the mapping makes of an object, with its project and repository as Harbor answered
@@ -341,10 +337,6 @@ impl Handler {
             repository,
         };
         self.render(kind, raw, context, reference, tags)
-            .map_err(|status| match status {
-                Status::Failed(reason) | Status::Retry { reason, .. } => reason,
-                Status::Done => String::new(),
-            })
     }
 
     /// Turns an object into its entities, marked as this integration's: `harborInstance`,
@@ -356,7 +348,7 @@ impl Handler {
         context: Context<'_>,
         reference: &str,
         tags: Option<Vec<String>>,
-    ) -> Result<Rendered, Status> {
+    ) -> Result<Rendered, String> {
         let mut object = raw.clone();
         if let Value::Object(fields) = &mut object {
             fields.insert("__harbor".to_owned(), self.harbor_meta.clone());
@@ -369,8 +361,8 @@ impl Handler {
         }
         let mut rendered = self
             .mapping
-            .render(kind, &object)
-            .map_err(|error| Status::Failed(format!("{reference}: {error}")))?;
+            .render(kind, object)
+            .map_err(|error| format!("{reference}: {error}"))?;
         for mapped in &mut rendered.entities {
             let properties = &mut mapped.entity.properties;
             properties.insert(INSTANCE_PROPERTY.to_owned(), json!(self.instance));
@@ -870,9 +862,9 @@ struct Batch {
 
 impl Batch {
     /// An object's entities; if a selector left it out, its other entities go.
-    fn add(&mut self, part: Part, reference: String, rendered: Result<Rendered, Status>) {
+    fn add(&mut self, part: Part, reference: String, rendered: Result<Rendered, String>) {
         match rendered {
-            Err(status) => self.failed.push((part, status)),
+            Err(reason) => self.failed.push((part, Status::Failed(reason))),
             Ok(rendered) => {
                 if rendered.excluded {
                     self.clear.push((part.clone(), reference));

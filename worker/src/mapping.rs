@@ -104,7 +104,7 @@ pub struct Rendered {
 
 type Filter = jaq_core::Filter<Native<Val>>;
 
-/// A compiled expression and its source, for messages.
+/// A compiled expression.
 struct Expression {
     filter: Filter,
 }
@@ -374,9 +374,9 @@ impl Mapping {
     }
 
     /// The entities `object` (of `kind`, with its `__` fields) maps to.
-    pub fn render(&self, kind: Kind, object: &Value) -> Result<Rendered, RenderError> {
+    pub fn render(&self, kind: Kind, object: Value) -> Result<Rendered, RenderError> {
         let mut rendered = Rendered::default();
-        let input = Val::from(object.clone());
+        let input = Val::from(object);
         for resource in self.resources.iter().filter(|r| r.kind == kind) {
             let selected = resource.eval("selector.query", &resource.selector, &input)?;
             if !truthy(&selected) {
@@ -561,7 +561,7 @@ mod tests {
         assert!(mapping.reads_project(Kind::Artifact));
         assert!(mapping.reads_repository(Kind::Artifact));
         assert!(!mapping.maps(Kind::Project));
-        let rendered = mapping.render(Kind::Artifact, &artifact("alpha")).unwrap();
+        let rendered = mapping.render(Kind::Artifact, artifact("alpha")).unwrap();
         assert!(!rendered.excluded);
         assert_eq!(
             rendered.entities,
@@ -587,14 +587,12 @@ mod tests {
     fn a_selector_leaves_an_object_out() {
         let mapping = mapping(ARTIFACT).unwrap();
         let rendered = mapping
-            .render(Kind::Artifact, &artifact("sandbox-1"))
+            .render(Kind::Artifact, artifact("sandbox-1"))
             .unwrap();
         assert!(rendered.excluded);
         assert!(rendered.entities.is_empty());
         // Kinds the file does not map yield nothing, and leave nothing out.
-        let project = mapping
-            .render(Kind::Project, &json!({"name": "x"}))
-            .unwrap();
+        let project = mapping.render(Kind::Project, json!({"name": "x"})).unwrap();
         assert_eq!(project, Rendered::default());
     }
 
@@ -607,11 +605,11 @@ mod tests {
                 .replace(" | not'", "'")
         );
         let mapping = mapping(&twice).unwrap();
-        let alpha = mapping.render(Kind::Artifact, &artifact("alpha")).unwrap();
+        let alpha = mapping.render(Kind::Artifact, artifact("alpha")).unwrap();
         assert_eq!(alpha.entities.len(), 1);
         assert!(alpha.excluded);
         let both = mapping
-            .render(Kind::Artifact, &artifact("sandbox-1"))
+            .render(Kind::Artifact, artifact("sandbox-1"))
             .unwrap();
         assert_eq!(both.entities[0].blueprint, "image");
     }
@@ -681,7 +679,7 @@ mod tests {
             );
             let mapping = Mapping::parse(&text, "t").unwrap();
             let error = mapping
-                .render(Kind::Project, &json!({"name": "alpha", "id": 7}))
+                .render(Kind::Project, json!({"name": "alpha", "id": 7}))
                 .unwrap_err()
                 .to_string();
             assert!(

@@ -98,6 +98,11 @@ macro_rules! answer {
 }
 answer!(Project, Repository, Artifact);
 
+/// An answer that is not what Harbor's API sends.
+fn unreadable(what: &str, error: &dyn std::fmt::Display) -> CallError {
+    CallError::permanent(format!("{what}: unreadable answer: {error}"))
+}
+
 /// Reads an answer, keeping it whole.
 fn read<T: Answer>(raw: Value) -> Result<T, serde_json::Error> {
     let mut typed = T::deserialize(&raw)?;
@@ -184,12 +189,10 @@ impl HarborClient {
         what: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<Option<T>, CallError> {
-        let Some(raw) = self.get_raw(what, request).await? else {
-            return Ok(None);
-        };
-        T::deserialize(&raw)
-            .map(Some)
-            .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))
+        let raw = self.get_raw(what, request).await?;
+        raw.map(|raw| T::deserialize(&raw))
+            .transpose()
+            .map_err(|error| unreadable(what, &error))
     }
 
     /// An object, kept whole beside its fields.
@@ -198,12 +201,10 @@ impl HarborClient {
         what: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<Option<T>, CallError> {
-        let Some(raw) = self.get_raw(what, request).await? else {
-            return Ok(None);
-        };
-        read(raw)
-            .map(Some)
-            .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))
+        let raw = self.get_raw(what, request).await?;
+        raw.map(read)
+            .transpose()
+            .map_err(|error| unreadable(what, &error))
     }
 
     async fn get_raw(
@@ -223,7 +224,7 @@ impl HarborClient {
         let found = response
             .json::<Value>()
             .await
-            .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))?;
+            .map_err(|error| unreadable(what, &error))?;
         Ok(Some(found))
     }
 
@@ -252,10 +253,7 @@ impl HarborClient {
             let items: Vec<Value> = self.get(&what, request).await?.unwrap_or_default();
             let last = items.len() < PAGE_SIZE;
             for item in items {
-                let item = read(item).map_err(|error| {
-                    CallError::permanent(format!("{what}: unreadable answer: {error}"))
-                })?;
-                all.push(item);
+                all.push(read(item).map_err(|error| unreadable(&what, &error))?);
             }
             if last {
                 break;

@@ -176,12 +176,10 @@ impl PortClient {
             .map_err(|error| transport_error(what, &error))
     }
 
-    /// Creates the entity or merges it into the existing one; a missing related entity (the
-    /// repository of an artifact, say) is created empty, to be filled in by its own upsert,
-    /// unless the mapping turns that off.
-    #[instrument(skip_all, fields(blueprint = blueprint, identifier = %entity.identifier))]
-    pub async fn upsert(&self, blueprint: &str, entity: &Entity) -> Result<(), CallError> {
-        let mut url = self.endpoint(&["blueprints", blueprint, "entities"]);
+    /// An upsert endpoint with the upsert options: create or merge, and whether to create
+    /// missing related entities.
+    fn upsert_url(&self, segments: &[&str]) -> Url {
+        let mut url = self.endpoint(segments);
         url.query_pairs_mut()
             .append_pair("upsert", "true")
             .append_pair("merge", "true")
@@ -193,6 +191,15 @@ impl PortClient {
                     "false"
                 },
             );
+        url
+    }
+
+    /// Creates the entity or merges it into the existing one; a missing related entity (the
+    /// repository of an artifact, say) is created empty, to be filled in by its own upsert,
+    /// unless the mapping turns that off.
+    #[instrument(skip_all, fields(blueprint = blueprint, identifier = %entity.identifier))]
+    pub async fn upsert(&self, blueprint: &str, entity: &Entity) -> Result<(), CallError> {
+        let url = self.upsert_url(&["blueprints", blueprint, "entities"]);
         let what = format!("Port upsert {blueprint} {}", entity.identifier);
         let response = self
             .send(&what, |token| {
@@ -211,18 +218,7 @@ impl PortClient {
         blueprint: &str,
         entities: &[Entity],
     ) -> Result<Vec<Result<(), CallError>>, CallError> {
-        let mut url = self.endpoint(&["blueprints", blueprint, "entities", "bulk"]);
-        url.query_pairs_mut()
-            .append_pair("upsert", "true")
-            .append_pair("merge", "true")
-            .append_pair(
-                "create_missing_related_entities",
-                if self.create_missing_related {
-                    "true"
-                } else {
-                    "false"
-                },
-            );
+        let url = self.upsert_url(&["blueprints", blueprint, "entities", "bulk"]);
         let what = format!("Port bulk upsert of {} {blueprint}", entities.len());
         let body = json!({ "entities": entities });
         let response = self
