@@ -229,7 +229,21 @@ struct Waiter<K, W> {
 struct KeyState {
     running: bool,
     in_ready: bool,
-    queued: Vec<u64>,
+    /// Requests not refreshed yet.
+    fresh: Vec<u64>,
+    /// Requests refreshed before, waiting for a retry or for the requests they depend on.
+    again: Vec<u64>,
+}
+
+impl KeyState {
+    /// The requests waiting for a refresh of the key.
+    fn queued(&self) -> impl Iterator<Item = &u64> {
+        self.fresh.iter().chain(&self.again)
+    }
+
+    fn is_idle(&self) -> bool {
+        self.fresh.is_empty() && self.again.is_empty()
+    }
 }
 
 type Finished<K, W> = (K, Vec<u64>, Result<W, String>);
@@ -292,9 +306,9 @@ impl<R: Reconcile> Driver<R> {
         if !request.delay.is_zero() {
             // A flood of delayed requests is refreshed once: each new one pushes back the wait
             // of those of its key not yet refreshed, within their own limit.
-            let queued = self.keys.get(&request.key).map(|k| k.queued.clone());
-            for other in queued.into_iter().flatten() {
-                if let Some(w) = self.waiters.get_mut(&other)
+            let fresh = self.keys.get(&request.key).map(|k| k.fresh.as_slice());
+            for other in fresh.into_iter().flatten() {
+                if let Some(w) = self.waiters.get_mut(other)
                     && !w.delay.is_zero()
                     && w.attempts == 0
                     && let Some(due) = w.due
@@ -308,7 +322,7 @@ impl<R: Reconcile> Driver<R> {
         // retry: it reads after this request arrived, and the server asked us to wait.
         let retry_due = match request.delay.is_zero() {
             true => self.keys.get(&request.key).and_then(|k| {
-                k.queued
+                k.again
                     .iter()
                     .filter_map(|id| self.waiters.get(id))
                     .filter(|w| w.attempts > 0)
@@ -344,7 +358,7 @@ impl<R: Reconcile> Driver<R> {
         self.keys
             .entry(request.key.clone())
             .or_default()
-            .queued
+            .fresh
             .push(id);
         self.look_at(&request.key, now);
         id
@@ -358,13 +372,12 @@ impl<R: Reconcile> Driver<R> {
         if state.running {
             return;
         }
-        if state.queued.is_empty() {
+        if state.is_idle() {
             self.keys.remove(key);
             return;
         }
         let next_due = state
-            .queued
-            .iter()
+            .queued()
             .filter_map(|id| self.waiters.get(id)?.due)
             .min();
         match next_due {
@@ -404,18 +417,21 @@ impl<R: Reconcile> Driver<R> {
             };
             // When a delayed request's wait ends, the other delayed ones of its key go along:
             // a flood of pulls is one refresh even when its first pull's wait ran out.
-            let with_delayed = state.queued.iter().any(|id| due(id) && first_delayed(id));
-            let batch: Vec<u64> = state
-                .queued
-                .iter()
-                .copied()
-                .filter(|id| due(id) || (with_delayed && first_delayed(id)))
-                .collect();
-            if state.running || batch.is_empty() {
+            if state.running {
+                continue;
+            }
+            let with_delayed = state.queued().any(|id| due(id) && first_delayed(id));
+            let taken = |id: &u64| due(id) || (with_delayed && first_delayed(id));
+            let (mut batch, fresh): (Vec<u64>, Vec<u64>) =
+                state.fresh.iter().partition(|id| taken(id));
+            let (again_taken, again): (Vec<u64>, Vec<u64>) =
+                state.again.iter().partition(|id| taken(id));
+            batch.extend(again_taken);
+            if batch.is_empty() {
                 continue;
             }
             state.running = true;
-            state.queued.retain(|id| !batch.contains(id));
+            (state.fresh, state.again) = (fresh, again);
             let mut work: Option<R::Work> = None;
             for id in &batch {
                 if let Some(w) = self.waiters.get_mut(id) {
@@ -509,7 +525,7 @@ impl<R: Reconcile> Driver<R> {
 
     fn requeue(&mut self, id: u64) {
         if let Some(w) = self.waiters.get(&id) {
-            self.keys.entry(w.key.clone()).or_default().queued.push(id);
+            self.keys.entry(w.key.clone()).or_default().again.push(id);
         }
     }
 
@@ -526,8 +542,12 @@ impl<R: Reconcile> Driver<R> {
         let Some(w) = self.waiters.remove(&id) else {
             return;
         };
-        if let Some(state) = self.keys.get_mut(&w.key) {
-            state.queued.retain(|other| *other != id);
+        // A request that runs is in no queue.
+        if !w.running
+            && let Some(state) = self.keys.get_mut(&w.key)
+        {
+            state.fresh.retain(|other| *other != id);
+            state.again.retain(|other| *other != id);
         }
         self.deadlines
             .remove(&(w.arrival + self.limits.max_hold, id));

@@ -78,6 +78,9 @@ enum Mode {
         /// and their ratio.
         #[arg(long)]
         baseline_worker: Option<std::path::PathBuf>,
+        /// Turns each with a baseline (this, baseline, this, baseline, ...).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
     },
     /// 10,000 PULL_ARTIFACT events for 10 repositories within 10 s; Harbor counts pulls every 10 s.
     PullFlood,
@@ -692,6 +695,7 @@ async fn worker(
     replicas: usize,
     projects: u64,
     baseline: Option<std::path::PathBuf>,
+    rounds: usize,
 ) -> bool {
     let load = (events, latency_ms, concurrency, replicas, projects);
     let Some(baseline) = baseline else {
@@ -699,7 +703,7 @@ async fn worker(
     };
     let baseline = baseline.display().to_string();
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    for _ in 0..2 {
+    for _ in 0..rounds {
         let Some(rate) = worker_round("harbor-worker", load).await else {
             return false;
         };
@@ -710,17 +714,27 @@ async fn worker(
         theirs.push(rate);
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let median = |v: &[f64]| {
+        let mut sorted = v.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        sorted[sorted.len() / 2]
+    };
     println!(
-        "this worker, events/s      {ours:.0?} (mean {:.0})",
-        mean(&ours)
+        "this worker, events/s      {ours:.0?} (mean {:.0}, median {:.0})",
+        mean(&ours),
+        median(&ours)
     );
     println!(
-        "baseline {baseline}, events/s {theirs:.0?} (mean {:.0})",
-        mean(&theirs)
+        "baseline {baseline}, events/s {theirs:.0?} (mean {:.0}, median {:.0})",
+        mean(&theirs),
+        median(&theirs)
     );
+    // Turn by turn: each pair ran back to back, so a slow stretch of the machine hits both.
+    let pairs: Vec<f64> = ours.iter().zip(&theirs).map(|(a, b)| a / b).collect();
     println!(
-        "this ÷ baseline            {:.3}",
-        mean(&ours) / mean(&theirs)
+        "this ÷ baseline            {:.3} (means); per pair {pairs:.2?}, median {:.3}",
+        mean(&ours) / mean(&theirs),
+        median(&pairs)
     );
     true
 }
@@ -1041,6 +1055,7 @@ async fn main() -> std::process::ExitCode {
             replicas,
             projects,
             baseline_worker,
+            rounds,
         } => {
             worker(
                 events,
@@ -1049,6 +1064,7 @@ async fn main() -> std::process::ExitCode {
                 replicas,
                 projects.max(1),
                 baseline_worker,
+                rounds.max(1),
             )
             .await
         }
