@@ -310,7 +310,6 @@ impl<R: Reconcile> Driver<R> {
             for other in fresh.into_iter().flatten() {
                 if let Some(w) = self.waiters.get_mut(other)
                     && !w.delay.is_zero()
-                    && w.attempts == 0
                     && let Some(due) = w.due
                 {
                     let pushed = (now + w.delay).min(w.arrival + w.delay * MAX_DELAYS);
@@ -325,7 +324,6 @@ impl<R: Reconcile> Driver<R> {
                 k.again
                     .iter()
                     .filter_map(|id| self.waiters.get(id))
-                    .filter(|w| w.attempts > 0)
                     .filter_map(|w| w.due)
                     .min()
             }),
