@@ -350,7 +350,7 @@ mod tests {
         let same = |kind: Kind, object: Value, expected: Entity, blueprint: &str| {
             let shown = object.to_string();
             let rendered = mapping
-                .render(kind, object)
+                .render(kind, &object, &[])
                 .unwrap_or_else(|e| panic!("{e}: {shown}"));
             assert_eq!(rendered.entities.len(), 1, "{shown}");
             let mapped = &rendered.entities[0];

@@ -349,19 +349,12 @@ impl Handler {
         reference: &str,
         tags: Option<Vec<String>>,
     ) -> Result<Rendered, String> {
-        let mut object = raw.clone();
-        if let Value::Object(fields) = &mut object {
-            fields.insert("__harbor".to_owned(), self.harbor_meta.clone());
-            if let Some(project) = context.project {
-                fields.insert("__project".to_owned(), project.clone());
-            }
-            if let Some(repository) = context.repository {
-                fields.insert("__repository".to_owned(), repository.clone());
-            }
-        }
+        let mut extra = vec![("__harbor", &self.harbor_meta)];
+        extra.extend(context.project.map(|p| ("__project", p)));
+        extra.extend(context.repository.map(|r| ("__repository", r)));
         let mut rendered = self
             .mapping
-            .render(kind, object)
+            .render(kind, raw, &extra)
             .map_err(|error| format!("{reference}: {error}"))?;
         for mapped in &mut rendered.entities {
             let properties = &mut mapped.entity.properties;

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
+use std::rc::Rc;
 
 use jaq_core::load::{Arena, File, Loader};
 use jaq_core::{Ctx, Native, RcIter};
@@ -373,10 +374,26 @@ impl Mapping {
         self.resources.iter().any(|r| r.kind == kind)
     }
 
-    /// The entities `object` (of `kind`, with its `__` fields) maps to.
-    pub fn render(&self, kind: Kind, object: Value) -> Result<Rendered, RenderError> {
+    /// The entities `object` (of `kind`) maps to, with `extra` added to it (its `__` fields).
+    pub fn render(
+        &self,
+        kind: Kind,
+        object: &Value,
+        extra: &[(&str, &Value)],
+    ) -> Result<Rendered, RenderError> {
         let mut rendered = Rendered::default();
-        let input = Val::from(object);
+        let input = match object {
+            Value::Object(fields) => {
+                let extra = extra.iter().map(|(k, v)| (*k, *v));
+                let fields = fields.iter().map(|(k, v)| (k.as_str(), v)).chain(extra);
+                Val::obj(
+                    fields
+                        .map(|(k, v)| (Rc::new(k.to_owned()), val(v)))
+                        .collect(),
+                )
+            }
+            other => val(other),
+        };
         for resource in self.resources.iter().filter(|r| r.kind == kind) {
             let selected = resource.eval("selector.query", &resource.selector, &input)?;
             if !truthy(&selected) {
@@ -386,6 +403,27 @@ impl Mapping {
             rendered.entities.push(resource.entity(&input)?);
         }
         Ok(rendered)
+    }
+}
+
+/// jaq's value of a JSON value, converted in place (jaq-json's `From` takes the value whole
+/// and reads every number back from its text).
+fn val(value: &Value) -> Val {
+    match value {
+        Value::Null => Val::Null,
+        Value::Bool(b) => Val::Bool(*b),
+        Value::Number(n) => match n.as_i64().and_then(|i| isize::try_from(i).ok()) {
+            Some(i) => Val::Int(i),
+            None => Val::Num(Rc::new(n.to_string())),
+        },
+        Value::String(s) => Val::Str(Rc::new(s.clone())),
+        Value::Array(items) => Val::Arr(Rc::new(items.iter().map(val).collect())),
+        Value::Object(fields) => Val::obj(
+            fields
+                .iter()
+                .map(|(k, v)| (Rc::new(k.clone()), val(v)))
+                .collect(),
+        ),
     }
 }
 
@@ -561,7 +599,9 @@ mod tests {
         assert!(mapping.reads_project(Kind::Artifact));
         assert!(mapping.reads_repository(Kind::Artifact));
         assert!(!mapping.maps(Kind::Project));
-        let rendered = mapping.render(Kind::Artifact, artifact("alpha")).unwrap();
+        let rendered = mapping
+            .render(Kind::Artifact, &artifact("alpha"), &[])
+            .unwrap();
         assert!(!rendered.excluded);
         assert_eq!(
             rendered.entities,
@@ -587,12 +627,14 @@ mod tests {
     fn a_selector_leaves_an_object_out() {
         let mapping = mapping(ARTIFACT).unwrap();
         let rendered = mapping
-            .render(Kind::Artifact, artifact("sandbox-1"))
+            .render(Kind::Artifact, &artifact("sandbox-1"), &[])
             .unwrap();
         assert!(rendered.excluded);
         assert!(rendered.entities.is_empty());
         // Kinds the file does not map yield nothing, and leave nothing out.
-        let project = mapping.render(Kind::Project, json!({"name": "x"})).unwrap();
+        let project = mapping
+            .render(Kind::Project, &json!({"name": "x"}), &[])
+            .unwrap();
         assert_eq!(project, Rendered::default());
     }
 
@@ -605,11 +647,13 @@ mod tests {
                 .replace(" | not'", "'")
         );
         let mapping = mapping(&twice).unwrap();
-        let alpha = mapping.render(Kind::Artifact, artifact("alpha")).unwrap();
+        let alpha = mapping
+            .render(Kind::Artifact, &artifact("alpha"), &[])
+            .unwrap();
         assert_eq!(alpha.entities.len(), 1);
         assert!(alpha.excluded);
         let both = mapping
-            .render(Kind::Artifact, artifact("sandbox-1"))
+            .render(Kind::Artifact, &artifact("sandbox-1"), &[])
             .unwrap();
         assert_eq!(both.entities[0].blueprint, "image");
     }
@@ -679,7 +723,7 @@ mod tests {
             );
             let mapping = Mapping::parse(&text, "t").unwrap();
             let error = mapping
-                .render(Kind::Project, json!({"name": "alpha", "id": 7}))
+                .render(Kind::Project, &json!({"name": "alpha", "id": 7}), &[])
                 .unwrap_err()
                 .to_string();
             assert!(

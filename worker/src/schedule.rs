@@ -468,7 +468,8 @@ impl<R: Reconcile> Driver<R> {
             let Some(w) = self.waiters.get_mut(&id) else {
                 continue; // settled meanwhile (its hold time ran out)
             };
-            w.running = false;
+            // Still `running` while it is judged: a request settled now is in no queue, and
+            // the key is looked at once, after the whole batch.
             let judgement = match &report {
                 Ok(report) => self.reconciler.judge(report, &w.work),
                 Err(panic) => Judgement::Failed(format!("the handler panicked: {panic}")),
@@ -494,12 +495,14 @@ impl<R: Reconcile> Driver<R> {
                     } else {
                         tracing::warn!(key = ?w.key, %reason, wait_ms = wait.as_millis() as u64, "Refresh failed; refreshing again");
                         metrics::counter!("harbor_worker_refresh_retries_total").increment(1);
+                        w.running = false;
                         w.due = Some(now + wait);
                         self.requeue(id);
                     }
                 }
                 Judgement::After(first) => {
                     let (group, count) = (w.group, first.len());
+                    w.running = false;
                     w.due = None;
                     w.pending = count;
                     self.requeue(id);
@@ -597,7 +600,7 @@ impl<R: Reconcile> Driver<R> {
 
     fn hurry(&mut self, group: Option<usize>) {
         let now = Instant::now();
-        let mut keys = Vec::new();
+        let mut keys = BTreeSet::new();
         for w in self.waiters.values_mut() {
             let waiting_first_refresh = w.attempts == 0 && !w.delay.is_zero();
             if waiting_first_refresh
@@ -605,7 +608,7 @@ impl<R: Reconcile> Driver<R> {
                 && w.due.is_some_and(|due| due > now)
             {
                 w.due = Some(now);
-                keys.push(w.key.clone());
+                keys.insert(w.key.clone());
             }
         }
         if !keys.is_empty() {
@@ -620,11 +623,12 @@ impl<R: Reconcile> Driver<R> {
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
         let now = Instant::now();
+        // No key left to look at: settling each request is then O(1).
+        self.keys.clear();
         let ids: Vec<u64> = self.waiters.keys().copied().collect();
         for id in ids {
             self.settle(id, Settled::Aborted, now);
         }
-        self.keys.clear();
         self.ready.clear();
         self.timers.clear();
         self.deadlines.clear();
