@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
-use harbor_shared::config::{AmqpArgs, AmqpSettings, LogArgs, secret_from};
-use secrecy::{ExposeSecret, SecretString};
+use harbor_shared::config::{AmqpArgs, AmqpSettings, LogArgs, secrets_from};
 
 use crate::auth::{AuthMode, Authenticator};
 
@@ -98,13 +97,11 @@ pub struct Settings {
 impl Cli {
     /// Checks the options; the error names the variable at fault.
     pub fn into_settings(self) -> anyhow::Result<Settings> {
-        let secrets = secret_from(
+        let secrets = secrets_from(
             self.webhook_secret,
             self.webhook_secret_file,
             "WEBHOOK_SECRET",
-        )?
-        .map(|raw| split_secrets(&raw))
-        .unwrap_or_default();
+        )?;
         if self.max_body_bytes == 0 {
             bail!("MAX_BODY_BYTES must be at least 1");
         }
@@ -125,15 +122,6 @@ impl Cli {
 }
 
 /// `a, b` → two secrets; blanks around commas are not part of a secret.
-fn split_secrets(raw: &SecretString) -> Vec<SecretString> {
-    raw.expose_secret()
-        .split(',')
-        .map(str::trim)
-        .filter(|secret| !secret.is_empty())
-        .map(|secret| SecretString::from(secret.to_owned()))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::broker::BrokerUrl;
 use crate::topology::Topology;
@@ -94,6 +94,25 @@ pub fn secret_from(
         bail!("{var} is set but empty");
     }
     Ok(Some(SecretString::from(raw)))
+}
+
+/// The secrets of a comma-separated list, as [`secret_from`] reads it (`WEBHOOK_SECRET`:
+/// several are accepted, for rotation; the first is the one Harbor is given). None when unset.
+pub fn secrets_from(
+    value: Option<String>,
+    file: Option<PathBuf>,
+    var: &str,
+) -> anyhow::Result<Vec<SecretString>> {
+    let Some(raw) = secret_from(value, file, var)? else {
+        return Ok(Vec::new());
+    };
+    Ok(raw
+        .expose_secret()
+        .split(',')
+        .map(str::trim)
+        .filter(|secret| !secret.is_empty())
+        .map(|secret| SecretString::from(secret.to_owned()))
+        .collect())
 }
 
 /// Like [`secret_from`], for a secret the program cannot run without.

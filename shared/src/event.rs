@@ -150,6 +150,11 @@ impl EventType {
         Ok(Self::Other(UnknownType(raw.to_owned())))
     }
 
+    /// Harbor's names (default format) of the types this program knows, and handles.
+    pub fn known_names() -> impl Iterator<Item = &'static str> {
+        KNOWN.iter().map(|(_, name, _)| *name)
+    }
+
     /// Harbor's name for the type; the routing key of its messages.
     pub fn as_str(&self) -> &str {
         match self {

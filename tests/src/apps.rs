@@ -111,6 +111,7 @@ pub fn worker_settings(amqp: &AmqpSettings, harbor_url: &str, port_url: &str) ->
         shutdown_timeout: Duration::from_secs(10),
         resync_interval: None,
         deletion_threshold: 0.9,
+        webhooks: None,
         max_hold: Duration::from_secs(29 * 60),
     }
 }

@@ -20,3 +20,4 @@ pub mod retry;
 pub mod schedule;
 pub mod settings;
 pub mod startup;
+pub mod webhooks;

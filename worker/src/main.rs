@@ -8,9 +8,9 @@ use harbor_worker::clients::http_client;
 use harbor_worker::mapping::Kind;
 use harbor_worker::parked::{self, Selection};
 use harbor_worker::retry::RetryPolicy;
-use harbor_worker::settings::{Cli, Command, MappingAction, ParkedAction};
-use harbor_worker::startup::{Worker, handler, port_client};
-use harbor_worker::{backlog, blueprints, resync};
+use harbor_worker::settings::{Cli, Command, MappingAction, ParkedAction, WebhooksAction};
+use harbor_worker::startup::{Worker, handler, harbor_client, port_client};
+use harbor_worker::{backlog, blueprints, resync, webhooks};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -40,6 +40,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             force,
         } => {
             let (harbor, port) = (cli.harbor.into_settings()?, cli.port.into_settings()?);
+            let policies = cli.webhooks.into_desired()?;
             let options = resync::Options {
                 deletion_threshold: cli.run.deletion_threshold(&port.mapping)?,
                 force,
@@ -54,6 +55,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let summary = resync::resync(&handler, retry, &amqp, &connection, options).await;
             let _ = connection.close(200, "done".into()).await;
             let summary = summary?;
+            if let Some(desired) = &policies {
+                webhooks::keep(handler.harbor(), desired, dry_run).await;
+            }
             if json {
                 println!("{}", serde_json::json!(summary));
             } else {
@@ -179,6 +183,75 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+        Command::Webhooks { action } => {
+            let desired = cli.webhooks.required()?;
+            let http =
+                http_client(cli.run.http_timeout).context("Failed to build the HTTP client")?;
+            let harbor = harbor_client(&cli.harbor.into_settings()?, http);
+            match action {
+                WebhooksAction::Sync {
+                    dry_run,
+                    json,
+                    remove,
+                } => {
+                    let mode = webhooks::Mode { dry_run, remove };
+                    let report = webhooks::sync(&harbor, &desired, mode)
+                        .await
+                        .context("Failed to list Harbor's projects")?;
+                    if json {
+                        println!("{}", serde_json::json!(report));
+                    } else {
+                        for outcome in &report.projects {
+                            let detail = outcome.detail.as_deref().unwrap_or_default();
+                            let sep = if detail.is_empty() { "" } else { ": " };
+                            println!("{}  {}{sep}{detail}", outcome.project, outcome.action);
+                        }
+                        println!("{}", report.counts());
+                    }
+                    if report.failures() > 0 {
+                        bail!(
+                            "the webhook policy of {} project(s) could not be synced",
+                            report.failures()
+                        );
+                    }
+                    Ok(())
+                }
+                WebhooksAction::Status { json } => {
+                    let all = webhooks::status(&harbor, &desired)
+                        .await
+                        .context("Failed to list Harbor's projects")?;
+                    if json {
+                        println!("{}", serde_json::json!({ "projects": all }));
+                        return Ok(());
+                    }
+                    for status in &all {
+                        let state = match (status.present, status.matches) {
+                            (false, _) => "missing",
+                            (true, true) => "ok",
+                            (true, false) => "differs",
+                        };
+                        let detail = status.detail.as_deref().unwrap_or_default();
+                        let sep = if detail.is_empty() { "" } else { ": " };
+                        println!(
+                            "{}  {state}{sep}{detail}  (failed deliveries: {})",
+                            status.project,
+                            status.failed.len()
+                        );
+                        for failed in &status.failed {
+                            let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                            println!(
+                                "    {}  execution {}  {}  {}",
+                                show(&failed.at),
+                                failed.execution,
+                                show(&failed.event_type),
+                                show(&failed.message)
+                            );
+                        }
+                    }
+                    Ok(())
+                }
+            }
         }
         Command::Healthcheck => {
             if !ops::probe(cli.run.metrics_addr, "/readyz") {

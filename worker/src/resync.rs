@@ -14,7 +14,9 @@
 //!   Ocean's `entityDeletionThreshold`) of this integration's entities is refused unless forced:
 //!   a resync pointed at the wrong or an empty Harbor must not empty the catalog;
 //! - with `RESYNC_INTERVAL` the workers run it periodically, one of them at a time: the one that
-//!   holds the resync lock (an exclusive queue, released with its connection).
+//!   holds the resync lock (an exclusive queue, released with its connection), and then keeps
+//!   our webhook policy in every project when WEBHOOK_PUBLIC_URL is set, so that a project
+//!   created since is covered within one interval.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -39,6 +41,7 @@ use crate::handler::{
 use crate::mapping::{Kind, Rendered};
 use crate::names::{Digest, RepositoryName};
 use crate::retry::{Budget, RetryPolicy};
+use crate::webhooks::{self, Desired};
 
 /// The `type` of a resync request on the work queues (and its routing key).
 pub const REQUEST_TYPE: &str = "harbor-port-sync.resync";
@@ -372,17 +375,34 @@ pub fn lock_queue(topology: &Topology) -> String {
     format!("{}.resync-lock", topology.queue())
 }
 
+/// How the workers resync by themselves.
+#[derive(Debug, Clone)]
+pub struct Periodic {
+    /// How often.
+    pub interval: Duration,
+    /// The retry policy of its calls.
+    pub retry: RetryPolicy,
+    /// Its threshold.
+    pub options: Options,
+    /// Our webhook policy, kept in every project after each resync.
+    pub webhooks: Option<Desired>,
+}
+
 /// Runs a resync every `interval` while this worker holds the resync lock (trying for it at
 /// start and then every `interval`), until shutdown; so the fleet resyncs once per interval,
 /// whichever worker does it. A worker that takes the lock waits a whole interval first.
 pub async fn every(
-    interval: Duration,
+    periodic: &Periodic,
     handler: &Handler,
-    retry: RetryPolicy,
     amqp: &AmqpSettings,
-    options: Options,
     shutdown: &CancellationToken,
 ) {
+    let Periodic {
+        interval,
+        retry,
+        options,
+        ref webhooks,
+    } = *periodic;
     let mut held: Option<Connection> = None;
     loop {
         if held.as_ref().is_none_or(|c| !c.status().connected()) {
@@ -413,6 +433,12 @@ pub async fn every(
                 metrics::counter!("harbor_worker_resyncs_total", "outcome" => outcome).increment(1);
             }
             () = shutdown.cancelled() => break,
+        }
+        if let Some(desired) = webhooks {
+            tokio::select! {
+                () = webhooks::keep(handler.harbor(), desired, false) => {}
+                () = shutdown.cancelled() => break,
+            }
         }
     }
     if let Some(connection) = held {

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use harbor_shared::config::{AmqpArgs, AmqpSettings, LogArgs, required_secret};
+use harbor_shared::config::{AmqpArgs, AmqpSettings, LogArgs, required_secret, secrets_from};
 use secrecy::SecretString;
 use url::Url;
 
 use crate::mapping::Mapping;
 use crate::retry::RetryPolicy;
+use crate::webhooks::Desired;
 
 /// Consumes Harbor events from RabbitMQ and keeps Port's catalog in sync with Harbor.
 #[derive(Parser, Debug)]
@@ -33,6 +34,9 @@ pub struct Cli {
 
     #[command(flatten)]
     pub run: RunArgs,
+
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
 
     #[command(flatten)]
     pub log: LogArgs,
@@ -82,6 +86,38 @@ pub enum Command {
     Mapping {
         #[command(subcommand)]
         action: MappingAction,
+    },
+    /// Keep our webhook policy (`harbor-port-sync`) in every Harbor project, or show it
+    /// (needs WEBHOOK_PUBLIC_URL and WEBHOOK_SECRET).
+    Webhooks {
+        #[command(subcommand)]
+        action: WebhooksAction,
+    },
+}
+
+/// What to do with Harbor's webhook policies.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum WebhooksAction {
+    /// Make sure every project has our policy, as it should be: create what is missing,
+    /// update what differs, leave every other policy alone; print what it did per project.
+    /// Exits 1 if a project's policy could not be made right (the others are still done).
+    Sync {
+        /// Print what it would do; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Take our policy away from every project instead.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Per project: whether our policy is there and as it should be, and the latest deliveries
+    /// Harbor gave up on.
+    Status {
+        /// Print JSON, for scripts.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -238,6 +274,62 @@ pub struct RunArgs {
     pub shutdown_timeout: Duration,
 }
 
+/// Harbor's webhook policies, kept by `webhooks sync` and each resync.
+#[derive(Args, Debug, Clone)]
+pub struct WebhookArgs {
+    /// The ingest's address as Harbor reaches it, e.g. `https://harbor-sync.example.com`:
+    /// turns on keeping our webhook policy, which posts to `<this>/webhook`, in every project.
+    #[arg(long, env = "WEBHOOK_PUBLIC_URL")]
+    pub webhook_public_url: Option<String>,
+
+    /// The ingest's webhook secret(s), comma-separated: the first is our policies' auth header.
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// File holding the webhook secret(s), instead of WEBHOOK_SECRET.
+    #[arg(long, env = "WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+
+    /// Payload format of our policies: `Default` or `CloudEvents` (the ingest reads both).
+    #[arg(long, env = "WEBHOOK_PAYLOAD_FORMAT", default_value = "Default")]
+    pub webhook_payload_format: String,
+}
+
+impl WebhookArgs {
+    /// Our policy, if WEBHOOK_PUBLIC_URL turns the keeping on.
+    pub fn into_desired(self) -> anyhow::Result<Option<Desired>> {
+        let Some(raw) = self.webhook_public_url.filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        let url = base_url(&raw, "WEBHOOK_PUBLIC_URL")?;
+        let cloudevents = match self.webhook_payload_format.as_str() {
+            "Default" => false,
+            "CloudEvents" => true,
+            other => bail!("WEBHOOK_PAYLOAD_FORMAT must be Default or CloudEvents (got {other})"),
+        };
+        let secrets = secrets_from(
+            self.webhook_secret,
+            self.webhook_secret_file,
+            "WEBHOOK_SECRET",
+        )?;
+        let Some(secret) = secrets.into_iter().next() else {
+            bail!(
+                "WEBHOOK_SECRET (or WEBHOOK_SECRET_FILE) is required with WEBHOOK_PUBLIC_URL: \
+                 Harbor's webhook policies send it, and the ingest checks it"
+            );
+        };
+        Ok(Some(Desired::new(&url, secret, cloudevents)))
+    }
+
+    /// [`WebhookArgs::into_desired`], for the commands that need it.
+    pub fn required(self) -> anyhow::Result<Desired> {
+        self.into_desired()?.context(
+            "WEBHOOK_PUBLIC_URL is required: the ingest's address as Harbor reaches it \
+             (our policies post to <WEBHOOK_PUBLIC_URL>/webhook)",
+        )
+    }
+}
+
 /// Where Harbor is and how to log in.
 #[derive(Debug, Clone)]
 pub struct HarborSettings {
@@ -292,6 +384,8 @@ pub struct Settings {
     pub resync_interval: Option<Duration>,
     /// The share of this integration's entities above which a resync refuses to delete.
     pub deletion_threshold: f64,
+    /// Our webhook policy, kept in every project at each resync (WEBHOOK_PUBLIC_URL).
+    pub webhooks: Option<Desired>,
 }
 
 /// An `http(s)://` base URL without credentials, query or fragment.
@@ -379,6 +473,7 @@ impl Cli {
         let harbor = self.harbor.into_settings()?;
         let port = self.port.into_settings()?;
         let threshold = run.deletion_threshold(&port.mapping)?;
+        let webhooks = self.webhooks.into_desired()?;
         Ok(Settings {
             amqp,
             harbor,
@@ -392,6 +487,7 @@ impl Cli {
             shutdown_timeout: run.shutdown_timeout,
             resync_interval: run.resync_interval,
             deletion_threshold: threshold,
+            webhooks,
             max_hold,
         })
     }

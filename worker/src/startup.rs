@@ -33,19 +33,23 @@ pub fn handler(
     pull_window: Duration,
     concurrency: u16,
 ) -> Handler {
-    let harbor = HarborClient::new(
-        http.clone(),
-        harbor.url.clone(),
-        harbor.username.clone(),
-        harbor.password.clone(),
-    );
     Handler::new(
-        harbor,
+        harbor_client(harbor, http.clone()),
         port_client(port, http),
         Arc::clone(&port.mapping),
         DEFAULT_INSTANCE,
         pull_window,
         usize::from(concurrency),
+    )
+}
+
+/// The Harbor client for these settings.
+pub fn harbor_client(settings: &HarborSettings, http: reqwest::Client) -> HarborClient {
+    HarborClient::new(
+        http,
+        settings.url.clone(),
+        settings.username.clone(),
+        settings.password.clone(),
     )
 }
 
@@ -99,13 +103,26 @@ impl Worker {
                 force: false,
                 dry_run: false,
             };
-            (interval, settings.retry, settings.amqp.clone(), options)
+            let webhooks = settings.webhooks.clone();
+            (
+                interval,
+                settings.retry,
+                settings.amqp.clone(),
+                options,
+                webhooks,
+            )
         });
         let worker = Self::start(settings, Arc::clone(&handler), scheduler).await?;
-        if let Some((interval, retry, amqp, options)) = periodic {
+        if let Some((interval, retry, amqp, options, webhooks)) = periodic {
             let shutdown = worker.shutdown_token();
             tokio::spawn(async move {
-                resync::every(interval, &handler, retry, &amqp, options, &shutdown).await;
+                let periodic = resync::Periodic {
+                    interval,
+                    retry,
+                    options,
+                    webhooks,
+                };
+                resync::every(&periodic, &handler, &amqp, &shutdown).await;
             });
         }
         Ok(worker)

@@ -86,6 +86,10 @@ pub struct Named {
     /// For a project: whether anyone may pull from it.
     #[serde(default)]
     pub public: Option<bool>,
+    /// For a project: Harbor refuses the account its webhook policies (403), as it does a
+    /// robot account without the `notification-policy` permissions.
+    #[serde(default)]
+    pub webhooks_forbidden: Option<bool>,
 }
 
 /// Deletes a repository with all its artifacts, as Harbor's UI does; Harbor announces it with
@@ -124,7 +128,16 @@ async fn update_project(shared: web::Data<Shared>, named: web::Json<Named>) -> H
             if let Some(public) = named.public {
                 project.public = public;
             }
-            HttpResponse::Ok().json(json!({"project": project.name, "public": project.public}))
+            let mut policies = lock(&shared.policies);
+            match named.webhooks_forbidden {
+                Some(true) => policies.forbidden.insert(project.name.clone()),
+                Some(false) => policies.forbidden.remove(&project.name),
+                None => false,
+            };
+            let forbidden = policies.forbidden.contains(&project.name);
+            HttpResponse::Ok().json(json!({
+                "project": project.name, "public": project.public, "webhooks_forbidden": forbidden,
+            }))
         }
         None => not_found(format!("project {} not found", named.name)),
     }
@@ -230,6 +243,13 @@ async fn deliver(
     let delivered = webhook["status"]
         .as_u64()
         .is_some_and(|s| (200..300).contains(&s));
+    let failure = match (&webhook["status"], &webhook["error"]) {
+        _ if delivered => None,
+        (Value::Number(status), _) => Some(format!("the endpoint answered {status}")),
+        (_, error) => Some(error.as_str().unwrap_or("not delivered").to_owned()),
+    };
+    let event_type = payload["type"].as_str().unwrap_or_default();
+    lock(&shared.policies).record(repository.project(), event_type, failure.as_deref());
     let status = if delivered {
         StatusCode::OK
     } else {
@@ -337,5 +357,6 @@ async fn registry(shared: web::Data<Shared>) -> HttpResponse {
             json!({"name": r.name, "pull_count": r.pull_count, "artifacts": artifacts})
         })
         .collect();
-    HttpResponse::Ok().json(json!({"repositories": repositories}))
+    let policies = lock(&shared.policies).shown();
+    HttpResponse::Ok().json(json!({"repositories": repositories, "webhook_policies": policies}))
 }

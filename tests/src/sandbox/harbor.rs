@@ -1,4 +1,5 @@
-//! The fake Harbor API: what the worker reads, shaped as Harbor v2.15 answers.
+//! The fake Harbor API: what the worker reads (and the webhook policies it writes), shaped as
+//! Harbor v2.15 answers.
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use base64::prelude::{BASE64_STANDARD, Engine as _};
@@ -10,7 +11,11 @@ use super::{Shared, lock};
 
 /// Mounts `/api/v2.0/...`.
 pub fn routes(config: &mut web::ServiceConfig) {
-    config.route("/api/v2.0/{tail:.*}", web::get().to(get));
+    config
+        .route("/api/v2.0/{tail:.*}", web::get().to(get))
+        .route("/api/v2.0/{tail:.*}", web::post().to(write))
+        .route("/api/v2.0/{tail:.*}", web::put().to(write))
+        .route("/api/v2.0/{tail:.*}", web::delete().to(write));
 }
 
 fn errors(status: actix_web::http::StatusCode, code: &str, message: &str) -> HttpResponse {
@@ -21,6 +26,14 @@ fn errors(status: actix_web::http::StatusCode, code: &str, message: &str) -> Htt
 
 fn not_found(message: &str) -> HttpResponse {
     errors(actix_web::http::StatusCode::NOT_FOUND, "NOT_FOUND", message)
+}
+
+fn unauthorized() -> HttpResponse {
+    errors(
+        actix_web::http::StatusCode::UNAUTHORIZED,
+        "UNAUTHORIZED",
+        "unauthorized",
+    )
 }
 
 fn authorized(request: &HttpRequest, shared: &Shared) -> bool {
@@ -58,11 +71,7 @@ async fn get(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
 
 fn answer(request: &HttpRequest, shared: &Shared) -> HttpResponse {
     if !authorized(request, shared) {
-        return errors(
-            actix_web::http::StatusCode::UNAUTHORIZED,
-            "UNAUTHORIZED",
-            "unauthorized",
-        );
+        return unauthorized();
     }
     let raw_path = request.uri().path().trim_start_matches("/api/v2.0/");
     let segments: Vec<&str> = raw_path.split('/').collect();
@@ -149,8 +158,82 @@ fn answer(request: &HttpRequest, shared: &Shared) -> HttpResponse {
                 _ => not_found(&format!("artifact {full}:{reference} not found")),
             }
         }
+        ["projects", project, "webhook", "policies"] => {
+            let project = percent_decode_str(project).decode_utf8_lossy();
+            if !registry.projects.contains_key(project.as_ref()) {
+                return not_found(&format!("project {project} not found"));
+            }
+            match lock(&shared.policies).list(&project) {
+                Ok(all) => page(all),
+                Err(answer) => reply(answer),
+            }
+        }
+        ["projects", project, "webhook", "policies", id, "executions"] => {
+            let project = percent_decode_str(project).decode_utf8_lossy();
+            let id = id.parse().unwrap_or(-1);
+            match lock(&shared.policies).executions(&project, id) {
+                Ok(all) => page(all),
+                Err(answer) => reply(answer),
+            }
+        }
+        [
+            "projects",
+            project,
+            "webhook",
+            "policies",
+            id,
+            "executions",
+            execution,
+            "tasks",
+        ] => {
+            let project = percent_decode_str(project).decode_utf8_lossy();
+            let (id, execution) = (id.parse().unwrap_or(-1), execution.parse().unwrap_or(-1));
+            match lock(&shared.policies).tasks(&project, id, execution) {
+                Ok(all) => page(all),
+                Err(answer) => reply(answer),
+            }
+        }
         _ => not_found("no such endpoint in the sandbox"),
     }
+}
+
+fn reply((status, body): super::policies::Answer) -> HttpResponse {
+    let status = actix_web::http::StatusCode::from_u16(status)
+        .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
+    if body.is_null() {
+        HttpResponse::build(status).finish()
+    } else {
+        HttpResponse::build(status).json(body)
+    }
+}
+
+/// `POST`, `PUT` and `DELETE`: the webhook policies of a project, the only thing the worker
+/// writes to Harbor.
+async fn write(request: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) -> HttpResponse {
+    if !authorized(&request, &shared) {
+        return unauthorized();
+    }
+    let raw_path = request.uri().path().trim_start_matches("/api/v2.0/");
+    let segments: Vec<&str> = raw_path.split('/').collect();
+    let ["projects", project, "webhook", "policies", rest @ ..] = segments.as_slice() else {
+        return not_found("no such endpoint in the sandbox");
+    };
+    let project = percent_decode_str(project).decode_utf8_lossy().into_owned();
+    let Some(project_id) = lock(&shared.registry).projects.get(&project).map(|p| p.id) else {
+        return not_found(&format!("project {project} not found"));
+    };
+    let parsed = || serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null);
+    let mut policies = lock(&shared.policies);
+    let method = request.method().as_str();
+    reply(match (method, rest) {
+        ("POST", []) => policies.create(&project, project_id, &parsed()),
+        ("PUT", [id]) => policies.update(&project, id.parse().unwrap_or(-1), &parsed()),
+        ("DELETE", [id]) => policies.delete(&project, id.parse().unwrap_or(-1)),
+        _ => (
+            405,
+            json!({"errors": [{"code": "METHOD_NOT_ALLOWED", "message": "not allowed"}]}),
+        ),
+    })
 }
 
 /// One page of a list, as Harbor pages: `page` from 1, `page_size` 10 by default and at most

@@ -11,10 +11,12 @@
 //!   sends the webhook Harbor would send, in Harbor's format and with the `Authorization`
 //!   header Harbor would send, to the ingest. `GET /sandbox/port/entities` shows what Port holds,
 //!   `GET /sandbox/port/requests` the entity writes it received, `GET /sandbox/harbor` the
-//!   registry.
+//!   registry and its webhook policies. `POST /sandbox/project {"name": "p",
+//!   "webhooks_forbidden": true}` makes Harbor refuse the account the project's policies (403).
 
 pub mod control;
 pub mod harbor;
+pub mod policies;
 pub mod port;
 pub mod state;
 
@@ -125,6 +127,8 @@ pub struct Shared {
     pub settings: Settings,
     /// Harbor's contents.
     pub registry: Mutex<Registry>,
+    /// Harbor's webhook policies.
+    pub policies: Mutex<policies::Policies>,
     /// Port's contents.
     pub port: Mutex<PortStore>,
     /// For sending webhooks.
@@ -156,6 +160,7 @@ impl Sandbox {
         let shared = web::Data::new(Shared {
             settings,
             registry: Mutex::new(Registry::default()),
+            policies: Mutex::new(policies::Policies::default()),
             port: Mutex::new(store),
             http: reqwest::Client::new(),
         });

@@ -1,4 +1,5 @@
-//! The Harbor API (v2.0), read-only: projects, repositories, artifacts.
+//! The Harbor API (v2.0): projects, repositories and artifacts, read; and the webhook policies
+//! of projects, read and written (`harbor-worker webhooks`).
 //!
 //! Basic auth (a user or a robot account `robot$...`). A 404 means the thing is gone and is
 //! returned as `None`, not as an error.
@@ -108,6 +109,13 @@ fn read<T: Answer>(raw: Value) -> Result<T, serde_json::Error> {
     let mut typed = T::deserialize(&raw)?;
     typed.keep(raw);
     Ok(typed)
+}
+
+/// The path of a project's webhook policy `id`, and of `more` under it.
+fn policy_path<'a>(project: &'a str, id: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    let mut path = vec!["projects", project, "webhook", "policies", id];
+    path.extend_from_slice(more);
+    path
 }
 
 /// A tag of an artifact.
@@ -236,6 +244,20 @@ impl HarborClient {
         segments: &[&str],
         query: &[(&str, &str)],
     ) -> Result<Vec<T>, CallError> {
+        let items = self.list_values(what, segments, query).await?;
+        items
+            .into_iter()
+            .map(|item| read(item).map_err(|error| unreadable(what, &error)))
+            .collect()
+    }
+
+    /// Every item of a paginated list, as sent.
+    async fn list_values(
+        &self,
+        what: &str,
+        segments: &[&str],
+        query: &[(&str, &str)],
+    ) -> Result<Vec<Value>, CallError> {
         const PAGE_SIZE: usize = 100;
         let mut all = Vec::new();
         for page in 1.. {
@@ -249,12 +271,11 @@ impl HarborClient {
             let request = self
                 .http
                 .get(url)
+                .header("X-Is-Resource-Name", "true")
                 .header("X-Accept-Vulnerabilities", VULNERABILITY_REPORTS);
             let items: Vec<Value> = self.get(&what, request).await?.unwrap_or_default();
             let last = items.len() < PAGE_SIZE;
-            for item in items {
-                all.push(read(item).map_err(|error| unreadable(&what, &error))?);
-            }
+            all.extend(items);
             if last {
                 break;
             }
@@ -358,5 +379,86 @@ impl HarborClient {
             request,
         )
         .await
+    }
+
+    /// The webhook policies of a project (`GET /projects/{p}/webhook/policies`), as sent.
+    pub async fn webhook_policies(&self, project: &str) -> Result<Vec<Value>, CallError> {
+        let what = format!("Harbor GET webhook policies of {project}");
+        self.list_values(&what, &["projects", project, "webhook", "policies"], &[])
+            .await
+    }
+
+    /// Creates a webhook policy in a project.
+    pub async fn create_webhook_policy(
+        &self,
+        project: &str,
+        policy: &Value,
+    ) -> Result<(), CallError> {
+        let url = self.endpoint(&["projects", project, "webhook", "policies"]);
+        let what = format!("Harbor POST webhook policy of {project}");
+        self.send(&what, self.http.post(url).json(policy)).await
+    }
+
+    /// Replaces a project's webhook policy `id`.
+    pub async fn update_webhook_policy(
+        &self,
+        project: &str,
+        id: i64,
+        policy: &Value,
+    ) -> Result<(), CallError> {
+        let id = id.to_string();
+        let url = self.endpoint(&policy_path(project, &id, &[]));
+        let what = format!("Harbor PUT webhook policy {id} of {project}");
+        self.send(&what, self.http.put(url).json(policy)).await
+    }
+
+    /// Deletes a project's webhook policy `id`.
+    pub async fn delete_webhook_policy(&self, project: &str, id: i64) -> Result<(), CallError> {
+        let id = id.to_string();
+        let url = self.endpoint(&policy_path(project, &id, &[]));
+        let what = format!("Harbor DELETE webhook policy {id} of {project}");
+        self.send(&what, self.http.delete(url)).await
+    }
+
+    /// The latest executions (deliveries) of a project's webhook policy, newest first.
+    pub async fn webhook_executions(
+        &self,
+        project: &str,
+        id: i64,
+        count: usize,
+    ) -> Result<Vec<Value>, CallError> {
+        let id = id.to_string();
+        let mut url = self.endpoint(&policy_path(project, &id, &["executions"]));
+        url.query_pairs_mut()
+            .append_pair("page", "1")
+            .append_pair("page_size", &count.to_string())
+            .append_pair("sort", "-start_time");
+        let what = format!("Harbor GET executions of webhook policy {id} of {project}");
+        let request = self.http.get(url).header("X-Is-Resource-Name", "true");
+        Ok(self.get(&what, request).await?.unwrap_or_default())
+    }
+
+    /// The tasks (one per target) of an execution of a project's webhook policy.
+    pub async fn webhook_tasks(
+        &self,
+        project: &str,
+        id: i64,
+        execution: i64,
+    ) -> Result<Vec<Value>, CallError> {
+        let (id, execution) = (id.to_string(), execution.to_string());
+        let segments = policy_path(project, &id, &["executions", &execution, "tasks"]);
+        let what = format!("Harbor GET tasks of webhook execution {execution} of {project}");
+        self.list_values(&what, &segments, &[]).await
+    }
+
+    /// A call whose answer is only its status.
+    async fn send(&self, what: &str, request: reqwest::RequestBuilder) -> Result<(), CallError> {
+        let response = request
+            .header("X-Is-Resource-Name", "true")
+            .basic_auth(&self.username, Some(self.password.expose_secret()))
+            .send()
+            .await
+            .map_err(|error| transport_error(what, &error))?;
+        success(what, response).await.map(drop)
     }
 }
