@@ -121,7 +121,6 @@ impl Cli {
     }
 }
 
-/// `a, b` → two secrets; blanks around commas are not part of a secret.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -203,9 +203,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         println!("{}", serde_json::json!(report));
                     } else {
                         for outcome in &report.projects {
-                            let detail = outcome.detail.as_deref().unwrap_or_default();
-                            let sep = if detail.is_empty() { "" } else { ": " };
-                            println!("{}  {}{sep}{detail}", outcome.project, outcome.action);
+                            let action = with_detail(&outcome.action, outcome.detail.as_deref());
+                            println!("{}  {action}", outcome.project);
                         }
                         println!("{}", report.counts());
                     }
@@ -231,11 +230,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             (true, true) => "ok",
                             (true, false) => "differs",
                         };
-                        let detail = status.detail.as_deref().unwrap_or_default();
-                        let sep = if detail.is_empty() { "" } else { ": " };
                         println!(
-                            "{}  {state}{sep}{detail}  (failed deliveries: {})",
+                            "{}  {}  (failed deliveries: {})",
                             status.project,
+                            with_detail(state, status.detail.as_deref()),
                             status.failed.len()
                         );
                         for failed in &status.failed {
@@ -262,5 +260,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// `head`, or `head: detail` when there is one.
+fn with_detail(head: &str, detail: Option<&str>) -> String {
+    match detail {
+        Some(detail) if !detail.is_empty() => format!("{head}: {detail}"),
+        _ => head.to_owned(),
     }
 }

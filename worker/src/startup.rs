@@ -97,31 +97,21 @@ impl Worker {
             settings.concurrency,
         ));
         let scheduler = scheduler(Arc::clone(&handler), &settings);
-        let periodic = settings.resync_interval.map(|interval| {
-            let options = resync::Options {
+        let periodic = settings.resync_interval.map(|interval| resync::Periodic {
+            interval,
+            retry: settings.retry,
+            options: resync::Options {
                 deletion_threshold: settings.deletion_threshold,
                 force: false,
                 dry_run: false,
-            };
-            let webhooks = settings.webhooks.clone();
-            (
-                interval,
-                settings.retry,
-                settings.amqp.clone(),
-                options,
-                webhooks,
-            )
+            },
+            webhooks: settings.webhooks.clone(),
         });
+        let amqp = settings.amqp.clone();
         let worker = Self::start(settings, Arc::clone(&handler), scheduler).await?;
-        if let Some((interval, retry, amqp, options, webhooks)) = periodic {
+        if let Some(periodic) = periodic {
             let shutdown = worker.shutdown_token();
             tokio::spawn(async move {
-                let periodic = resync::Periodic {
-                    interval,
-                    retry,
-                    options,
-                    webhooks,
-                };
                 resync::every(&periodic, &handler, &amqp, &shutdown).await;
             });
         }

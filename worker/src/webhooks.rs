@@ -72,10 +72,17 @@ impl Desired {
         })
     }
 
-    /// How `policy` (as Harbor sent it) differs from ours: the fields that do, never their
-    /// values (one of them is the secret).
-    fn differences(&self, policy: &Policy) -> Vec<&'static str> {
+    /// How a project's policies named ours (as Harbor sent them, at least one) differ from
+    /// ours: the fields of the first that do, never their values (one of them is the secret),
+    /// and `duplicates` when there are more.
+    fn differences(&self, found: &[Policy]) -> Vec<&'static str> {
         let mut differ = Vec::new();
+        let Some(policy) = found.first() else {
+            return differ;
+        };
+        if found.len() > 1 {
+            differ.push("duplicates");
+        }
         if !policy.enabled {
             differ.push("enabled");
         }
@@ -311,10 +318,7 @@ async fn sync_project(
         }
         return Ok(("created", None));
     };
-    let mut differ = desired.differences(first);
-    if !extra.is_empty() {
-        differ.push("duplicates");
-    }
+    let differ = desired.differences(&found);
     if differ.is_empty() {
         return Ok(("unchanged", None));
     }
@@ -380,10 +384,7 @@ pub async fn status(harbor: &HarborClient, desired: &Desired) -> Result<Vec<Stat
             Ok(found) => {
                 if let Some(policy) = found.first() {
                     status.present = true;
-                    let mut differ = desired.differences(policy);
-                    if found.len() > 1 {
-                        differ.push("duplicates");
-                    }
+                    let differ = desired.differences(&found);
                     status.matches = differ.is_empty();
                     if !differ.is_empty() {
                         status.detail = Some(differ.join(", "));
@@ -471,7 +472,7 @@ mod tests {
         assert!(types.contains(&json!("PUSH_ARTIFACT")));
         assert!(types.contains(&json!("TAG_RETENTION")));
         assert_eq!(types.len(), 10);
-        assert!(desired().differences(&policy(body)).is_empty());
+        assert!(desired().differences(&[policy(body)]).is_empty());
     }
 
     #[test]
@@ -481,7 +482,7 @@ mod tests {
         body["targets"][0]["auth_header"] = json!("old-secret");
         body["targets"][0]["skip_cert_verify"] = json!(true);
         body["event_types"] = json!(["PUSH_ARTIFACT"]);
-        let differ = desired().differences(&policy(body));
+        let differ = desired().differences(&[policy(body)]);
         assert_eq!(
             differ,
             [
@@ -493,7 +494,7 @@ mod tests {
         );
         let mut two = desired().body();
         two["targets"] = json!([two["targets"][0], two["targets"][0]]);
-        assert_eq!(desired().differences(&policy(two)), ["targets"]);
+        assert_eq!(desired().differences(&[policy(two)]), ["targets"]);
     }
 
     #[test]
