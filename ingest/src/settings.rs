@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 use harbor_shared::config::{AmqpArgs, AmqpSettings, LogArgs, secrets_from};
+use harbor_shared::instances;
 
 use crate::auth::{AuthMode, Authenticator};
 
@@ -18,7 +19,8 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
 
-    /// Address to serve `POST /webhook`, `/healthz`, `/readyz` and `/metrics` on.
+    /// Address to serve `POST /webhook` (or `/webhook/<instance>`), `/healthz`, `/readyz` and
+    /// `/metrics` on.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
     pub listen_addr: SocketAddr,
 
@@ -29,6 +31,11 @@ pub struct Cli {
     /// File holding the webhook secret(s), instead of WEBHOOK_SECRET.
     #[arg(long, env = "WEBHOOK_SECRET_FILE")]
     pub webhook_secret_file: Option<PathBuf>,
+
+    /// Several Harbors: a YAML file naming each (docs/instances.md); each one's webhooks come
+    /// to `/webhook/<name>`, checked with its own secrets (instead of WEBHOOK_SECRET).
+    #[arg(long, env = "HARBOR_INSTANCES_FILE")]
+    pub harbor_instances_file: Option<PathBuf>,
 
     /// Accepted `Authorization` forms: `auto` (any), `token` (the secret as sent by Harbor's
     /// Auth Header), `hmac` (a signature of the body), or `none` (no check: only behind a
@@ -78,8 +85,8 @@ pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Settings {
     /// Where to listen; port 0 picks a free port.
     pub listen_addr: SocketAddr,
-    /// The `Authorization` check.
-    pub auth: Authenticator,
+    /// The Harbors whose webhooks are taken, each with its `Authorization` check.
+    pub endpoints: Vec<Endpoint>,
     /// Largest accepted body.
     pub max_body_bytes: usize,
     /// Time for a client to send its request headers.
@@ -94,14 +101,59 @@ pub struct Settings {
     pub http_workers: usize,
 }
 
+/// Where one Harbor's webhooks come in, and how they are checked.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// `None`: `/webhook`, a single Harbor's (its events carry no instance); else
+    /// `/webhook/<instance>`.
+    pub instance: Option<String>,
+    /// Its `Authorization` check.
+    pub auth: Authenticator,
+}
+
 impl Cli {
+    /// The endpoints: one at `/webhook`, or one per instance of HARBOR_INSTANCES_FILE.
+    fn endpoints(&mut self) -> anyhow::Result<Vec<Endpoint>> {
+        let mode = self.webhook_auth_mode;
+        let Some(path) = &self.harbor_instances_file else {
+            let secrets = secrets_from(
+                self.webhook_secret.take(),
+                self.webhook_secret_file.take(),
+                "WEBHOOK_SECRET",
+            )?;
+            let auth = Authenticator::new(mode, secrets)?;
+            return Ok(vec![Endpoint {
+                instance: None,
+                auth,
+            }]);
+        };
+        if self.webhook_secret.is_some() || self.webhook_secret_file.is_some() {
+            bail!(
+                "WEBHOOK_SECRET is not used with HARBOR_INSTANCES_FILE: give each instance its \
+                 webhook_secret (or webhook_secret_file) there"
+            );
+        }
+        instances::load(path)?
+            .into_iter()
+            .map(|instance| {
+                let secrets = instance.webhook_secrets()?;
+                if mode != AuthMode::None && secrets.is_empty() {
+                    bail!(
+                        "{} (or webhook_secret_file) is required",
+                        instance.var("webhook_secret")
+                    );
+                }
+                Ok(Endpoint {
+                    auth: Authenticator::new(mode, secrets)?,
+                    instance: Some(instance.name),
+                })
+            })
+            .collect()
+    }
+
     /// Checks the options; the error names the variable at fault.
-    pub fn into_settings(self) -> anyhow::Result<Settings> {
-        let secrets = secrets_from(
-            self.webhook_secret,
-            self.webhook_secret_file,
-            "WEBHOOK_SECRET",
-        )?;
+    pub fn into_settings(mut self) -> anyhow::Result<Settings> {
+        let endpoints = self.endpoints()?;
         if self.max_body_bytes == 0 {
             bail!("MAX_BODY_BYTES must be at least 1");
         }
@@ -110,7 +162,7 @@ impl Cli {
         }
         Ok(Settings {
             listen_addr: self.listen_addr,
-            auth: Authenticator::new(self.webhook_auth_mode, secrets)?,
+            endpoints,
             max_body_bytes: self.max_body_bytes,
             request_timeout: self.request_timeout,
             amqp: self.amqp.into_settings()?,
@@ -141,13 +193,44 @@ mod tests {
     #[test]
     fn starts_without_a_secret_only_when_none_is_asked_for() {
         let settings = parse(&["--webhook-auth-mode", "none"]).unwrap();
-        assert_eq!(settings.auth.mode(), AuthMode::None);
+        assert_eq!(settings.endpoints[0].auth.mode(), AuthMode::None);
     }
 
     #[test]
     fn comma_separated_secrets_are_all_kept() {
         let settings = parse(&["--webhook-secret", "old, new ,"]).unwrap();
-        assert_eq!(settings.auth.secret_count(), 2);
+        assert_eq!(settings.endpoints[0].auth.secret_count(), 2);
+    }
+
+    #[test]
+    fn each_instance_of_the_file_is_an_endpoint_with_its_secrets() {
+        let dir = std::env::temp_dir().join(format!("ingest-instances-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("instances.yaml");
+        let text = "instances:\n  - name: eu\n    webhook_secret: a, b\n  - name: us\n    webhook_secret_file: us\n  - name: ap\n";
+        std::fs::write(&path, text).unwrap();
+        std::fs::write(dir.join("us"), "c\n").unwrap();
+        let file = path.to_str().unwrap();
+        let missing = parse(&["--harbor-instances-file", file]).unwrap_err();
+        assert!(
+            format!("{missing:#}").contains("instance ap: webhook_secret"),
+            "{missing:#}"
+        );
+        std::fs::write(&path, &text[..text.len() - "  - name: ap\n".len()]).unwrap();
+        let both = parse(&["--harbor-instances-file", file, "--webhook-secret", "s"]);
+        let settings = parse(&["--harbor-instances-file", file]).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            both.unwrap_err()
+                .to_string()
+                .contains("not used with HARBOR_INSTANCES_FILE")
+        );
+        let endpoints: Vec<_> = settings
+            .endpoints
+            .iter()
+            .map(|e| (e.instance.as_deref().unwrap(), e.auth.secret_count()))
+            .collect();
+        assert_eq!(endpoints, [("eu", 2), ("us", 1)]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::link;
-use crate::routes::webhook::{WebhookState, webhook};
+use crate::routes::webhook::{WebhookState, instance_webhook, webhook};
 use crate::settings::Settings;
 
 /// A bound, not yet running ingest.
@@ -48,7 +48,7 @@ impl Application {
         ));
 
         let state = web::Data::new(WebhookState {
-            auth: settings.auth,
+            endpoints: settings.endpoints,
             publisher: publisher_rx,
             topology: settings.amqp.topology,
             max_body_bytes: settings.max_body_bytes,
@@ -60,6 +60,7 @@ impl Application {
                 .app_data(state.clone())
                 .configure(ops.clone())
                 .route("/webhook", web::post().to(webhook))
+                .route("/webhook/{instance}", web::post().to(instance_webhook))
         })
         .workers(settings.http_workers)
         .listen(listener)

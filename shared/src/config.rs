@@ -75,17 +75,22 @@ pub struct LogArgs {
 /// Reads a secret given either directly (`<VAR>`) or as a file (`<VAR>_FILE`), never both.
 ///
 /// A file's trailing newline is dropped, since `echo secret > file` is how most are written.
-/// `var` is the variable's name, used in error messages; the value itself never is.
+/// `var` is the variable's name (or, lowercase, a field's: `password` and `password_file`),
+/// used in error messages; the value itself never is.
 pub fn secret_from(
     value: Option<String>,
     file: Option<PathBuf>,
     var: &str,
 ) -> anyhow::Result<Option<SecretString>> {
+    let suffix = match var.bytes().any(|b| b.is_ascii_lowercase()) {
+        true => "_file",
+        false => "_FILE",
+    };
     let raw = match (value, file) {
-        (Some(_), Some(_)) => bail!("{var} and {var}_FILE are both set; set only one"),
+        (Some(_), Some(_)) => bail!("{var} and {var}{suffix} are both set; set only one"),
         (Some(value), None) => value,
         (None, Some(path)) => std::fs::read_to_string(&path)
-            .with_context(|| format!("Failed to read {var}_FILE ({})", path.display()))?
+            .with_context(|| format!("Failed to read {var}{suffix} ({})", path.display()))?
             .trim_end_matches(['\r', '\n'])
             .to_owned(),
         (None, None) => return Ok(None),

@@ -1,10 +1,11 @@
 //! What `harbor-ingest` and `harbor-worker` share: the options both read, the RabbitMQ topology
 //! and the confirmed publisher they both use, the reconnecting broker session, the Harbor event
-//! model, and telemetry (logs, metrics, health endpoints).
+//! model, the Harbor instances served, and telemetry (logs, metrics, health endpoints).
 
 pub mod broker;
 pub mod config;
 pub mod event;
+pub mod instances;
 pub mod ops;
 pub mod publisher;
 pub mod telemetry;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
 use harbor_ingest::auth::{AuthMode, Authenticator};
-use harbor_ingest::settings::Settings as IngestSettings;
+use harbor_ingest::settings::{Endpoint, Settings as IngestSettings};
 use harbor_ingest::startup::Application;
 use harbor_shared::config::AmqpSettings;
 use harbor_worker::retry::RetryPolicy;
@@ -31,7 +31,10 @@ fn free_port() -> SocketAddr {
 pub fn ingest_settings(amqp: &AmqpSettings) -> IngestSettings {
     IngestSettings {
         listen_addr: free_port(),
-        auth: Authenticator::new(AuthMode::Auto, vec![SecretString::from(SECRET)]).unwrap(),
+        endpoints: vec![Endpoint {
+            instance: None,
+            auth: Authenticator::new(AuthMode::Auto, vec![SecretString::from(SECRET)]).unwrap(),
+        }],
         max_body_bytes: 1_048_576,
         request_timeout: Duration::from_secs(10),
         amqp: amqp.clone(),
@@ -87,11 +90,13 @@ impl TestIngest {
 pub fn worker_settings(amqp: &AmqpSettings, harbor_url: &str, port_url: &str) -> WorkerSettings {
     WorkerSettings {
         amqp: amqp.clone(),
-        harbor: HarborSettings {
+        harbors: vec![HarborSettings {
+            name: None,
             url: harbor_url.parse().unwrap(),
             username: HARBOR_USER.into(),
             password: SecretString::from(HARBOR_PASSWORD),
-        },
+            webhooks: None,
+        }],
         port: PortSettings {
             url: port_url.parse().unwrap(),
             client_id: PORT_CLIENT_ID.into(),
@@ -111,7 +116,6 @@ pub fn worker_settings(amqp: &AmqpSettings, harbor_url: &str, port_url: &str) ->
         shutdown_timeout: Duration::from_secs(10),
         resync_interval: None,
         deletion_threshold: 0.9,
-        webhooks: None,
         max_hold: Duration::from_secs(29 * 60),
     }
 }
@@ -314,8 +318,8 @@ impl TestSandbox {
     /// The worker's settings pointed at this sandbox, with its credentials.
     pub fn worker_settings(&self, amqp: &AmqpSettings) -> WorkerSettings {
         let mut settings = worker_settings(amqp, &self.base, &self.base);
-        settings.harbor.username = "admin".into();
-        settings.harbor.password = "Harbor12345".into();
+        settings.harbors[0].username = "admin".into();
+        settings.harbors[0].password = "Harbor12345".into();
         settings.port.client_id = "sandbox-client".into();
         settings.port.client_secret = "sandbox-secret".into();
         settings

@@ -452,7 +452,7 @@ impl HandleEvent for Panics {
         "library".into()
     }
 
-    fn plan(&self, _body: &[u8]) -> Plan<Key, Work> {
+    fn plan(&self, _body: &[u8], _instance: Option<&str>) -> Plan<Key, Work> {
         let refresh = schedule::Request {
             key: Key::Project("library".into()),
             work: Work::default(),

@@ -89,7 +89,7 @@ async fn a_cloudevents_webhook_is_routed_by_its_harbor_type_with_its_event_id() 
 async fn every_authorization_form_and_every_rotated_secret_is_accepted() {
     let broker = TestTopology::new().await;
     let mut settings = ingest_settings(&broker.amqp);
-    settings.auth = harbor_ingest::auth::Authenticator::new(
+    settings.endpoints[0].auth = harbor_ingest::auth::Authenticator::new(
         harbor_ingest::auth::AuthMode::Auto,
         vec!["old-secret".into(), "new-secret".into()],
     )

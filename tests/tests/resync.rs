@@ -13,10 +13,10 @@ use harbor_sync_tests::samples;
 use harbor_sync_tests::sandbox::PayloadFormat;
 use harbor_sync_tests::wait_until;
 use harbor_worker::clients::http_client;
-use harbor_worker::handler::Handler;
+use harbor_worker::fleet::Fleet;
 use harbor_worker::resync::{Options, Summary, resync};
 use harbor_worker::retry::RetryPolicy;
-use harbor_worker::startup::handler;
+use harbor_worker::startup::fleet;
 use serde_json::json;
 
 /// A sandbox whose Harbor holds 105 artifacts in library/nginx (more than one page) and one in
@@ -98,7 +98,7 @@ async fn held(sandbox: &TestSandbox) -> (usize, Vec<String>, Vec<String>) {
 
 /// `harbor-worker resync` as the command runs it, against the sandbox and this topology.
 struct Resyncs {
-    handler: Handler,
+    fleet: Fleet,
     retry: RetryPolicy,
     amqp: AmqpSettings,
     connection: lapin::Connection,
@@ -109,7 +109,7 @@ impl Resyncs {
         let settings = sandbox.worker_settings(&broker.amqp);
         let http = http_client(Duration::from_secs(5)).unwrap();
         Self {
-            handler: handler(&settings.harbor, &settings.port, http, Duration::ZERO, 8),
+            fleet: fleet(&settings.harbors, &settings.port, http, Duration::ZERO, 8),
             retry: settings.retry,
             connection: broker::connect(&broker.amqp.url, "resync test")
                 .await
@@ -125,7 +125,7 @@ impl Resyncs {
             dry_run: false,
         };
         resync(
-            &self.handler,
+            &self.fleet.members()[0].handler,
             self.retry,
             &self.amqp,
             &self.connection,

@@ -252,8 +252,9 @@ async fn each_periodic_resync_covers_the_projects_created_since() {
     sandbox.act("push", "library/nginx", "1").await;
     let mut settings = sandbox.worker_settings(&broker.amqp);
     settings.resync_interval = Some(Duration::from_secs(5));
-    settings.webhooks = Some(Desired::new(
+    settings.harbors[0].webhooks = Some(Desired::new(
         &PUBLIC_URL.parse().unwrap(),
+        None,
         SecretString::from(SECRET),
         true,
     ));

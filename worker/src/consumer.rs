@@ -23,6 +23,7 @@ use futures_util::future::join_all;
 use futures_util::stream::BoxStream;
 use harbor_shared::broker;
 use harbor_shared::config::AmqpSettings;
+use harbor_shared::instances::INSTANCE_HEADER;
 use harbor_shared::ops::Readiness;
 use harbor_shared::publisher::{Outgoing, Publisher};
 use harbor_shared::topology::{SUBJECT_HEADER, Topology};
@@ -422,7 +423,8 @@ fn dispatch<H: HandleEvent>(
     if shared.held[queue].fetch_add(1, Ordering::Relaxed) + 1 == shared.flush_at {
         shared.scheduler.hurry(Some(queue));
     }
-    let plan = shared.handler.plan(&delivery.data);
+    let instance = header(&delivery.properties, INSTANCE_HEADER);
+    let plan = shared.handler.plan(&delivery.data, instance.as_deref());
     let own_subject = header(&delivery.properties, SUBJECT_HEADER);
     let forwarded = header(&delivery.properties, FORWARDED_HEADER).is_some();
     let mut requests = Vec::new();
@@ -522,6 +524,7 @@ async fn process<H: HandleEvent>(
         "event",
         message_id = %message_id,
         event_type = %delivery.routing_key,
+        instance = header(&delivery.properties, INSTANCE_HEADER).as_deref().unwrap_or("-"),
         subject = plan.subject.as_deref().unwrap_or("-"),
         redelivered = delivery.redelivered,
     );

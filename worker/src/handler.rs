@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use harbor_shared::event::{EventData, EventType, HarborEvent};
+use harbor_shared::instances::{self, DEFAULT_INSTANCE};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
@@ -113,11 +114,11 @@ pub struct Plan<K, W> {
     pub action: Action<K, W>,
 }
 
-/// What the consumer hands each delivery to: [`Handler`] is the real one; tests put others in
-/// its place (one that panics, say) to exercise the consumer.
+/// What the consumer hands each delivery to: [`crate::fleet::Fleet`] is the real one; tests
+/// put others in its place (one that panics, say) to exercise the consumer.
 pub trait HandleEvent: Reconcile {
-    /// What a delivery's body asks for.
-    fn plan(&self, body: &[u8]) -> Plan<Self::Key, Self::Work>;
+    /// What a delivery's body asks for; `instance` is the Harbor instance its header names.
+    fn plan(&self, body: &[u8], instance: Option<&str>) -> Plan<Self::Key, Self::Work>;
 
     /// The subject whose work queue refreshes `key` (the ingest's `x-subject`): a delivery
     /// refreshes only the keys of its own subject and forwards the others.
@@ -182,40 +183,58 @@ pub struct Report {
     deleted: usize,
 }
 
+/// Which Harbor a handler serves, as its events and its entities name it.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    /// Its name in HARBOR_INSTANCES_FILE, which its events carry; `None` for the single Harbor
+    /// of HARBOR_URL (its entities' `harborInstance` is `default`).
+    pub name: Option<String>,
+    /// Its entities' identifiers, and the relations the mapping yields, start with `<name>:`
+    /// (when the deployment serves several Harbors, so that two `library/nginx` never collide).
+    pub prefixed: bool,
+}
+
 /// Turns events into refreshes, and refreshes into Port writes.
 pub struct Handler {
     harbor: HarborClient,
     port: PortClient,
     mapping: Arc<Mapping>,
-    /// The value of [`INSTANCE_PROPERTY`].
-    instance: String,
+    /// Its name in events, if named.
+    name: Option<String>,
+    /// The value of [`INSTANCE_PROPERTY`], and `.__instance` in the mapping's objects.
+    instance: Value,
+    /// What identifiers and relations start with.
+    prefix: Option<String>,
     /// `.__harbor` in the mapping's objects.
     harbor_meta: Value,
     /// How long a pull waits for more pulls of the same repository.
     pull_window: Duration,
-    /// One permit per call to Harbor or Port in flight.
-    calls: Semaphore,
+    /// One permit per call to Harbor or Port in flight (shared by a deployment's handlers).
+    calls: Arc<Semaphore>,
 }
 
 impl Handler {
-    /// A handler with its clients; at most `concurrency` calls in flight at once.
+    /// A handler with its clients; a call to Harbor or Port takes one of `calls`' permits.
     pub fn new(
         harbor: HarborClient,
         port: PortClient,
         mapping: Arc<Mapping>,
-        instance: &str,
+        identity: Identity,
         pull_window: Duration,
-        concurrency: usize,
+        calls: Arc<Semaphore>,
     ) -> Self {
         let url = harbor.base().as_str().trim_end_matches('/').to_owned();
+        let instance = identity.name.as_deref().unwrap_or(DEFAULT_INSTANCE);
         Self {
             harbor_meta: json!({"url": url, "name": instance}),
+            instance: json!(instance),
+            prefix: identity.prefixed.then(|| format!("{instance}:")),
+            name: identity.name,
             harbor,
             port,
             mapping,
-            instance: instance.to_owned(),
             pull_window,
-            calls: Semaphore::new(concurrency.max(1)),
+            calls,
         }
     }
 
@@ -236,7 +255,18 @@ impl Handler {
 
     /// Which Harbor this is (the value of [`INSTANCE_PROPERTY`]).
     pub fn instance(&self) -> &str {
-        &self.instance
+        self.instance.as_str().unwrap_or(DEFAULT_INSTANCE)
+    }
+
+    /// Its name in HARBOR_INSTANCES_FILE, which its events carry.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// The subject of a project's events (the ingest's `x-subject`): the work queue that
+    /// refreshes it.
+    pub fn subject(&self, project: &str) -> String {
+        instances::subject(self.name(), project)
     }
 
     async fn call<T>(&self, call: impl Future<Output = T>) -> T {
@@ -340,7 +370,8 @@ impl Handler {
     }
 
     /// Turns an object into its entities, marked as this integration's: `harborInstance`,
-    /// `harborRef` (the object) and, for artifacts, `harborTags`.
+    /// `harborRef` (the object) and, for artifacts, `harborTags`; their identifiers and
+    /// relations prefixed when the deployment serves several Harbors.
     fn render(
         &self,
         kind: Kind,
@@ -349,7 +380,10 @@ impl Handler {
         reference: &str,
         tags: Option<Vec<String>>,
     ) -> Result<Rendered, String> {
-        let mut extra = vec![("__harbor", &self.harbor_meta)];
+        let mut extra = vec![
+            ("__harbor", &self.harbor_meta),
+            ("__instance", &self.instance),
+        ];
         extra.extend(context.project.map(|p| ("__project", p)));
         extra.extend(context.repository.map(|r| ("__repository", r)));
         let mut rendered = self
@@ -357,8 +391,11 @@ impl Handler {
             .render(kind, raw, &extra)
             .map_err(|error| format!("{reference}: {error}"))?;
         for mapped in &mut rendered.entities {
+            if let Some(prefix) = &self.prefix {
+                prefix_names(&mut mapped.entity, prefix);
+            }
             let properties = &mut mapped.entity.properties;
-            properties.insert(INSTANCE_PROPERTY.to_owned(), json!(self.instance));
+            properties.insert(INSTANCE_PROPERTY.to_owned(), self.instance.clone());
             properties.insert(REF_PROPERTY.to_owned(), json!(reference));
             if let Some(tags) = &tags {
                 properties.insert(TAGS_PROPERTY.to_owned(), json!(tags));
@@ -811,6 +848,23 @@ impl Handler {
     }
 }
 
+/// Puts `prefix` before an entity's identifier and the identifiers its relations name (a
+/// relation given as a search query, an object, is left as it is).
+fn prefix_names(entity: &mut Entity, prefix: &str) {
+    entity.identifier.insert_str(0, prefix);
+    let prefixed = |value: &mut Value| {
+        if let Value::String(identifier) = value {
+            identifier.insert_str(0, prefix);
+        }
+    };
+    for relation in entity.relations.values_mut() {
+        match relation {
+            Value::Array(identifiers) => identifiers.iter_mut().for_each(prefixed),
+            value => prefixed(value),
+        }
+    }
+}
+
 /// The `harborRef` of a project's entities.
 pub fn project_ref(name: &str) -> String {
     format!("project:{name}")
@@ -932,15 +986,17 @@ fn verdict(report: &Report, asked: &Work) -> Judgement<Key, Work> {
     }
 }
 
-impl HandleEvent for Handler {
-    fn subject(&self, key: &Key) -> String {
+impl Handler {
+    /// The subject whose work queue refreshes `key`.
+    pub fn subject_of(&self, key: &Key) -> String {
         match key {
-            Key::Project(name) => name.clone(),
-            Key::Repository(name) => name.project().to_owned(),
+            Key::Project(name) => self.subject(name),
+            Key::Repository(name) => self.subject(name.project()),
         }
     }
 
-    fn plan(&self, body: &[u8]) -> Plan<Key, Work> {
+    /// What a delivery's body asks for.
+    pub fn plan(&self, body: &[u8]) -> Plan<Key, Work> {
         match HarborEvent::parse(body) {
             Ok(event) if event.event_type.as_str() == resync::REQUEST_TYPE => {
                 plan_resync(ResyncRequest::parse(body))

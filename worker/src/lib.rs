@@ -2,8 +2,9 @@
 //! each names from the Harbor API, and writes it to Port. Failed calls are retried with backoff
 //! within a per-event budget; what still fails is parked, with its reason, in the parked queue.
 //!
-//! [`handler`] holds the event logic and knows nothing of RabbitMQ; [`consumer`] holds the
-//! RabbitMQ loop and knows nothing of Harbor.
+//! [`handler`] holds the event logic of one Harbor and knows nothing of RabbitMQ; [`fleet`]
+//! hands each event to its Harbor's handler; [`consumer`] holds the RabbitMQ loop and knows
+//! nothing of Harbor.
 
 pub mod backlog;
 pub mod balance;
@@ -11,6 +12,7 @@ pub mod blueprints;
 pub mod clients;
 pub mod consumer;
 pub mod entities;
+pub mod fleet;
 pub mod handler;
 pub mod mapping;
 pub mod names;

@@ -3,13 +3,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use harbor_shared::instances::DEFAULT_INSTANCE;
 use harbor_shared::{broker, ops, telemetry};
 use harbor_worker::clients::http_client;
 use harbor_worker::mapping::Kind;
 use harbor_worker::parked::{self, Selection};
 use harbor_worker::retry::RetryPolicy;
-use harbor_worker::settings::{Cli, Command, MappingAction, ParkedAction, WebhooksAction};
-use harbor_worker::startup::{Worker, handler, harbor_client, port_client};
+use harbor_worker::settings::{Cli, Command, MappingAction, ParkedAction, WebhooksAction, select};
+use harbor_worker::startup::{Worker, fleet, harbor_client, port_client};
 use harbor_worker::{backlog, blueprints, resync, webhooks};
 
 #[tokio::main]
@@ -38,9 +39,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             dry_run,
             force,
+            instance,
         } => {
-            let (harbor, port) = (cli.harbor.into_settings()?, cli.port.into_settings()?);
-            let policies = cli.webhooks.into_desired()?;
+            let harbors = cli.harbor.into_settings(cli.webhooks)?;
+            let chosen = select(&harbors, instance.as_deref())?;
+            let port = cli.port.into_settings()?;
             let options = resync::Options {
                 deletion_threshold: cli.run.deletion_threshold(&port.mapping)?,
                 force,
@@ -50,31 +53,57 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let run = &cli.run;
             let http = http_client(run.http_timeout).context("Failed to build the HTTP client")?;
             let retry = RetryPolicy::with_budget(run.retry_max_elapsed);
-            let handler = handler(&harbor, &port, http, Duration::ZERO, run.worker_concurrency);
+            let fleet = fleet(
+                &harbors,
+                &port,
+                http,
+                Duration::ZERO,
+                run.worker_concurrency,
+            );
             let connection = broker::connect(&amqp.url, "harbor-worker resync").await?;
-            let summary = resync::resync(&handler, retry, &amqp, &connection, options).await;
+            let (mut refused, mut failed) = (Vec::new(), Vec::new());
+            for index in chosen {
+                let member = &fleet.members()[index];
+                let handler = &member.handler;
+                let name = handler.instance();
+                let summary =
+                    match resync::resync(handler, retry, &amqp, &connection, options).await {
+                        Ok(summary) => summary,
+                        Err(error) => {
+                            eprintln!("{}resync failed: {error:#}", heading(handler.name()));
+                            failed.push(name);
+                            continue;
+                        }
+                    };
+                if let Some(desired) = &member.webhooks {
+                    webhooks::keep(handler.harbor(), desired, dry_run).await;
+                }
+                if json {
+                    println!("{}", with_instance(serde_json::json!(summary), name));
+                } else {
+                    println!(
+                        "{}Harbor has {}; this integration has {} in Port, of which {} ({:.0} %) Harbor no longer has",
+                        heading(handler.name()),
+                        summary.harbor,
+                        summary.ours,
+                        summary.to_delete,
+                        summary.deleted_share() * 100.0
+                    );
+                    println!("refreshes requested: {}", summary.requested);
+                }
+                if summary.refused {
+                    refused.push(format!("{name} ({:.0} %)", summary.deleted_share() * 100.0));
+                }
+            }
             let _ = connection.close(200, "done".into()).await;
-            let summary = summary?;
-            if let Some(desired) = &policies {
-                webhooks::keep(handler.harbor(), desired, dry_run).await;
+            if !failed.is_empty() {
+                bail!("the resync of {} failed", failed.join(", "));
             }
-            if json {
-                println!("{}", serde_json::json!(summary));
-            } else {
-                println!(
-                    "Harbor has {}; this integration has {} in Port, of which {} ({:.0} %) Harbor no longer has",
-                    summary.harbor,
-                    summary.ours,
-                    summary.to_delete,
-                    summary.deleted_share() * 100.0
-                );
-                println!("refreshes requested: {}", summary.requested);
-            }
-            if summary.refused {
+            if !refused.is_empty() {
                 bail!(
-                    "refused: it would delete {:.0} % of this integration's entities, more than the deletion threshold ({}: the mapping file's entityDeletionThreshold, else RESYNC_DELETION_THRESHOLD); check HARBOR_URL and the robot account's access, or use --force",
-                    summary.deleted_share() * 100.0,
-                    options.deletion_threshold
+                    "refused: it would delete more of this integration's entities than the deletion threshold ({}: the mapping file's entityDeletionThreshold, else RESYNC_DELETION_THRESHOLD) allows, of {}; check the Harbor's URL and the robot account's access, or use --force",
+                    options.deletion_threshold,
+                    refused.join(", ")
                 );
             }
             Ok(())
@@ -160,15 +189,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     project,
                     repository,
                     reference,
+                    instance,
                 },
         } => {
             let Some(kind) = Kind::parse(&kind) else {
                 bail!("--kind must be project, repository or artifact (got {kind})");
             };
-            let (harbor, port) = (cli.harbor.into_settings()?, cli.port.into_settings()?);
+            let harbors = cli.harbor.into_settings(cli.webhooks)?;
+            let chosen = select(&harbors, instance.as_deref())?;
+            let &[index] = chosen.as_slice() else {
+                bail!("HARBOR_INSTANCES_FILE lists several instances: name one with --instance");
+            };
+            let port = cli.port.into_settings()?;
             let http =
                 http_client(cli.run.http_timeout).context("Failed to build the HTTP client")?;
-            let handler = handler(&harbor, &port, http, Duration::ZERO, 1);
+            let fleet = fleet(&harbors, &port, http, Duration::ZERO, 1);
+            let handler = &fleet.members()[index].handler;
             let rendered = handler
                 .render_current(kind, &project, repository.as_deref(), reference.as_deref())
                 .await
@@ -185,71 +221,95 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Webhooks { action } => {
-            let desired = cli.webhooks.required()?;
+            let harbors = cli.harbor.into_settings(cli.webhooks)?;
+            let (WebhooksAction::Sync { instance, .. } | WebhooksAction::Status { instance, .. }) =
+                &action;
+            let chosen = select(&harbors, instance.as_deref())?;
             let http =
                 http_client(cli.run.http_timeout).context("Failed to build the HTTP client")?;
-            let harbor = harbor_client(&cli.harbor.into_settings()?, http);
-            match action {
-                WebhooksAction::Sync {
-                    dry_run,
-                    json,
-                    remove,
-                } => {
-                    let mode = webhooks::Mode { dry_run, remove };
-                    let report = webhooks::sync(&harbor, &desired, mode)
-                        .await
-                        .context("Failed to list Harbor's projects")?;
-                    if json {
-                        println!("{}", serde_json::json!(report));
-                    } else {
-                        for outcome in &report.projects {
-                            let action = with_detail(&outcome.action, outcome.detail.as_deref());
-                            println!("{}  {action}", outcome.project);
-                        }
-                        println!("{}", report.counts());
-                    }
-                    if report.failures() > 0 {
-                        bail!(
-                            "the webhook policy of {} project(s) could not be synced",
-                            report.failures()
-                        );
-                    }
-                    Ok(())
-                }
-                WebhooksAction::Status { json } => {
-                    let all = webhooks::status(&harbor, &desired)
-                        .await
-                        .context("Failed to list Harbor's projects")?;
-                    if json {
-                        println!("{}", serde_json::json!({ "projects": all }));
-                        return Ok(());
-                    }
-                    for status in &all {
-                        let state = match (status.present, status.matches) {
-                            (false, _) => "missing",
-                            (true, true) => "ok",
-                            (true, false) => "differs",
+            let mut failures = 0;
+            for index in chosen {
+                let settings = &harbors[index];
+                let Some(desired) = &settings.webhooks else {
+                    bail!(
+                        "WEBHOOK_PUBLIC_URL is required: the ingest's address as Harbor reaches \
+                         it (our policies post to <WEBHOOK_PUBLIC_URL>/webhook)"
+                    );
+                };
+                let harbor = harbor_client(settings, http.clone());
+                let name = settings.name.as_deref();
+                let instance = name.unwrap_or(DEFAULT_INSTANCE);
+                failures += match &action {
+                    WebhooksAction::Sync {
+                        dry_run,
+                        json,
+                        remove,
+                        ..
+                    } => {
+                        let mode = webhooks::Mode {
+                            dry_run: *dry_run,
+                            remove: *remove,
                         };
-                        println!(
-                            "{}  {}  (failed deliveries: {})",
-                            status.project,
-                            with_detail(state, status.detail.as_deref()),
-                            status.failed.len()
-                        );
-                        for failed in &status.failed {
-                            let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-                            println!(
-                                "    {}  execution {}  {}  {}",
-                                show(&failed.at),
-                                failed.execution,
-                                show(&failed.event_type),
-                                show(&failed.message)
-                            );
+                        let report =
+                            webhooks::sync(&harbor, desired, mode)
+                                .await
+                                .with_context(|| {
+                                    format!("{}Failed to list Harbor's projects", heading(name))
+                                })?;
+                        if *json {
+                            println!("{}", with_instance(serde_json::json!(report), instance));
+                        } else {
+                            for outcome in &report.projects {
+                                let action =
+                                    with_detail(&outcome.action, outcome.detail.as_deref());
+                                println!("{}{}  {action}", heading(name), outcome.project);
+                            }
+                            println!("{}{}", heading(name), report.counts());
                         }
+                        report.failures()
                     }
-                    Ok(())
-                }
+                    WebhooksAction::Status { json, .. } => {
+                        let all = webhooks::status(&harbor, desired).await.with_context(|| {
+                            format!("{}Failed to list Harbor's projects", heading(name))
+                        })?;
+                        if *json {
+                            let all = serde_json::json!({ "projects": all });
+                            println!("{}", with_instance(all, instance));
+                            continue;
+                        }
+                        for status in &all {
+                            let state = match (status.present, status.matches) {
+                                (false, _) => "missing",
+                                (true, true) => "ok",
+                                (true, false) => "differs",
+                            };
+                            println!(
+                                "{}{}  {}  (failed deliveries: {})",
+                                heading(name),
+                                status.project,
+                                with_detail(state, status.detail.as_deref()),
+                                status.failed.len()
+                            );
+                            for failed in &status.failed {
+                                let show =
+                                    |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                                println!(
+                                    "    {}  execution {}  {}  {}",
+                                    show(&failed.at),
+                                    failed.execution,
+                                    show(&failed.event_type),
+                                    show(&failed.message)
+                                );
+                            }
+                        }
+                        0
+                    }
+                };
             }
+            if failures > 0 {
+                bail!("the webhook policy of {failures} project(s) could not be synced");
+            }
+            Ok(())
         }
         Command::Healthcheck => {
             if !ops::probe(cli.run.metrics_addr, "/readyz") {
@@ -261,6 +321,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// What a line about a named instance starts with (`eu: `); nothing for a single Harbor.
+fn heading(instance: Option<&str>) -> String {
+    instance.map_or_else(String::new, |name| format!("{name}: "))
+}
+
+/// A JSON object with the instance it is about.
+fn with_instance(mut value: serde_json::Value, instance: &str) -> serde_json::Value {
+    if let Some(object) = value.as_object_mut() {
+        object.insert("instance".into(), instance.into());
+    }
+    value
 }
 
 /// `head`, or `head: detail` when there is one.

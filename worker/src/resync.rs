@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use harbor_shared::broker;
 use harbor_shared::config::AmqpSettings;
+use harbor_shared::instances::INSTANCE_HEADER;
 use harbor_shared::publisher::{Outgoing, Publisher};
 use harbor_shared::topology::{SUBJECT_HEADER, Topology};
 use lapin::options::QueueDeclareOptions;
@@ -32,16 +33,17 @@ use lapin::{BasicProperties, Connection};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use crate::clients::CallError;
+use crate::fleet::Fleet;
 use crate::handler::{
     Handler, INSTANCE_PROPERTY, REF_PROPERTY, artifact_ref, project_ref, repository_ref,
 };
 use crate::mapping::{Kind, Rendered};
 use crate::names::{Digest, RepositoryName};
 use crate::retry::{Budget, RetryPolicy};
-use crate::webhooks::{self, Desired};
+use crate::webhooks;
 
 /// The `type` of a resync request on the work queues (and its routing key).
 pub const REQUEST_TYPE: &str = "harbor-port-sync.resync";
@@ -187,6 +189,7 @@ pub async fn resync(
     if summary.deleted_share() > options.deletion_threshold && !options.force {
         summary.refused = true;
         error!(
+            instance = handler.instance(),
             ours = summary.ours,
             to_delete = summary.to_delete,
             threshold = options.deletion_threshold,
@@ -199,10 +202,11 @@ pub async fn resync(
     }
     let requests = requests(&stock);
     if !options.dry_run {
-        publish(&requests, &amqp.topology, connection).await?;
+        publish(&requests, handler, &amqp.topology, connection).await?;
         summary.requested = requests.len();
     }
     info!(
+        instance = handler.instance(),
         harbor = summary.harbor,
         ours = summary.ours,
         to_delete = summary.to_delete,
@@ -332,9 +336,11 @@ fn requests(stock: &Stock) -> Vec<ResyncRequest> {
         .collect()
 }
 
-/// Publishes the requests (confirmed), each with its project as its subject.
+/// Publishes the requests (confirmed), each with its project's subject and, when named, the
+/// handler's instance.
 async fn publish(
     requests: &[ResyncRequest],
+    handler: &Handler,
     topology: &Topology,
     connection: &Connection,
 ) -> anyhow::Result<()> {
@@ -344,10 +350,14 @@ async fn publish(
         async move {
             let body = serde_json::to_vec(request).context("Failed to encode a resync request")?;
             let mut headers = FieldTable::default();
-            headers.insert(
-                SUBJECT_HEADER.into(),
-                AMQPValue::LongString(request.project().into()),
-            );
+            let subject = handler.subject(request.project());
+            headers.insert(SUBJECT_HEADER.into(), AMQPValue::LongString(subject.into()));
+            if let Some(instance) = handler.name() {
+                headers.insert(
+                    INSTANCE_HEADER.into(),
+                    AMQPValue::LongString(instance.into()),
+                );
+            }
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
@@ -384,16 +394,16 @@ pub struct Periodic {
     pub retry: RetryPolicy,
     /// Its threshold.
     pub options: Options,
-    /// Our webhook policy, kept in every project after each resync.
-    pub webhooks: Option<Desired>,
 }
 
-/// Runs a resync every `interval` while this worker holds the resync lock (trying for it at
-/// start and then every `interval`), until shutdown; so the fleet resyncs once per interval,
-/// whichever worker does it. A worker that takes the lock waits a whole interval first.
+/// Runs a resync of each Harbor every `interval` while this worker holds the resync lock
+/// (trying for it at start and then every `interval`), until shutdown; so the fleet resyncs
+/// once per interval, whichever worker does it. A worker that takes the lock waits a whole
+/// interval first. Each Harbor's resync is judged alone (its own deletion threshold), and its
+/// webhook policies kept after it.
 pub async fn every(
     periodic: &Periodic,
-    handler: &Handler,
+    fleet: &Fleet,
     amqp: &AmqpSettings,
     shutdown: &CancellationToken,
 ) {
@@ -401,7 +411,6 @@ pub async fn every(
         interval,
         retry,
         options,
-        ref webhooks,
     } = *periodic;
     let mut held: Option<Connection> = None;
     loop {
@@ -420,25 +429,37 @@ pub async fn every(
             continue;
         }
         let Some(connection) = &held else { continue };
-        tokio::select! {
-            done = resync(handler, retry, amqp, connection, options) => {
-                let outcome = match done {
-                    Ok(summary) if summary.refused => "refused",
-                    Ok(_) => "requested",
-                    Err(error) => {
-                        error!(error = format!("{error:#}"), "Resync failed; the next interval tries again");
-                        "failed"
-                    }
-                };
-                metrics::counter!("harbor_worker_resyncs_total", "outcome" => outcome).increment(1);
-            }
-            () = shutdown.cancelled() => break,
-        }
-        if let Some(desired) = webhooks {
+        for member in fleet.members() {
+            let handler = &member.handler;
             tokio::select! {
-                () = webhooks::keep(handler.harbor(), desired, false) => {}
+                done = resync(handler, retry, amqp, connection, options) => {
+                    let outcome = match done {
+                        Ok(summary) if summary.refused => "refused",
+                        Ok(_) => "requested",
+                        Err(error) => {
+                            error!(
+                                instance = handler.instance(),
+                                error = format!("{error:#}"),
+                                "Resync failed; the next interval tries again"
+                            );
+                            "failed"
+                        }
+                    };
+                    metrics::counter!("harbor_worker_resyncs_total", "outcome" => outcome).increment(1);
+                }
                 () = shutdown.cancelled() => break,
             }
+            if let Some(desired) = &member.webhooks {
+                let span = tracing::info_span!("webhooks", instance = handler.instance());
+                let kept = webhooks::keep(handler.harbor(), desired, false).instrument(span);
+                tokio::select! {
+                    () = kept => {}
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        }
+        if shutdown.is_cancelled() {
+            break;
         }
     }
     if let Some(connection) = held {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use harbor_shared::config::{AmqpArgs, AmqpSettings, LogArgs, required_secret, secrets_from};
+use harbor_shared::instances;
 use secrecy::SecretString;
 use url::Url;
 
@@ -67,6 +68,9 @@ pub enum Command {
         /// entities.
         #[arg(long)]
         force: bool,
+        /// Only this instance of HARBOR_INSTANCES_FILE (by default, each in turn).
+        #[arg(long)]
+        instance: Option<String>,
     },
     /// Print how many events wait in the work and parked queues.
     Backlog {
@@ -111,6 +115,9 @@ pub enum WebhooksAction {
         /// Take our policy away from every project instead.
         #[arg(long)]
         remove: bool,
+        /// Only this instance of HARBOR_INSTANCES_FILE (by default, each in turn).
+        #[arg(long)]
+        instance: Option<String>,
     },
     /// Per project: whether our policy is there and as it should be, and the latest deliveries
     /// Harbor gave up on.
@@ -118,6 +125,9 @@ pub enum WebhooksAction {
         /// Print JSON, for scripts.
         #[arg(long)]
         json: bool,
+        /// Only this instance of HARBOR_INSTANCES_FILE (by default, each in turn).
+        #[arg(long)]
+        instance: Option<String>,
     },
 }
 
@@ -142,6 +152,9 @@ pub enum MappingAction {
         /// The artifact's digest or tag (for `artifact`).
         #[arg(long)]
         reference: Option<String>,
+        /// The instance of HARBOR_INSTANCES_FILE to read (needed when it lists several).
+        #[arg(long)]
+        instance: Option<String>,
     },
 }
 
@@ -173,9 +186,15 @@ pub enum ParkedAction {
     },
 }
 
-/// The Harbor API.
+/// The Harbor API: one Harbor (HARBOR_URL, ...), or several (HARBOR_INSTANCES_FILE).
 #[derive(Args, Debug, Clone)]
 pub struct HarborArgs {
+    /// Several Harbors: a YAML file naming each, with its URL, credentials and webhook secret
+    /// (docs/instances.md); instead of HARBOR_URL, HARBOR_USERNAME, HARBOR_PASSWORD and
+    /// WEBHOOK_SECRET.
+    #[arg(long, env = "HARBOR_INSTANCES_FILE", global = true)]
+    pub harbor_instances_file: Option<PathBuf>,
+
     /// Harbor's address, e.g. `https://harbor.example.com` (the API is under `/api/v2.0`).
     #[arg(long, env = "HARBOR_URL")]
     pub harbor_url: Option<String>,
@@ -296,49 +315,35 @@ pub struct WebhookArgs {
 }
 
 impl WebhookArgs {
-    /// Our policy, if WEBHOOK_PUBLIC_URL turns the keeping on.
-    pub fn into_desired(self) -> anyhow::Result<Option<Desired>> {
-        let Some(raw) = self.webhook_public_url.filter(|u| !u.is_empty()) else {
+    /// WEBHOOK_PUBLIC_URL and the payload format, if the keeping of our policies is on.
+    fn target(&self) -> anyhow::Result<Option<(Url, bool)>> {
+        let Some(raw) = self.webhook_public_url.as_deref().filter(|u| !u.is_empty()) else {
             return Ok(None);
         };
-        let url = base_url(&raw, "WEBHOOK_PUBLIC_URL")?;
+        let url = base_url(raw, "WEBHOOK_PUBLIC_URL")?;
         let cloudevents = match self.webhook_payload_format.as_str() {
             "Default" => false,
             "CloudEvents" => true,
             other => bail!("WEBHOOK_PAYLOAD_FORMAT must be Default or CloudEvents (got {other})"),
         };
-        let secrets = secrets_from(
-            self.webhook_secret,
-            self.webhook_secret_file,
-            "WEBHOOK_SECRET",
-        )?;
-        let Some(secret) = secrets.into_iter().next() else {
-            bail!(
-                "WEBHOOK_SECRET (or WEBHOOK_SECRET_FILE) is required with WEBHOOK_PUBLIC_URL: \
-                 Harbor's webhook policies send it, and the ingest checks it"
-            );
-        };
-        Ok(Some(Desired::new(&url, secret, cloudevents)))
-    }
-
-    /// [`WebhookArgs::into_desired`], for the commands that need it.
-    pub fn required(self) -> anyhow::Result<Desired> {
-        self.into_desired()?.context(
-            "WEBHOOK_PUBLIC_URL is required: the ingest's address as Harbor reaches it \
-             (our policies post to <WEBHOOK_PUBLIC_URL>/webhook)",
-        )
+        Ok(Some((url, cloudevents)))
     }
 }
 
-/// Where Harbor is and how to log in.
+/// One Harbor: where it is, how to log in, and our webhook policy in its projects.
 #[derive(Debug, Clone)]
 pub struct HarborSettings {
+    /// Its name in HARBOR_INSTANCES_FILE; `None` for the single Harbor of HARBOR_URL (its
+    /// entities' `harborInstance` is `default`).
+    pub name: Option<String>,
     /// Harbor's address.
     pub url: Url,
     /// User name.
     pub username: String,
     /// Password.
     pub password: SecretString,
+    /// Our webhook policy in its projects, kept when WEBHOOK_PUBLIC_URL is set.
+    pub webhooks: Option<Desired>,
 }
 
 /// Where Port is and how to log in.
@@ -359,8 +364,8 @@ pub struct PortSettings {
 pub struct Settings {
     /// The broker.
     pub amqp: AmqpSettings,
-    /// Harbor.
-    pub harbor: HarborSettings,
+    /// The Harbors, each with its webhook policy.
+    pub harbors: Vec<HarborSettings>,
     /// Port.
     pub port: PortSettings,
     /// Refreshes at once, and calls in flight at once.
@@ -384,8 +389,26 @@ pub struct Settings {
     pub resync_interval: Option<Duration>,
     /// The share of this integration's entities above which a resync refuses to delete.
     pub deletion_threshold: f64,
-    /// Our webhook policy, kept in every project at each resync (WEBHOOK_PUBLIC_URL).
-    pub webhooks: Option<Desired>,
+}
+
+/// The Harbors a command's `--instance` picks, by index: that one, or every one.
+pub fn select(harbors: &[HarborSettings], instance: Option<&str>) -> anyhow::Result<Vec<usize>> {
+    let Some(wanted) = instance else {
+        return Ok((0..harbors.len()).collect());
+    };
+    match harbors
+        .iter()
+        .position(|h| h.name.as_deref() == Some(wanted))
+    {
+        Some(index) => Ok(vec![index]),
+        None => {
+            let names: Vec<&str> = harbors.iter().filter_map(|h| h.name.as_deref()).collect();
+            bail!(
+                "--instance {wanted}: HARBOR_INSTANCES_FILE has no such instance (it has: {})",
+                names.join(", ")
+            )
+        }
+    }
 }
 
 /// An `http(s)://` base URL without credentials, query or fragment.
@@ -411,17 +434,74 @@ fn required(value: Option<String>, var: &str) -> anyhow::Result<String> {
 }
 
 impl HarborArgs {
-    /// Checks the Harbor options.
-    pub fn into_settings(self) -> anyhow::Result<HarborSettings> {
-        Ok(HarborSettings {
-            url: base_url(&required(self.harbor_url, "HARBOR_URL")?, "HARBOR_URL")?,
-            username: required(self.harbor_username, "HARBOR_USERNAME")?,
-            password: required_secret(
-                self.harbor_password,
-                self.harbor_password_file,
-                "HARBOR_PASSWORD",
-            )?,
-        })
+    /// The Harbors, each with our webhook policy when WEBHOOK_PUBLIC_URL is set.
+    pub fn into_settings(self, webhooks: WebhookArgs) -> anyhow::Result<Vec<HarborSettings>> {
+        let target = webhooks.target()?;
+        let desired = |name: Option<&str>, secrets: Vec<SecretString>, var: &str| {
+            let Some((url, cloudevents)) = &target else {
+                return Ok(None);
+            };
+            let Some(secret) = secrets.into_iter().next() else {
+                bail!(
+                    "{var} is required with WEBHOOK_PUBLIC_URL: Harbor's webhook policies send \
+                     it, and the ingest checks it"
+                );
+            };
+            Ok(Some(Desired::new(url, name, secret, *cloudevents)))
+        };
+        let Some(path) = self.harbor_instances_file else {
+            let secrets = secrets_from(
+                webhooks.webhook_secret,
+                webhooks.webhook_secret_file,
+                "WEBHOOK_SECRET",
+            )?;
+            return Ok(vec![HarborSettings {
+                name: None,
+                url: base_url(&required(self.harbor_url, "HARBOR_URL")?, "HARBOR_URL")?,
+                username: required(self.harbor_username, "HARBOR_USERNAME")?,
+                password: required_secret(
+                    self.harbor_password,
+                    self.harbor_password_file,
+                    "HARBOR_PASSWORD",
+                )?,
+                webhooks: desired(None, secrets, "WEBHOOK_SECRET (or WEBHOOK_SECRET_FILE)")?,
+            }]);
+        };
+        let single = [
+            ("HARBOR_URL", self.harbor_url.is_some()),
+            ("HARBOR_USERNAME", self.harbor_username.is_some()),
+            ("HARBOR_PASSWORD", self.harbor_password.is_some()),
+            ("HARBOR_PASSWORD_FILE", self.harbor_password_file.is_some()),
+            ("WEBHOOK_SECRET", webhooks.webhook_secret.is_some()),
+            (
+                "WEBHOOK_SECRET_FILE",
+                webhooks.webhook_secret_file.is_some(),
+            ),
+        ];
+        if let Some((var, _)) = single.iter().find(|(_, set)| *set) {
+            bail!(
+                "{var} is not used with HARBOR_INSTANCES_FILE: each instance's URL, credentials \
+                 and webhook secret are given there"
+            );
+        }
+        instances::load(&path)?
+            .into_iter()
+            .map(|instance| {
+                let field = |name: &str| instance.var(name);
+                let url = required(instance.url.clone(), &field("url"))?;
+                let secrets = instance.webhook_secrets()?;
+                let var = format!("{} (or webhook_secret_file)", field("webhook_secret"));
+                Ok(HarborSettings {
+                    url: base_url(&url, &field("url"))?,
+                    username: required(instance.username.clone(), &field("username"))?,
+                    password: instance.password()?.with_context(|| {
+                        format!("{} (or password_file) is required", field("password"))
+                    })?,
+                    webhooks: desired(Some(&instance.name), secrets, &var)?,
+                    name: Some(instance.name),
+                })
+            })
+            .collect()
     }
 }
 
@@ -470,13 +550,12 @@ impl Cli {
             bail!("RESYNC_INTERVAL must be at least 5s");
         }
         let amqp = self.amqp.into_settings()?;
-        let harbor = self.harbor.into_settings()?;
+        let harbors = self.harbor.into_settings(self.webhooks)?;
         let port = self.port.into_settings()?;
         let threshold = run.deletion_threshold(&port.mapping)?;
-        let webhooks = self.webhooks.into_desired()?;
         Ok(Settings {
             amqp,
-            harbor,
+            harbors,
             port,
             concurrency: run.worker_concurrency,
             prefetch: run.worker_prefetch,
@@ -487,7 +566,6 @@ impl Cli {
             shutdown_timeout: run.shutdown_timeout,
             resync_interval: run.resync_interval,
             deletion_threshold: threshold,
-            webhooks,
             max_hold,
         })
     }
@@ -557,7 +635,11 @@ mod tests {
     #[test]
     fn complete_options_give_settings_with_the_documented_defaults() {
         let settings = parse(&COMPLETE).unwrap();
-        assert_eq!(settings.harbor.url.as_str(), "https://harbor.example.com/");
+        assert_eq!(
+            settings.harbors[0].url.as_str(),
+            "https://harbor.example.com/"
+        );
+        assert_eq!(settings.harbors[0].name, None);
         assert_eq!(settings.port.url.as_str(), "https://api.port.io/");
         assert_eq!(settings.concurrency, 32);
         assert_eq!(settings.retry.max_elapsed, Duration::from_secs(60));

@@ -9,6 +9,7 @@ use actix_web::{App, HttpServer};
 use anyhow::Context;
 use harbor_shared::ops::{self, Readiness};
 use harbor_shared::telemetry;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -17,30 +18,38 @@ use crate::clients::harbor::HarborClient;
 use crate::clients::http_client;
 use crate::clients::port::PortClient;
 use crate::consumer::{self, ConsumerSettings};
-use crate::handler::{HandleEvent, Handler};
+use crate::fleet::{Fleet, Member};
+use crate::handler::{HandleEvent, Handler, Identity};
 use crate::resync;
 use crate::schedule::{Limits, Scheduler};
 use crate::settings::{HarborSettings, PortSettings, Settings};
 
-/// The name of the Harbor a single-Harbor deployment serves, in its entities' `harborInstance`.
-pub const DEFAULT_INSTANCE: &str = "default";
-
-/// The handler for these settings: its Harbor and Port clients share `http`.
-pub fn handler(
-    harbor: &HarborSettings,
+/// The fleet for these settings: a handler per Harbor, their clients sharing `http`, at most
+/// `concurrency` calls in flight in all.
+pub fn fleet(
+    harbors: &[HarborSettings],
     port: &PortSettings,
     http: reqwest::Client,
     pull_window: Duration,
     concurrency: u16,
-) -> Handler {
-    Handler::new(
-        harbor_client(harbor, http.clone()),
-        port_client(port, http),
-        Arc::clone(&port.mapping),
-        DEFAULT_INSTANCE,
-        pull_window,
-        usize::from(concurrency),
-    )
+) -> Fleet {
+    let calls = Arc::new(Semaphore::new(usize::from(concurrency.max(1))));
+    let prefixed = harbors.len() > 1;
+    let members = harbors.iter().map(|harbor| Member {
+        handler: Handler::new(
+            harbor_client(harbor, http.clone()),
+            port_client(port, http.clone()),
+            Arc::clone(&port.mapping),
+            Identity {
+                name: harbor.name.clone(),
+                prefixed,
+            },
+            pull_window,
+            Arc::clone(&calls),
+        ),
+        webhooks: harbor.webhooks.clone(),
+    });
+    Fleet::new(members.collect())
 }
 
 /// The Harbor client for these settings.
@@ -89,14 +98,14 @@ impl Worker {
     /// Binds `METRICS_ADDR` (port 0 picks one) and starts consuming.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let http = http_client(settings.http_timeout).context("Failed to build the HTTP client")?;
-        let handler = Arc::new(handler(
-            &settings.harbor,
+        let fleet = Arc::new(fleet(
+            &settings.harbors,
             &settings.port,
             http,
             settings.pull_window,
             settings.concurrency,
         ));
-        let scheduler = scheduler(Arc::clone(&handler), &settings);
+        let scheduler = scheduler(Arc::clone(&fleet), &settings);
         let periodic = settings.resync_interval.map(|interval| resync::Periodic {
             interval,
             retry: settings.retry,
@@ -105,14 +114,13 @@ impl Worker {
                 force: false,
                 dry_run: false,
             },
-            webhooks: settings.webhooks.clone(),
         });
         let amqp = settings.amqp.clone();
-        let worker = Self::start(settings, Arc::clone(&handler), scheduler).await?;
+        let worker = Self::start(settings, Arc::clone(&fleet), scheduler).await?;
         if let Some(periodic) = periodic {
             let shutdown = worker.shutdown_token();
             tokio::spawn(async move {
-                resync::every(&periodic, &handler, &amqp, &shutdown).await;
+                resync::every(&periodic, &fleet, &amqp, &shutdown).await;
             });
         }
         Ok(worker)

@@ -23,7 +23,8 @@ const FAILED_SHOWN: usize = 5;
 /// What our policy must be.
 #[derive(Debug, Clone)]
 pub struct Desired {
-    /// Where Harbor posts: the ingest's `/webhook` as Harbor reaches it.
+    /// Where Harbor posts: the ingest's `/webhook` (or `/webhook/<instance>`) as Harbor
+    /// reaches it.
     pub address: Url,
     /// The policy's auth header: the (first) webhook secret.
     pub secret: SecretString,
@@ -34,11 +35,17 @@ pub struct Desired {
 }
 
 impl Desired {
-    /// The policy for `public_url` (the ingest's address as Harbor reaches it).
-    pub fn new(public_url: &Url, secret: SecretString, cloudevents: bool) -> Self {
+    /// The policy for `public_url` (the ingest's address as Harbor reaches it): to
+    /// `/webhook/<instance>` for a named instance, else to `/webhook`.
+    pub fn new(
+        public_url: &Url,
+        instance: Option<&str>,
+        secret: SecretString,
+        cloudevents: bool,
+    ) -> Self {
         let mut address = public_url.clone();
         if let Ok(mut path) = address.path_segments_mut() {
-            path.pop_if_empty().push("webhook");
+            path.pop_if_empty().push("webhook").extend(instance);
         }
         Self {
             address,
@@ -449,6 +456,7 @@ mod tests {
     fn desired() -> Desired {
         Desired::new(
             &Url::parse("https://sync.example.com/").unwrap(),
+            None,
             SecretString::from("s3cret-s3cret-s3cret"),
             false,
         )
@@ -473,6 +481,16 @@ mod tests {
         assert!(types.contains(&json!("TAG_RETENTION")));
         assert_eq!(types.len(), 10);
         assert!(desired().differences(&[policy(body)]).is_empty());
+        let named = Desired::new(
+            &Url::parse("https://sync.example.com/base/").unwrap(),
+            Some("eu"),
+            SecretString::from("s3cret-s3cret-s3cret"),
+            false,
+        );
+        assert_eq!(
+            named.body()["targets"][0]["address"],
+            "https://sync.example.com/base/webhook/eu"
+        );
     }
 
     #[test]

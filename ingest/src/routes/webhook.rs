@@ -1,16 +1,20 @@
-//! `POST /webhook`: check, publish, answer.
+//! `POST /webhook` (a single Harbor) or `POST /webhook/<instance>` (HARBOR_INSTANCES_FILE):
+//! check, publish, answer.
 //!
 //! | case                                              | answer                 |
 //! |---------------------------------------------------|------------------------|
 //! | valid, broker confirmed                           | 202 + `message_id`     |
+//! | no such endpoint (an instance not in the file)    | 404                    |
 //! | missing or wrong `Authorization`                  | 401                    |
 //! | not JSON, or no string `type`                     | 400                    |
 //! | body over `MAX_BODY_BYTES`                        | 413                    |
 //! | body not received within `REQUEST_TIMEOUT`        | 408                    |
 //! | broker down, nack, unroutable, no confirm in 5 s  | 503 + `Retry-After: 5` |
 //!
-//! The checks run in that order of cost: size (from `Content-Length`, before reading), then
-//! authentication, then parsing; nothing is published unless all pass.
+//! The checks run in that order of cost: the endpoint and the size (from `Content-Length`),
+//! before reading, then authentication (with the endpoint's own secrets: one Harbor's secret
+//! is refused at another's endpoint), then parsing; nothing is published unless all pass. An
+//! instance's events carry its name ([`INSTANCE_HEADER`]) and have it in their subject.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -21,6 +25,7 @@ use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use harbor_shared::event::{Envelope, EventError};
+use harbor_shared::instances::{self, INSTANCE_HEADER};
 use harbor_shared::publisher::{Outgoing, PublishError};
 use harbor_shared::topology::{SUBJECT_HEADER, Topology};
 use lapin::BasicProperties;
@@ -28,13 +33,14 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 use tracing::{error, info, warn};
 
-use crate::auth::{AuthError, Authenticator};
+use crate::auth::AuthError;
 use crate::link::CurrentPublisher;
+use crate::settings::Endpoint;
 
 /// What the handler needs, shared by all workers.
 pub struct WebhookState {
-    /// The `Authorization` check.
-    pub auth: Authenticator,
+    /// The Harbors whose webhooks are taken, with their `Authorization` checks.
+    pub endpoints: Vec<Endpoint>,
     /// The broker publisher, when connected.
     pub publisher: CurrentPublisher,
     /// Where to publish.
@@ -48,6 +54,10 @@ pub struct WebhookState {
 /// Why a webhook was not accepted; each variant is one status code.
 #[derive(thiserror::Error, Debug)]
 pub enum WebhookError {
+    /// 404: `/webhook/<instance>` for an instance this ingest does not serve, or `/webhook`
+    /// when it serves several.
+    #[error("{0}")]
+    NoEndpoint(String),
     /// 413
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
@@ -71,6 +81,7 @@ pub enum WebhookError {
 impl WebhookError {
     fn code(&self) -> &'static str {
         match self {
+            Self::NoEndpoint(_) => "unknown_instance",
             Self::TooLarge(_) => "payload_too_large",
             Self::Unreadable => "unreadable_body",
             Self::Timeout => "request_timeout",
@@ -85,6 +96,7 @@ impl WebhookError {
 impl ResponseError for WebhookError {
     fn status_code(&self) -> StatusCode {
         match self {
+            Self::NoEndpoint(_) => StatusCode::NOT_FOUND,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unreadable | Self::NotAnEvent(_) => StatusCode::BAD_REQUEST,
             Self::Timeout => StatusCode::REQUEST_TIMEOUT,
@@ -118,14 +130,36 @@ struct Accepted<'a> {
     message_id: &'a str,
 }
 
-/// `POST /webhook`
+/// `POST /webhook`: a single Harbor's.
 pub async fn webhook(
     request: HttpRequest,
     payload: web::Payload,
     state: web::Data<WebhookState>,
 ) -> Result<HttpResponse, WebhookError> {
+    answer(request, payload, &state, None).await
+}
+
+/// `POST /webhook/<instance>`: an instance's of HARBOR_INSTANCES_FILE.
+pub async fn instance_webhook(
+    request: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<WebhookState>,
+    instance: web::Path<String>,
+) -> Result<HttpResponse, WebhookError> {
+    answer(request, payload, &state, Some(&instance)).await
+}
+
+async fn answer(
+    request: HttpRequest,
+    payload: web::Payload,
+    state: &WebhookState,
+    instance: Option<&str>,
+) -> Result<HttpResponse, WebhookError> {
     let request_id = request_id(&request);
-    let outcome = accept(&request, payload, &state, &request_id).await;
+    let outcome = match endpoint(state, instance) {
+        Ok(endpoint) => accept(&request, payload, state, endpoint, &request_id).await,
+        Err(error) => Err(error),
+    };
     let label = match &outcome {
         Ok(_) => "accepted",
         Err(error) => error.code(),
@@ -140,10 +174,31 @@ pub async fn webhook(
     Ok(response)
 }
 
+/// The endpoint a path names.
+fn endpoint<'a>(
+    state: &'a WebhookState,
+    instance: Option<&str>,
+) -> Result<&'a Endpoint, WebhookError> {
+    let found = state
+        .endpoints
+        .iter()
+        .find(|e| e.instance.as_deref() == instance);
+    found.ok_or_else(|| {
+        WebhookError::NoEndpoint(match instance {
+            None => "this ingest serves several Harbors: post to /webhook/<instance>".to_owned(),
+            Some(name) if state.endpoints.iter().all(|e| e.instance.is_none()) => {
+                format!("this ingest serves one Harbor, at /webhook (not /webhook/{name})")
+            }
+            Some(name) => format!("no Harbor instance named {name:?} here"),
+        })
+    })
+}
+
 async fn accept(
     request: &HttpRequest,
     payload: web::Payload,
     state: &WebhookState,
+    endpoint: &Endpoint,
     request_id: &str,
 ) -> Result<HttpResponse, WebhookError> {
     // An address, not a string: nothing is allocated unless a refusal is logged.
@@ -162,10 +217,13 @@ async fn accept(
         .headers()
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    state.auth.verify(authorization, &body).map_err(|error| {
-        warn!(%request_id, %peer, %error, "Webhook refused");
-        WebhookError::Unauthorized(error)
-    })?;
+    endpoint
+        .auth
+        .verify(authorization, &body)
+        .map_err(|error| {
+            warn!(%request_id, %peer, %error, "Webhook refused");
+            WebhookError::Unauthorized(error)
+        })?;
     let envelope = Envelope::parse(&body).map_err(|error| {
         warn!(%request_id, %peer, %error, "Webhook refused");
         WebhookError::NotAnEvent(error)
@@ -186,7 +244,7 @@ async fn accept(
                     exchange: state.topology.exchange(),
                     routing_key: envelope.event_type.as_str(),
                     body: &body,
-                    properties: properties(&envelope, request_id),
+                    properties: properties(&envelope, endpoint.instance.as_deref(), request_id),
                 })
                 .await
         }
@@ -260,8 +318,13 @@ fn request_id(request: &HttpRequest) -> String {
 }
 
 /// The AMQP properties an accepted event is published with: persistent, its message id, when
-/// and in which format it was received, the request it came with, and its subject.
-pub fn properties(envelope: &Envelope, request_id: &str) -> BasicProperties {
+/// and in which format it was received, the request it came with, its instance (if named) and
+/// its subject.
+pub fn properties(
+    envelope: &Envelope,
+    instance: Option<&str>,
+    request_id: &str,
+) -> BasicProperties {
     let now = SystemTime::now();
     let mut headers = FieldTable::default();
     headers.insert(
@@ -277,11 +340,15 @@ pub fn properties(envelope: &Envelope, request_id: &str) -> BasicProperties {
         AMQPValue::LongString(request_id.into()),
     );
     // The work queue is chosen by this header, so that one worker at a time handles a project.
-    if let Some(subject) = &envelope.subject {
+    if let Some(instance) = instance {
         headers.insert(
-            SUBJECT_HEADER.into(),
-            AMQPValue::LongString(subject.as_str().into()),
+            INSTANCE_HEADER.into(),
+            AMQPValue::LongString(instance.into()),
         );
+    }
+    if let Some(project) = &envelope.subject {
+        let subject = instances::subject(instance, project);
+        headers.insert(SUBJECT_HEADER.into(), AMQPValue::LongString(subject.into()));
     }
     BasicProperties::default()
         .with_delivery_mode(2)

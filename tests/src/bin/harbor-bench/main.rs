@@ -258,7 +258,7 @@ impl Direct {
             connection,
             publisher,
             exchange: exchange.to_owned(),
-            properties: webhook::properties(&envelope, &uuid::Uuid::new_v4().to_string()),
+            properties: webhook::properties(&envelope, None, &uuid::Uuid::new_v4().to_string()),
             body,
         })
     }
