@@ -31,7 +31,7 @@ fn help_never_shows_secret_values() {
 fn without_a_secret_it_refuses_to_start_and_says_why() {
     let output = ingest().env("LISTEN_ADDR", "127.0.0.1:0").output().unwrap();
     assert_eq!(output.status.code(), Some(1));
-    let log = String::from_utf8(output.stdout).unwrap();
+    let log = String::from_utf8(output.stderr).unwrap();
     assert!(
         log.contains("WEBHOOK_SECRET (or WEBHOOK_SECRET_FILE) is required"),
         "{log}"

@@ -1,4 +1,5 @@
-//! Logs and metrics: `tracing` to stdout (JSON or pretty), and one Prometheus recorder per
+//! Logs and metrics: `tracing` to stderr (JSON or pretty; stdout is the commands' output, so
+//! that `harbor-worker resync --json | jq` reads only JSON), and one Prometheus recorder per
 //! process.
 
 use std::sync::OnceLock;
@@ -15,7 +16,7 @@ pub fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder
             .json()

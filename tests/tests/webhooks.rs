@@ -40,7 +40,7 @@ fn webhooks(sandbox: &TestSandbox, args: &[&str]) -> (Option<i32>, String) {
     (output.status.code(), stdout)
 }
 
-/// The JSON report: the first line (a failure's log line may follow it).
+/// The JSON report: the first line.
 fn json_report(out: &str) -> Value {
     serde_json::from_str(out.lines().next().unwrap_or_default()).unwrap()
 }
@@ -238,10 +238,10 @@ async fn without_a_public_url_the_commands_say_what_is_missing() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
-    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(
-        stdout.contains("WEBHOOK_PUBLIC_URL is required"),
-        "{stdout}"
+        stderr.contains("WEBHOOK_PUBLIC_URL is required"),
+        "{stderr}"
     );
 }
 

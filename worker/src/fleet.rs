@@ -137,3 +137,74 @@ impl HandleEvent for Fleet {
         self.members[key.instance].handler.subject_of(&key.key)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::mapping::Mapping;
+    use crate::settings::{HarborSettings, PortSettings};
+
+    fn fleet(names: &[Option<&str>]) -> Fleet {
+        let harbors: Vec<HarborSettings> = names
+            .iter()
+            .map(|name| HarborSettings {
+                name: name.map(str::to_owned),
+                url: "https://harbor.example.com".parse().unwrap(),
+                username: "robot".into(),
+                password: "pw".into(),
+                webhooks: None,
+            })
+            .collect();
+        let port = PortSettings {
+            url: "https://api.port.io".parse().unwrap(),
+            client_id: "id".into(),
+            client_secret: "secret".into(),
+            mapping: Arc::new(Mapping::default_mapping()),
+        };
+        let http = reqwest::Client::new();
+        crate::startup::fleet(&harbors, &port, http, Duration::ZERO, 4)
+    }
+
+    const PUSH: &[u8] = br#"{"type":"PUSH_ARTIFACT","event_data":{"resources":[{"digest":"sha256:0000000000000000000000000000000000000000000000000000000000000001","tag":"1"}],"repository":{"name":"nginx","namespace":"library","repo_full_name":"library/nginx"}}}"#;
+
+    fn keys(plan: &Plan<Scoped, Work>) -> Vec<(usize, String)> {
+        let Action::Refresh(refreshes) = &plan.action else {
+            panic!("not a refresh: {:?}", plan.action);
+        };
+        refreshes
+            .iter()
+            .map(|r| (r.key.instance, format!("{:?}", r.key.key)))
+            .collect()
+    }
+
+    #[test]
+    fn an_event_is_planned_by_the_handler_of_its_instance() {
+        let named = fleet(&[Some("eu"), Some("us")]);
+        let plan = named.plan(PUSH, Some("us"));
+        assert!(keys(&plan).iter().all(|(instance, _)| *instance == 1));
+        let Action::Refresh(refreshes) = &plan.action else {
+            unreachable!()
+        };
+        assert_eq!(named.subject(&refreshes[0].key), "us/library");
+        for (instance, expected) in [(None, "names no Harbor instance"), (Some("ap"), "\"ap\"")] {
+            match named.plan(PUSH, instance).action {
+                Action::Invalid(reason) => assert!(reason.contains(expected), "{reason}"),
+                other => panic!("{instance:?}: {other:?}"),
+            }
+        }
+        // A single Harbor: its events carry no instance, its subjects are the projects.
+        let single = fleet(&[None]);
+        let plan = single.plan(PUSH, None);
+        let Action::Refresh(refreshes) = &plan.action else {
+            panic!("{:?}", plan.action)
+        };
+        assert_eq!(single.subject(&refreshes[0].key), "library");
+        assert!(matches!(
+            single.plan(PUSH, Some("eu")).action,
+            Action::Invalid(_)
+        ));
+    }
+}

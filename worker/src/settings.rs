@@ -667,6 +667,76 @@ mod tests {
     }
 
     #[test]
+    fn the_instances_file_replaces_the_single_harbor_variables() {
+        let dir = std::env::temp_dir().join(format!("worker-instances-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("instances.yaml");
+        let file = path.to_str().unwrap().to_owned();
+        let port = ["--port-client-id", "id", "--port-client-secret", "secret"];
+        let with = |text: &str, more: &[&str]| {
+            std::fs::write(&path, text).unwrap();
+            let mut args = vec!["--harbor-instances-file", file.as_str()];
+            args.extend_from_slice(&port);
+            args.extend_from_slice(more);
+            parse(&args)
+        };
+        let two = "instances:\n  - {name: eu, url: 'https://eu.example.com', username: r, password: p, webhook_secret: s1}\n  - {name: us, url: 'https://us.example.com', username: r, password: p, webhook_secret: s2}\n";
+        let public = ["--webhook-public-url", "https://sync.example.com"];
+        let settings = with(two, &public).unwrap();
+        let missing = with(
+            "instances:\n  - {name: eu, url: 'https://eu.example.com', username: r}\n",
+            &[],
+        );
+        let mixed = with(two, &["--harbor-url", "https://harbor.example.com"]);
+        let no_secret = with(
+            "instances:\n  - {name: eu, url: 'https://eu.example.com', username: r, password: p}\n",
+            &public,
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        let harbors: Vec<(Option<&str>, &str, &str)> = settings
+            .harbors
+            .iter()
+            .map(|h| {
+                let address = h.webhooks.as_ref().unwrap().address.as_str();
+                (h.name.as_deref(), h.url.as_str(), address)
+            })
+            .collect();
+        assert_eq!(
+            harbors,
+            [
+                (
+                    Some("eu"),
+                    "https://eu.example.com/",
+                    "https://sync.example.com/webhook/eu"
+                ),
+                (
+                    Some("us"),
+                    "https://us.example.com/",
+                    "https://sync.example.com/webhook/us"
+                ),
+            ]
+        );
+        let error = format!("{:#}", missing.unwrap_err());
+        assert!(
+            error.contains("instance eu: password (or password_file) is required"),
+            "{error}"
+        );
+        let error = mixed.unwrap_err().to_string();
+        assert!(
+            error.contains("HARBOR_URL is not used with HARBOR_INSTANCES_FILE"),
+            "{error}"
+        );
+        let error = no_secret.unwrap_err().to_string();
+        assert!(error.contains("instance eu: webhook_secret"), "{error}");
+        assert_eq!(select(&settings.harbors, Some("us")).unwrap(), [1]);
+        assert_eq!(select(&settings.harbors, None).unwrap(), [0, 1]);
+        let error = select(&settings.harbors, Some("ap"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("it has: eu, us"), "{error}");
+    }
+
+    #[test]
     fn unsafe_values_are_refused() {
         for (flag, value) in [
             ("--retry-max-elapsed", "29m"),

@@ -41,7 +41,7 @@ fn a_missing_setting_is_named_and_stops_it() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
-    let log = String::from_utf8(output.stdout).unwrap();
+    let log = String::from_utf8(output.stderr).unwrap();
     assert!(log.contains("HARBOR_USERNAME is required"), "{log}");
 }
 
@@ -87,7 +87,7 @@ fn mapping_check_accepts_the_default_and_names_what_is_wrong_in_a_bad_file() {
         .unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(output.status.code(), Some(1));
-    let log = String::from_utf8(output.stdout).unwrap();
+    let log = String::from_utf8(output.stderr).unwrap();
     assert!(
         log.contains("bad.yaml: resource 0 (artifact), properties.size: `.size |` does not parse"),
         "{log}"
