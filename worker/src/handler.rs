@@ -189,8 +189,9 @@ pub struct Identity {
     /// Its name in HARBOR_INSTANCES_FILE, which its events carry; `None` for the single Harbor
     /// of HARBOR_URL (its entities' `harborInstance` is `default`).
     pub name: Option<String>,
-    /// Its entities' identifiers, and the relations the mapping yields, start with `<name>:`
-    /// (when the deployment serves several Harbors, so that two `library/nginx` never collide).
+    /// Its entities' identifiers start with `<name>:` (when the deployment serves several
+    /// Harbors, so that two `library/nginx` never collide); the mapping sees it as `.__prefix`,
+    /// for the relations to Harbor's entities.
     pub prefixed: bool,
 }
 
@@ -203,8 +204,8 @@ pub struct Handler {
     name: Option<String>,
     /// The value of [`INSTANCE_PROPERTY`], and `.__instance` in the mapping's objects.
     instance: Value,
-    /// What identifiers and relations start with.
-    prefix: Option<String>,
+    /// What identifiers start with (`.__prefix`: `""` when not prefixed).
+    prefix: Value,
     /// `.__harbor` in the mapping's objects.
     harbor_meta: Value,
     /// How long a pull waits for more pulls of the same repository.
@@ -228,7 +229,10 @@ impl Handler {
         Self {
             harbor_meta: json!({"url": url, "name": instance}),
             instance: json!(instance),
-            prefix: identity.prefixed.then(|| format!("{instance}:")),
+            prefix: match identity.prefixed {
+                true => json!(format!("{instance}:")),
+                false => json!(""),
+            },
             name: identity.name,
             harbor,
             port,
@@ -370,8 +374,8 @@ impl Handler {
     }
 
     /// Turns an object into its entities, marked as this integration's: `harborInstance`,
-    /// `harborRef` (the object) and, for artifacts, `harborTags`; their identifiers and
-    /// relations prefixed when the deployment serves several Harbors.
+    /// `harborRef` (the object) and, for artifacts, `harborTags`; their identifiers prefixed
+    /// when the deployment serves several Harbors.
     fn render(
         &self,
         kind: Kind,
@@ -383,6 +387,7 @@ impl Handler {
         let mut extra = vec![
             ("__harbor", &self.harbor_meta),
             ("__instance", &self.instance),
+            ("__prefix", &self.prefix),
         ];
         extra.extend(context.project.map(|p| ("__project", p)));
         extra.extend(context.repository.map(|r| ("__repository", r)));
@@ -391,8 +396,8 @@ impl Handler {
             .render(kind, raw, &extra)
             .map_err(|error| format!("{reference}: {error}"))?;
         for mapped in &mut rendered.entities {
-            if let Some(prefix) = &self.prefix {
-                prefix_names(&mut mapped.entity, prefix);
+            if let Some(prefix) = self.prefix.as_str().filter(|p| !p.is_empty()) {
+                mapped.entity.identifier.insert_str(0, prefix);
             }
             let properties = &mut mapped.entity.properties;
             properties.insert(INSTANCE_PROPERTY.to_owned(), self.instance.clone());
@@ -844,23 +849,6 @@ impl Handler {
                     .failed
                     .push((Part::Moved, Status::of::<()>(&Err(error)))),
             }
-        }
-    }
-}
-
-/// Puts `prefix` before an entity's identifier and the identifiers its relations name (a
-/// relation given as a search query, an object, is left as it is).
-fn prefix_names(entity: &mut Entity, prefix: &str) {
-    entity.identifier.insert_str(0, prefix);
-    let prefixed = |value: &mut Value| {
-        if let Value::String(identifier) = value {
-            identifier.insert_str(0, prefix);
-        }
-    };
-    for relation in entity.relations.values_mut() {
-        match relation {
-            Value::Array(identifiers) => identifiers.iter_mut().for_each(prefixed),
-            value => prefixed(value),
         }
     }
 }
