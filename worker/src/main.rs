@@ -141,11 +141,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 for e in &events {
                     let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
                     let attempts = e.attempts.map_or_else(|| "-".into(), |n| n.to_string());
+                    let event_type = match &e.instance {
+                        Some(instance) => format!("{instance}: {}", e.event_type),
+                        None => e.event_type.clone(),
+                    };
                     println!(
                         "{}  {}  {}  attempts={}  {}",
                         show(&e.failed_at),
                         show(&e.message_id),
-                        e.event_type,
+                        event_type,
                         attempts,
                         show(&e.reason)
                     );

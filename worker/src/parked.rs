@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use harbor_shared::broker;
 use harbor_shared::config::AmqpSettings;
+use harbor_shared::instances::INSTANCE_HEADER;
 use harbor_shared::publisher::{Outgoing, Publisher};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -30,6 +31,8 @@ pub struct ParkedEvent {
     pub reason: Option<String>,
     /// The webhook request that brought it.
     pub request_id: Option<String>,
+    /// The Harbor it came from, with several (HARBOR_INSTANCES_FILE).
+    pub instance: Option<String>,
 }
 
 /// Which parked events to replay.
@@ -73,6 +76,7 @@ fn describe(routing_key: &str, properties: &BasicProperties) -> ParkedEvent {
         },
         reason: header_string(&headers, "x-failure-reason"),
         request_id: header_string(&headers, "x-request-id"),
+        instance: header_string(&headers, INSTANCE_HEADER),
     }
 }
 
