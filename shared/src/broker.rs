@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
+use rand::seq::SliceRandom;
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -28,37 +29,40 @@ use crate::topology::Topology;
 /// How long one connection attempt may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// An `amqp://` or `amqps://` URL. It usually carries a password, so it is only ever shown
-/// redacted (`amqp://user:***@host:5672/vhost`).
+/// One or more `amqp://` or `amqps://` URLs, comma-separated: the nodes of a cluster, tried in
+/// turn. They usually carry a password, so they are only ever shown redacted
+/// (`amqp://user:***@host:5672/vhost`).
 #[derive(Clone)]
 pub struct BrokerUrl {
+    nodes: Vec<Node>,
+}
+
+#[derive(Clone)]
+struct Node {
     url: SecretString,
     redacted: String,
 }
 
 impl BrokerUrl {
-    /// Checks the scheme and that there is a host.
+    /// Checks each URL's scheme and that it has a host.
     pub fn parse(raw: &str) -> anyhow::Result<Self> {
-        let mut url = url::Url::parse(raw).context("not a URL")?;
-        if !matches!(url.scheme(), "amqp" | "amqps") {
-            bail!("scheme must be amqp or amqps, not {:?}", url.scheme());
+        let nodes = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .enumerate()
+            .map(|(i, raw)| Node::parse(raw).with_context(|| format!("URL {}", i + 1)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if nodes.is_empty() {
+            bail!("no URL");
         }
-        if url.host_str().is_none_or(str::is_empty) {
-            bail!("no host");
-        }
-        if url.password().is_some() {
-            // Cannot fail: the URL has a host, so it can carry a password.
-            let _ = url.set_password(Some("***"));
-        }
-        Ok(Self {
-            url: SecretString::from(raw.to_owned()),
-            redacted: url.to_string(),
-        })
+        Ok(Self { nodes })
     }
 
-    /// User, password and vhost, for the management API (`guest`, `guest`, `/` by default).
+    /// User, password and vhost of the first URL, for the management API (`guest`, `guest`,
+    /// `/` by default).
     pub fn credentials_and_vhost(&self) -> (String, String, String) {
-        let Ok(url) = url::Url::parse(self.expose()) else {
+        let Ok(url) = url::Url::parse(self.nodes[0].url.expose_secret()) else {
             return ("guest".into(), "guest".into(), "/".into());
         };
         let decode = |s: &str| {
@@ -79,34 +83,78 @@ impl BrokerUrl {
         (user, password, vhost)
     }
 
-    /// The URL with its password, for the connection only.
-    fn expose(&self) -> &str {
-        self.url.expose_secret()
+    /// The nodes in a random order, so that a fleet spreads over them.
+    fn shuffled(&self) -> Vec<&Node> {
+        let mut nodes: Vec<&Node> = self.nodes.iter().collect();
+        nodes.shuffle(&mut rand::rng());
+        nodes
+    }
+}
+
+impl Node {
+    fn parse(raw: &str) -> anyhow::Result<Self> {
+        let mut url = url::Url::parse(raw).context("not a URL")?;
+        if !matches!(url.scheme(), "amqp" | "amqps") {
+            bail!("scheme must be amqp or amqps, not {:?}", url.scheme());
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            bail!("no host");
+        }
+        if url.password().is_some() {
+            // Cannot fail: the URL has a host, so it can carry a password.
+            let _ = url.set_password(Some("***"));
+        }
+        Ok(Self {
+            url: SecretString::from(raw.to_owned()),
+            redacted: url.to_string(),
+        })
     }
 }
 
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted)
+        let shown: Vec<&str> = self.nodes.iter().map(|n| n.redacted.as_str()).collect();
+        f.write_str(&shown.join(","))
     }
 }
 
 impl fmt::Debug for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BrokerUrl({})", self.redacted)
+        write!(f, "BrokerUrl({self})")
     }
 }
 
-/// Opens a connection, named `name` in the management UI.
+/// Opens a connection, named `name` in the management UI, to the first of the nodes (in a
+/// random order) that answers.
 pub async fn connect(url: &BrokerUrl, name: &str) -> anyhow::Result<Connection> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        Connection::connect(url.expose(), properties),
-    )
-    .await
-    .with_context(|| format!("Timed out connecting to {url}"))?
-    .with_context(|| format!("Failed to connect to {url}"))
+    connect_any(url, name)
+        .await
+        .map(|(connection, _)| connection)
+}
+
+/// [`connect`], and which node (redacted) it connected to.
+async fn connect_any(url: &BrokerUrl, name: &str) -> anyhow::Result<(Connection, String)> {
+    let mut failures = Vec::new();
+    for node in url.shuffled() {
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let connection = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Connection::connect(node.url.expose_secret(), properties),
+        )
+        .await;
+        match connection {
+            Ok(Ok(connection)) => return Ok((connection, node.redacted.clone())),
+            Ok(Err(error)) => failures.push(format!("{}: {error}", node.redacted)),
+            Err(_) => failures.push(format!("{}: timed out", node.redacted)),
+        }
+    }
+    match failures.as_slice() {
+        [one] => bail!("Failed to connect to {one}"),
+        _ => bail!(
+            "Failed to connect to any of the brokers: {}",
+            failures.join("; ")
+        ),
+    }
 }
 
 /// Resolves when the connection has failed or been closed.
@@ -158,9 +206,9 @@ pub async fn run_reconnecting<F, Fut>(
     };
     while !shutdown.is_cancelled() {
         match open(amqp, name).await {
-            Ok(connection) => {
+            Ok((connection, node)) => {
                 backoff.reset();
-                info!(broker = %amqp.url, "Connected to the broker");
+                info!(broker = %node, "Connected to the broker");
                 let result = session(Arc::clone(&connection)).await;
                 let _ = tokio::time::timeout(
                     Duration::from_secs(2),
@@ -169,9 +217,9 @@ pub async fn run_reconnecting<F, Fut>(
                 .await;
                 match result {
                     Ok(()) if shutdown.is_cancelled() => return,
-                    Ok(()) => warn!(broker = %amqp.url, "Lost the broker connection; reconnecting"),
+                    Ok(()) => warn!(broker = %node, "Lost the broker connection; reconnecting"),
                     Err(error) => warn!(
-                        broker = %amqp.url,
+                        broker = %node,
                         error = format!("{error:#}"),
                         "Broker session failed; reconnecting"
                     ),
@@ -190,18 +238,17 @@ pub async fn run_reconnecting<F, Fut>(
     }
 }
 
-async fn open(amqp: &AmqpSettings, name: &str) -> anyhow::Result<Arc<Connection>> {
+/// A connection to one of the nodes, with the topology declared, and that node.
+async fn open(amqp: &AmqpSettings, name: &str) -> anyhow::Result<(Arc<Connection>, String)> {
     // Named after the binary and its queue, so that it can be told apart in the management UI.
     let name = format!("{name} ({})", amqp.topology.queue());
-    let connection = connect(&amqp.url, &name).await?;
-    let channel = connection
-        .create_channel()
+    let (connection, node) = connect_any(&amqp.url, &name).await?;
+    amqp.topology
+        .declare(&connection)
         .await
-        .context("Failed to open a channel")?;
-    amqp.topology.declare(&channel).await?;
-    let _ = channel.close(200, "topology declared".into()).await;
+        .with_context(|| format!("On {node}"))?;
     retire_single_work_queue(&connection, &amqp.topology).await;
-    Ok(Arc::new(connection))
+    Ok((Arc::new(connection), node))
 }
 
 /// Versions before the 16 work queues had one, named `AMQP_QUEUE` and bound to the exchange: it
@@ -248,7 +295,30 @@ mod tests {
         let url = BrokerUrl::parse("amqp://user:hunter2@rabbit:5672/%2f").unwrap();
         assert_eq!(url.to_string(), "amqp://user:***@rabbit:5672/%2f");
         assert!(!format!("{url:?}").contains("hunter2"));
-        assert_eq!(url.expose(), "amqp://user:hunter2@rabbit:5672/%2f");
+        assert_eq!(
+            url.nodes[0].url.expose_secret(),
+            "amqp://user:hunter2@rabbit:5672/%2f"
+        );
+    }
+
+    #[test]
+    fn several_urls_are_the_nodes_of_a_cluster() {
+        let url =
+            BrokerUrl::parse("amqp://u:pw@rmq-0:5672/%2f, amqp://u:pw@rmq-1:5672/%2f,").unwrap();
+        assert_eq!(
+            url.to_string(),
+            "amqp://u:***@rmq-0:5672/%2f,amqp://u:***@rmq-1:5672/%2f"
+        );
+        let mut firsts = std::collections::BTreeSet::new();
+        for _ in 0..64 {
+            let order = url.shuffled();
+            assert_eq!(order.len(), 2);
+            firsts.insert(order[0].redacted.clone());
+        }
+        assert_eq!(firsts.len(), 2, "the order is never shuffled");
+        let error = BrokerUrl::parse("amqp://a/%2f,http://b").unwrap_err();
+        assert!(format!("{error:#}").contains("URL 2"), "{error:#}");
+        assert!(BrokerUrl::parse(" , ").is_err());
     }
 
     #[test]

@@ -21,7 +21,8 @@ use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
+use tracing::warn;
 
 /// How often the broker redelivers a message before dead-lettering it to the parked queue. The
 /// worker parks failures itself; this limit only catches crash loops (a message that kills the
@@ -34,6 +35,15 @@ pub const PARTITIONS: usize = 16;
 
 /// The header that names an event's subject; the consistent-hash exchange routes on it.
 pub const SUBJECT_HEADER: &str = "x-subject";
+
+/// Members of each quorum queue when it is created: every node of a cluster of up to this many
+/// (RabbitMQ takes all nodes of a smaller one). Quorum queues gain little beyond seven.
+pub const QUORUM_GROUP_SIZE: i64 = 7;
+
+/// The argument [`QUORUM_GROUP_SIZE`] is given as. RabbitMQ refuses a declaration whose value
+/// differs from the queue's (one declared by a version before it has none): such a queue keeps
+/// the members it has, and is declared without it.
+const GROUP_SIZE_ARG: &str = "x-quorum-initial-group-size";
 
 /// Names of the exchanges and queues.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +114,11 @@ impl Topology {
     }
 
     /// Declares everything; a no-op when it already exists with the same arguments.
-    pub async fn declare(&self, channel: &Channel) -> anyhow::Result<()> {
+    pub async fn declare(&self, connection: &Connection) -> anyhow::Result<()> {
+        let mut channel = connection
+            .create_channel()
+            .await
+            .context("Failed to open a channel")?;
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
@@ -135,8 +149,8 @@ impl Topology {
         let mut parked_args = FieldTable::default();
         // Quorum: replicated, so parked events survive the loss of a broker node.
         parked_args.insert("x-queue-type".into(), string("quorum"));
-        declare_queue(channel, &parked, parked_args).await?;
-        bind(channel, &parked, &dlx, "").await?;
+        declare_queue(connection, &mut channel, &parked, parked_args).await?;
+        bind(&channel, &parked, &dlx, "").await?;
 
         let hash = self.hash_exchange();
         let mut hash_args = FieldTable::default();
@@ -185,15 +199,22 @@ impl Topology {
             // Required by at-least-once; when the queue is full, publishes are nacked (the ingest
             // answers 503 and Harbor retries) rather than the oldest event being dropped.
             args.insert("x-overflow".into(), string("reject-publish"));
-            declare_queue(channel, &queue, args).await?;
+            declare_queue(connection, &mut channel, &queue, args).await?;
             // The weight of each queue on the hash ring: all equal.
-            bind(channel, &queue, &hash, "1").await?;
+            bind(&channel, &queue, &hash, "1").await?;
         }
 
         let mut workers_args = FieldTable::default();
         // Quorum, so that the count survives the loss of a node; it holds no message.
         workers_args.insert("x-queue-type".into(), string("quorum"));
-        declare_queue(channel, &self.workers_queue(), workers_args).await?;
+        declare_queue(
+            connection,
+            &mut channel,
+            &self.workers_queue(),
+            workers_args,
+        )
+        .await?;
+        let _ = channel.close(200, "topology declared".into()).await;
         Ok(())
     }
 }
@@ -202,15 +223,48 @@ fn string(value: &str) -> AMQPValue {
     AMQPValue::LongString(value.into())
 }
 
-async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> anyhow::Result<()> {
+/// Declares a durable quorum queue replicated on [`QUORUM_GROUP_SIZE`] nodes at most; an
+/// existing one declared without that size keeps its members (a warning says how to add the
+/// missing ones), and is checked against the other arguments.
+async fn declare_queue(
+    connection: &Connection,
+    channel: &mut Channel,
+    name: &str,
+    mut args: FieldTable,
+) -> anyhow::Result<()> {
     let options = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    channel
+    let plain = args.clone();
+    args.insert(
+        GROUP_SIZE_ARG.into(),
+        AMQPValue::LongLongInt(QUORUM_GROUP_SIZE),
+    );
+    let refused = match channel
         .queue_declare(ShortString::from(name), options, args)
         .await
+    {
+        Ok(_) => return Ok(()),
+        Err(error) if error.to_string().contains(GROUP_SIZE_ARG) => error,
+        Err(error) => return Err(error).with_context(|| format!("Failed to declare queue {name}")),
+    };
+    // The refusal closed the channel: the rest of the declaration goes on a new one.
+    *channel = connection
+        .create_channel()
+        .await
+        .context("Failed to open a channel")?;
+    channel
+        .queue_declare(ShortString::from(name), options, plain)
+        .await
         .with_context(|| format!("Failed to declare queue {name}"))?;
+    warn!(
+        queue = name,
+        refused = %refused,
+        "The queue was created by an earlier version, on the nodes RabbitMQ chose then: it keeps \
+         them. To replicate it on every node, run `rabbitmq-queues grow <node> all` for each \
+         node that lacks it (see the README, Deploying)"
+    );
     Ok(())
 }
 

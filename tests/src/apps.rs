@@ -214,7 +214,14 @@ impl Stack {
 
     /// Starts everything, letting the test adjust the worker's settings.
     pub async fn start_with(adjust: impl FnOnce(&mut WorkerSettings)) -> Self {
-        let broker = crate::rabbit::TestTopology::new().await;
+        Self::start_on(crate::rabbit::TestTopology::new().await, adjust).await
+    }
+
+    /// [`Stack::start_with`] on this topology (another broker's, a cluster's).
+    pub async fn start_on(
+        broker: crate::rabbit::TestTopology,
+        adjust: impl FnOnce(&mut WorkerSettings),
+    ) -> Self {
         let harbor = FakeHarbor::start().await;
         let port = FakePort::start().await;
         let mut settings = worker_settings(&broker.amqp, &harbor.url(), &port.url());

@@ -10,6 +10,8 @@
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod apps;
 #[allow(clippy::unwrap_used, clippy::expect_used)]
+pub mod cluster;
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod fakes;
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod processes;

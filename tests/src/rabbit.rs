@@ -31,13 +31,18 @@ pub struct TestTopology {
 impl TestTopology {
     /// Declares a fresh topology.
     pub async fn new() -> Self {
+        Self::on(&amqp_url()).await
+    }
+
+    /// Declares a fresh topology on the broker(s) of this AMQP_URL.
+    pub async fn on(url: &str) -> Self {
         let name = format!("test.{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let amqp = AmqpSettings {
-            url: BrokerUrl::parse(&amqp_url()).unwrap(),
+            url: BrokerUrl::parse(url).unwrap(),
             topology: Topology::new(&name, &name).unwrap(),
         };
         let link = open(&amqp).await;
-        amqp.topology.declare(&link.1).await.unwrap();
+        amqp.topology.declare(&link.0).await.unwrap();
         Self {
             amqp,
             link: tokio::sync::Mutex::new(link),

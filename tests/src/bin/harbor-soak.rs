@@ -1,9 +1,11 @@
 //! `harbor-soak`: drives webhooks through ingest → RabbitMQ → worker → a faked Port while
 //! breaking things at random (broker connections closed, Port answering 503 for a while, the
-//! worker killed with SIGKILL and restarted), then counts. Prints figures; exits 1 if an
-//! accepted event was lost.
+//! worker killed with SIGKILL and restarted; with `--cluster`, on a three-node cluster of its
+//! own, a random node stopped and started again instead of the connections closed), then
+//! counts. Prints figures; exits 1 if an accepted event was lost.
 //!
 //!   cargo build --bins && target/debug/harbor-soak --events 3000 --rate 200
+//!   target/debug/harbor-soak --cluster        # runs deploy/local/cluster.sh on ports 5901-5903
 //!
 //! Needs RabbitMQ at AMQP_URL with the management plugin, like the tests.
 
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use harbor_sync_tests::apps::{SECRET, TestIngest, ingest_settings};
+use harbor_sync_tests::cluster::Cluster;
 use harbor_sync_tests::fakes::{FakeHarbor, FakePort, accept_upserts, entity_writes};
 use harbor_sync_tests::percentile;
 use harbor_sync_tests::processes::{Processes, free_port, worker_env};
@@ -45,6 +48,10 @@ struct Options {
     /// Send without breaking anything (a baseline).
     #[arg(long)]
     no_faults: bool,
+    /// On a three-node cluster (started and removed by the program, ports 5901-5903), whose
+    /// nodes are stopped and started at random among the faults.
+    #[arg(long)]
+    cluster: bool,
 }
 
 /// The fake Port's artifact upserts: when each identifier was first written, how many writes.
@@ -82,7 +89,11 @@ impl Respond for PortFace {
 #[tokio::main]
 async fn main() -> ExitCode {
     let options = Options::parse();
-    let broker = TestTopology::new().await;
+    let cluster = options.cluster.then(|| Cluster::start(5900));
+    let broker = match &cluster {
+        Some(cluster) => TestTopology::on(&cluster.url()).await,
+        None => TestTopology::new().await,
+    };
     let harbor = FakeHarbor::start().await;
     harbor
         .holds_any_artifact(REPOSITORY, Duration::from_millis(2))
@@ -107,6 +118,9 @@ async fn main() -> ExitCode {
     let worker_env = || {
         let mut env = worker_env(&broker, &harbor, &port, free_port());
         env.push(("RUST_LOG", "warn".to_owned()));
+        if let Some(cluster) = &cluster {
+            env.push(("AMQP_URL", cluster.url()));
+        }
         env
     };
     processes.spawn("worker", "harbor-worker", &worker_env());
@@ -168,10 +182,22 @@ async fn main() -> ExitCode {
             continue;
         }
         match rng.random_range(0..3) {
-            0 => {
-                close_connections(&format!("({queue})"), 2).await;
-                *injected.entry("broker connections closed").or_default() += 1;
-            }
+            0 => match &cluster {
+                Some(cluster) => {
+                    let node = rng.random_range(1..=3);
+                    let stopped = tokio::task::block_in_place(|| cluster.stop_node(node));
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(500..3000))).await;
+                    let started = tokio::task::block_in_place(|| cluster.start_node(node));
+                    assert!(stopped && started, "could not stop and start node {node}");
+                    *injected
+                        .entry("broker node stopped and started")
+                        .or_default() += 1;
+                }
+                None => {
+                    close_connections(&format!("({queue})"), 2).await;
+                    *injected.entry("broker connections closed").or_default() += 1;
+                }
+            },
             1 => {
                 port_down.store(true, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(rng.random_range(500..3000))).await;
