@@ -310,7 +310,7 @@ async fn under_load_and_with_full_queues_the_work_queues_hold_exactly_the_webhoo
     let client = reqwest::Client::new();
     let url = format!("{}/webhook", ingest.base);
     let accepted = Arc::new(Mutex::new(BTreeSet::new()));
-    let deadline = Instant::now() + Duration::from_secs(8);
+    let deadline = Instant::now() + Duration::from_secs(12);
     let senders = (0..96u64).map(|lane| {
         let (client, url, accepted) = (client.clone(), url.clone(), accepted.clone());
         tokio::spawn(async move {
