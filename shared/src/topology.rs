@@ -113,6 +113,32 @@ impl Topology {
         format!("{}.parked", self.queue)
     }
 
+    /// The arguments of each work queue, as versions before [`QUORUM_GROUP_SIZE`] declared
+    /// them too ([`Topology::declare`] adds it).
+    pub fn work_queue_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        // Quorum: replicated and with a delivery limit, which classic queues lack.
+        args.insert("x-queue-type".into(), string("quorum"));
+        // One consumer at a time: one worker at a time handles the subjects of this queue.
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        // A message redelivered this often (a worker crashing on it) is dead-lettered.
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            string(&self.dead_letter_exchange()),
+        );
+        // At-least-once dead-lettering: the broker keeps the message until the parked queue
+        // confirmed it, instead of dropping it if the move fails.
+        args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+        // Required by at-least-once; when the queue is full, publishes are nacked (the ingest
+        // answers 503 and Harbor retries) rather than the oldest event being dropped.
+        args.insert("x-overflow".into(), string("reject-publish"));
+        args
+    }
+
     /// Declares everything; a no-op when it already exists with the same arguments.
     pub async fn declare(&self, connection: &Connection) -> anyhow::Result<()> {
         let mut channel = connection
@@ -182,23 +208,7 @@ impl Topology {
             .with_context(|| format!("Failed to bind exchange {hash} to {}", self.exchange))?;
 
         for queue in self.work_queues() {
-            let mut args = FieldTable::default();
-            // Quorum: replicated and with a delivery limit, which classic queues lack.
-            args.insert("x-queue-type".into(), string("quorum"));
-            // One consumer at a time: one worker at a time handles the subjects of this queue.
-            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-            // A message redelivered this often (a worker crashing on it) is dead-lettered.
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongLongInt(DELIVERY_LIMIT),
-            );
-            args.insert("x-dead-letter-exchange".into(), string(&dlx));
-            // At-least-once dead-lettering: the broker keeps the message until the parked queue
-            // confirmed it, instead of dropping it if the move fails.
-            args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
-            // Required by at-least-once; when the queue is full, publishes are nacked (the ingest
-            // answers 503 and Harbor retries) rather than the oldest event being dropped.
-            args.insert("x-overflow".into(), string("reject-publish"));
+            let args = self.work_queue_arguments();
             declare_queue(connection, &mut channel, &queue, args).await?;
             // The weight of each queue on the hash ring: all equal.
             bind(&channel, &queue, &hash, "1").await?;

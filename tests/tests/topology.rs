@@ -3,10 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use harbor_shared::broker;
-use harbor_shared::topology::DELIVERY_LIMIT;
 use harbor_sync_tests::rabbit::TestTopology;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 
 #[tokio::test]
 async fn a_work_queue_declared_without_the_group_size_is_kept_as_it_is() {
@@ -22,20 +21,7 @@ async fn a_work_queue_declared_without_the_group_size_is_kept_as_it_is() {
         .await
         .unwrap();
     // As the versions before x-quorum-initial-group-size declared it.
-    let string = |s: &str| AMQPValue::LongString(s.into());
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), string("quorum"));
-    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-    args.insert(
-        "x-delivery-limit".into(),
-        AMQPValue::LongLongInt(DELIVERY_LIMIT),
-    );
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        string(&topology.dead_letter_exchange()),
-    );
-    args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
-    args.insert("x-overflow".into(), string("reject-publish"));
+    let args = topology.work_queue_arguments();
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
