@@ -460,6 +460,7 @@ fn dispatch<H: HandleEvent>(
     tasks.spawn(process(
         queue,
         delivery,
+        instance,
         plan,
         requests,
         forwards,
@@ -510,6 +511,7 @@ fn forward(
 async fn process<H: HandleEvent>(
     queue: usize,
     delivery: Delivery,
+    instance: Option<String>,
     plan: Plan<H::Key, H::Work>,
     requests: Vec<impl Future<Output = Settled>>,
     forwards: Vec<impl Future<Output = Result<(), String>>>,
@@ -524,7 +526,7 @@ async fn process<H: HandleEvent>(
         "event",
         message_id = %message_id,
         event_type = %delivery.routing_key,
-        instance = header(&delivery.properties, INSTANCE_HEADER).as_deref().unwrap_or("-"),
+        instance = instance.as_deref().unwrap_or("-"),
         subject = plan.subject.as_deref().unwrap_or("-"),
         redelivered = delivery.redelivered,
     );
