@@ -400,6 +400,23 @@ impl TestSandbox {
         token["accessToken"].as_str().unwrap().to_owned()
     }
 
+    /// The webhook policies of a project as its Harbor API lists them (the auth header
+    /// included).
+    pub async fn policies(&self, project: &str) -> Vec<serde_json::Value> {
+        reqwest::Client::new()
+            .get(format!(
+                "{}/api/v2.0/projects/{project}/webhook/policies",
+                self.base
+            ))
+            .basic_auth("admin", Some("Harbor12345"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Upserts an entity straight into the sandbox's Port, as another writer would.
     pub async fn put_entity(&self, blueprint: &str, entity: serde_json::Value) {
         let url = format!(
@@ -415,5 +432,64 @@ impl TestSandbox {
             .await
             .unwrap();
         assert_eq!(response.status(), 201);
+    }
+}
+
+/// What became of the accepted webhooks of [`assert_none_lost`].
+pub struct Settled {
+    /// Artifacts of the repository written to Port.
+    pub written: usize,
+    /// The reasons of the events taken from the parked queue.
+    pub parked: Vec<String>,
+}
+
+/// Waits until every accepted digest of `repository` was written to Port or parked; none may be
+/// lost within `timeout`.
+pub async fn assert_none_lost(
+    port: &FakePort,
+    broker: &crate::rabbit::TestTopology,
+    repository: &str,
+    accepted: &std::collections::BTreeSet<String>,
+    timeout: Duration,
+) -> Settled {
+    use std::collections::BTreeSet;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut parked = BTreeSet::new();
+    let mut reasons = Vec::new();
+    let prefix = format!("{repository}@");
+    loop {
+        while let Some(message) = broker.take(&broker.topology().parked_queue()).await {
+            let event = harbor_shared::event::HarborEvent::parse(&message.delivery.data).unwrap();
+            let headers = message.delivery.properties.headers().clone();
+            let reason = match headers.unwrap_or_default().inner().get("x-failure-reason") {
+                Some(lapin::types::AMQPValue::LongString(reason)) => reason.to_string(),
+                _ => String::new(),
+            };
+            reasons.push(reason);
+            parked.insert(event.data.resources[0].digest.clone().unwrap());
+        }
+        let written: BTreeSet<String> = port
+            .writes()
+            .await
+            .into_iter()
+            .filter(|w| w.blueprint == "harborArtifact" && w.action == "upsert")
+            .filter_map(|w| w.identifier.strip_prefix(&prefix).map(str::to_owned))
+            .collect();
+        let lost = accepted
+            .iter()
+            .filter(|d| !written.contains(*d) && !parked.contains(*d))
+            .count();
+        if lost == 0 {
+            return Settled {
+                written: written.len(),
+                parked: reasons,
+            };
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{lost} of {} accepted events never reached Port nor the parked queue",
+            accepted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

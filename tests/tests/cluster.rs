@@ -12,12 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use harbor_shared::event::HarborEvent;
-use harbor_sync_tests::apps::{SECRET, Stack};
+use harbor_sync_tests::apps::{SECRET, Stack, assert_none_lost};
 use harbor_sync_tests::cluster::Cluster;
 use harbor_sync_tests::rabbit::TestTopology;
 use harbor_sync_tests::samples;
-use lapin::types::AMQPValue;
 
 const REPOSITORY: &str = "harbor/alpine";
 /// Ports 5801-5803 (AMQP), 15801-15803 (management), 25801-25803: apart from the default
@@ -91,60 +89,6 @@ async fn accepting_again(answers: &Mutex<Answers>, since: Instant) {
             "no webhook accepted 30 s after the step"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Waits until every accepted digest was written to Port or parked.
-async fn assert_none_lost(stack: &Stack, accepted: &BTreeSet<String>) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut parked = BTreeSet::new();
-    loop {
-        while let Some(message) = stack
-            .broker
-            .take(&stack.broker.topology().parked_queue())
-            .await
-        {
-            let event = HarborEvent::parse(&message.delivery.data).unwrap();
-            let reason = message
-                .delivery
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(|h| match h.inner().get("x-failure-reason") {
-                    Some(AMQPValue::LongString(reason)) => Some(reason.to_string()),
-                    _ => None,
-                });
-            println!("cluster: parked: {}", reason.unwrap_or_default());
-            parked.insert(event.data.resources[0].digest.clone().unwrap());
-        }
-        let prefix = format!("{REPOSITORY}@");
-        let written: BTreeSet<String> = stack
-            .port
-            .writes()
-            .await
-            .into_iter()
-            .filter(|w| w.blueprint == "harborArtifact" && w.action == "upsert")
-            .filter_map(|w| w.identifier.strip_prefix(&prefix).map(str::to_owned))
-            .collect();
-        let lost = accepted
-            .iter()
-            .filter(|d| !written.contains(*d) && !parked.contains(*d))
-            .count();
-        if lost == 0 {
-            println!(
-                "cluster: {} accepted, {} written, {} parked, none lost",
-                accepted.len(),
-                written.len(),
-                parked.len()
-            );
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{lost} of {} accepted webhooks never reached Port nor the parked queue",
-            accepted.len()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -251,7 +195,24 @@ async fn losing_a_broker_node_loses_no_accepted_webhook() {
         answers.accepted.len() > 100,
         "too few webhooks accepted to tell"
     );
-    assert_none_lost(&stack, &answers.accepted).await;
+    let timeout = Duration::from_secs(90);
+    let settled = assert_none_lost(
+        &stack.port,
+        &stack.broker,
+        REPOSITORY,
+        &answers.accepted,
+        timeout,
+    )
+    .await;
+    for reason in &settled.parked {
+        println!("cluster: parked: {reason}");
+    }
+    println!(
+        "cluster: {} accepted, {} written, {} parked, none lost",
+        answers.accepted.len(),
+        settled.written,
+        settled.parked.len()
+    );
     drop(Arc::into_inner(stack));
     drop(cluster);
 }

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use harbor_shared::broker::BrokerUrl;
-use harbor_shared::event::HarborEvent;
-use harbor_sync_tests::apps::{SECRET, Stack, outcome_count, worker_settings};
+use harbor_sync_tests::apps::{self, SECRET, Stack, outcome_count, worker_settings};
 use harbor_sync_tests::fakes::{FakePort, Upserts, refuse_upsert};
 use harbor_sync_tests::processes::{Processes, free_port, worker_env};
 use harbor_sync_tests::proxy::StallingProxy;
@@ -85,46 +84,14 @@ where
     accepted.lock().unwrap().clone()
 }
 
-/// Waits until every accepted digest was written to Port or parked; none may be lost.
+/// [`harbor_sync_tests::apps::assert_none_lost`] for [`REPOSITORY`].
 async fn assert_none_lost(
     port: &FakePort,
     broker: &TestTopology,
     accepted: &BTreeSet<String>,
     timeout: Duration,
 ) {
-    let deadline = Instant::now() + timeout;
-    let mut parked = BTreeSet::new();
-    loop {
-        while let Some(message) = broker.take(&broker.topology().parked_queue()).await {
-            let event = HarborEvent::parse(&message.delivery.data).unwrap();
-            parked.insert(event.data.resources[0].digest.clone().unwrap());
-        }
-        let written: BTreeSet<String> = port
-            .writes()
-            .await
-            .into_iter()
-            .filter(|w| w.blueprint == "harborArtifact" && w.action == "upsert")
-            .filter_map(|w| {
-                w.identifier
-                    .strip_prefix(&format!("{REPOSITORY}@"))
-                    .map(str::to_owned)
-            })
-            .collect();
-        let lost: Vec<&String> = accepted
-            .iter()
-            .filter(|d| !written.contains(*d) && !parked.contains(*d))
-            .collect();
-        if lost.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} accepted events never reached Port nor the parked queue",
-            lost.len(),
-            accepted.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    apps::assert_none_lost(port, broker, REPOSITORY, accepted, timeout).await;
 }
 
 #[tokio::test]

@@ -292,18 +292,7 @@ async fn two_harbors_one_port_kept_apart() {
         assert_eq!(actions, ["unchanged"], "{instance}: {report}");
     }
     for (harbor, name, secret) in [(&eu, "eu", EU_SECRET), (&us, "us", US_SECRET)] {
-        let policies: Vec<Value> = reqwest::Client::new()
-            .get(format!(
-                "{}/api/v2.0/projects/library/webhook/policies",
-                harbor.base
-            ))
-            .basic_auth("admin", Some("Harbor12345"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let policies = harbor.policies("library").await;
         let ours: Vec<&Value> = policies
             .iter()
             .filter(|p| p["name"] == POLICY_NAME)

@@ -68,22 +68,6 @@ fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The policies of a project as Harbor's API lists them (the auth header included).
-async fn policies(sandbox: &TestSandbox, project: &str) -> Vec<Value> {
-    reqwest::Client::new()
-        .get(format!(
-            "{}/api/v2.0/projects/{project}/webhook/policies",
-            sandbox.base
-        ))
-        .basic_auth("admin", Some("Harbor12345"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 async fn harbor_write(sandbox: &TestSandbox, method: reqwest::Method, path: &str, body: Value) {
     let response = reqwest::Client::new()
         .request(method, format!("{}/api/v2.0/{path}", sandbox.base))
@@ -134,7 +118,7 @@ async fn sync_creates_updates_and_removes_only_our_policy_and_status_shows_faile
     );
     assert!(out.contains("notification-policy"), "{out}");
     assert!(
-        policies(&sandbox, "alpha").await.is_empty(),
+        sandbox.policies("alpha").await.is_empty(),
         "a dry run changed nothing"
     );
 
@@ -148,7 +132,7 @@ async fn sync_creates_updates_and_removes_only_our_policy_and_status_shows_faile
             ("locked", "failed")
         ])
     );
-    let library = policies(&sandbox, "library").await;
+    let library = sandbox.policies("library").await;
     assert_eq!(library.len(), 2, "theirs is left alone: {library:?}");
     let ours = library.iter().find(|p| p["name"] == POLICY_NAME).unwrap();
     assert_eq!(ours["enabled"], true);
@@ -174,7 +158,7 @@ async fn sync_creates_updates_and_removes_only_our_policy_and_status_shows_faile
     );
 
     // Someone disables ours in alpha: the next sync puts it back, saying what differed.
-    let mut disabled = policies(&sandbox, "alpha").await.remove(0);
+    let mut disabled = sandbox.policies("alpha").await.remove(0);
     disabled["enabled"] = json!(false);
     let id = disabled["id"].as_i64().unwrap();
     harbor_write(
@@ -186,7 +170,7 @@ async fn sync_creates_updates_and_removes_only_our_policy_and_status_shows_faile
     .await;
     let (_, out) = webhooks(&sandbox, &["sync"]);
     assert!(out.contains("alpha  updated: enabled"), "{out}");
-    assert_eq!(policies(&sandbox, "alpha").await[0]["enabled"], true);
+    assert_eq!(sandbox.policies("alpha").await[0]["enabled"], true);
 
     // A delivery Harbor gives up on shows in status.
     sandbox.act("push", "library/nginx", "2").await;
@@ -222,7 +206,7 @@ async fn sync_creates_updates_and_removes_only_our_policy_and_status_shows_faile
         actions(&out)[..2],
         pairs(&[("alpha", "removed"), ("library", "removed")])
     );
-    let library = policies(&sandbox, "library").await;
+    let library = sandbox.policies("library").await;
     assert_eq!(library.len(), 1);
     assert_eq!(library[0]["name"], "team-alerts");
 }
@@ -262,7 +246,7 @@ async fn each_periodic_resync_covers_the_projects_created_since() {
     wait_until(
         "our policy in the first project",
         Duration::from_secs(30),
-        || async { !policies(&sandbox, "library").await.is_empty() },
+        || async { !sandbox.policies("library").await.is_empty() },
     )
     .await;
     // Created after the worker started: covered by the next resync.
@@ -270,10 +254,10 @@ async fn each_periodic_resync_covers_the_projects_created_since() {
     wait_until(
         "our policy in the new project",
         Duration::from_secs(30),
-        || async { !policies(&sandbox, "fresh").await.is_empty() },
+        || async { !sandbox.policies("fresh").await.is_empty() },
     )
     .await;
-    let fresh = policies(&sandbox, "fresh").await;
+    let fresh = sandbox.policies("fresh").await;
     assert_eq!(fresh[0]["targets"][0]["payload_format"], "CloudEvents");
     worker.stop().await;
 }
