@@ -37,7 +37,7 @@ fn machine_cpu_seconds() -> f64 {
 }
 
 /// The local broker's processes (the Erlang VM).
-fn broker_pids() -> Vec<u32> {
+pub fn broker_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
