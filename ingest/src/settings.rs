@@ -72,10 +72,11 @@ pub enum Command {
     Healthcheck,
 }
 
-/// Confirm-mode channels the ingest publishes on, one publish in flight on each (see
-/// `harbor_shared::publisher`): at most this many webhooks wait for the broker's confirm at
-/// once, the others for a free channel.
-pub const PUBLISHER_CHANNELS: usize = 64;
+/// Confirm-mode channels the ingest publishes on, one batch in flight on each (see
+/// `harbor_shared::publisher`): the webhooks that come while every channel waits for its
+/// confirms go out together on the next one free. lapin's cost per write grows with the
+/// channels a connection has, and batches make more of them useless.
+pub const PUBLISHER_CHANNELS: usize = 8;
 
 /// How long a publish waits for the broker's confirm before the answer is 503.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);

@@ -89,15 +89,18 @@ impl Request {
 /// Confirm-mode channels of one connection and the task that publishes on them.
 pub struct Publisher {
     requests: mpsc::UnboundedSender<Request>,
+    /// The publishing task's half of the queue, until the first publish starts the task.
+    queue: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Request>>>,
     channels: Vec<Channel>,
     confirm_timeout: Duration,
     broken: CancellationToken,
 }
 
 impl Publisher {
-    /// Opens `channels` confirm-mode channels on `connection` and starts the task publishing on
-    /// them (on the runtime this is called on): at most that many batches are in flight at once;
-    /// publishes arriving meanwhile wait for a free channel.
+    /// Opens `channels` confirm-mode channels on `connection`: at most that many batches are in
+    /// flight at once; publishes arriving meanwhile wait for a free channel. The task publishing
+    /// on them starts with the first publish, on that publish's runtime: in the ingest, the HTTP
+    /// thread's, so that neither a publish nor its confirm crosses to another thread on its way.
     pub async fn open(
         connection: &Connection,
         channels: usize,
@@ -117,9 +120,9 @@ impl Publisher {
         }
         let (requests, queue) = mpsc::unbounded_channel();
         let broken = CancellationToken::new();
-        tokio::spawn(run(opened.clone(), queue, confirm_timeout, broken.clone()));
         Ok(Self {
             requests,
+            queue: std::sync::Mutex::new(Some(queue)),
             channels: opened,
             confirm_timeout,
             broken,
@@ -132,6 +135,20 @@ impl Publisher {
     pub async fn publish(&self, message: Outgoing<'_>) -> Result<(), PublishError> {
         if self.broken.is_cancelled() {
             return Err(PublishError::NotConnected);
+        }
+        let queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(queue) = queue {
+            let channels = self.channels.clone();
+            tokio::spawn(run(
+                channels,
+                queue,
+                self.confirm_timeout,
+                self.broken.clone(),
+            ));
         }
         let (outcome, answer) = oneshot::channel();
         let request = Request {
