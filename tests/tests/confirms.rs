@@ -277,8 +277,8 @@ async fn the_publisher_tells_each_publish_what_the_broker_did_with_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_load_and_with_full_queues_the_work_queues_hold_exactly_the_webhooks_answered_202() {
-    // The ingest's publisher under full load (every channel busy, batches waiting) for several seconds, into work
-    // queues capped low and drained meanwhile, so that the broker confirms some publishes and
+    // The ingest's publisher under full load (every channel busy, batches waiting) for several
+    // seconds, into work queues capped low and drained meanwhile, so that the broker confirms some publishes and
     // refuses others all along: each 202 is on a queue, each 503 is not.
     let broker = TestTopology::new().await;
     broker.limit_work_queues(100).await;
