@@ -14,7 +14,8 @@
 //! - lapin hands a returned message to whichever confirm it resolves next, not to the publish it
 //!   belongs to. Here a channel carries one batch at a time, so every return of a batch reaches
 //!   some confirm of the same batch (the broker returns a message before it confirms it), and
-//!   the batch gives each returned message to the publish whose message it is.
+//!   the batch gives each returned message to the publish whose message it is. Each publish is
+//!   answered as soon as its outcome is sure (see `publish_batch`), not when its whole batch is.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -68,21 +69,38 @@ pub struct Outgoing<'a> {
 
 /// A publish handed to the batching task, and where its outcome goes.
 struct Request {
+    message: Message,
+    outcome: oneshot::Sender<Result<(), PublishError>>,
+}
+
+/// What a publish sends.
+struct Message {
     exchange: String,
     routing_key: String,
     body: Vec<u8>,
     properties: BasicProperties,
-    outcome: oneshot::Sender<Result<(), PublishError>>,
 }
 
-impl Request {
-    /// Whether `returned` is this request's message.
+impl Message {
+    /// Whether `returned` is this message.
     fn is(&self, returned: &BasicReturnMessage) -> bool {
         let message = &returned.delivery;
         message.data == self.body
             && message.routing_key.as_str() == self.routing_key
             && message.exchange.as_str() == self.exchange
             && message.properties == self.properties
+    }
+}
+
+/// Each publish's caller, until told its outcome.
+struct Outcomes(Vec<Option<oneshot::Sender<Result<(), PublishError>>>>);
+
+impl Outcomes {
+    /// Tells publish `index` (if its caller still waits) its outcome, once.
+    fn tell(&mut self, index: usize, outcome: Result<(), PublishError>) {
+        if let Some(sender) = self.0[index].take() {
+            let _ = sender.send(outcome);
+        }
     }
 }
 
@@ -152,10 +170,12 @@ impl Publisher {
         }
         let (outcome, answer) = oneshot::channel();
         let request = Request {
-            exchange: message.exchange.to_owned(),
-            routing_key: message.routing_key.to_owned(),
-            body: message.body.to_vec(),
-            properties: message.properties,
+            message: Message {
+                exchange: message.exchange.to_owned(),
+                routing_key: message.routing_key.to_owned(),
+                body: message.body.to_vec(),
+                properties: message.properties,
+            },
             outcome,
         };
         if self.requests.send(request).is_err() {
@@ -229,132 +249,162 @@ async fn run(
     // Publishes still waiting are dropped: their callers get NotConnected.
 }
 
-type Confirmed = lapin::Result<Confirmation>;
+/// What is known of one publish of a batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// No confirm yet.
+    Waiting,
+    /// Acknowledged with no returned message, first seen in this pass over the batch.
+    Acked(u64),
+    /// Acknowledged, carrying another publish's returned message: its own may still come.
+    AckedCarrying,
+    /// Its outcome is told.
+    Settled,
+}
 
-/// Publishes `batch` on `channel` and tells each request its outcome; whether the channel can
-/// carry another batch.
+/// Publishes `batch` on `channel` and tells each request its outcome as soon as it is sure;
+/// whether the channel can carry another batch.
+///
+/// lapin resolves the confirms one by one on its I/O thread and hands each the oldest returned
+/// message waiting, if any; the broker returns a message before it acknowledges it. So a
+/// publish acknowledged with nothing handed to it had its own returned message (if any) handed
+/// to a confirm resolved before it, and every such confirm is resolved by the time its own is
+/// seen: one more pass over the batch sees them all. A publish handed another's returned message
+/// may have its own handed to one resolved after it, so it waits for the whole batch.
 async fn publish_batch(
     channel: &Channel,
     batch: Vec<Request>,
     confirm_timeout: Duration,
     broken: &CancellationToken,
 ) -> bool {
-    let confirmed = confirm_all(channel, &batch, confirm_timeout).await;
-    let Some(confirmed) = confirmed else {
-        broken.cancel();
-        for request in batch {
-            let _ = request
-                .outcome
-                .send(Err(PublishError::Timeout(confirm_timeout)));
-        }
-        return false;
-    };
-    let (outcomes, usable) = settle(&batch, confirmed);
-    if !usable {
-        broken.cancel();
-    }
-    for (request, outcome) in batch.into_iter().zip(outcomes) {
-        let _ = request.outcome.send(outcome);
-    }
-    usable
-}
-
-/// Publishes every request of `batch` on `channel` and waits for all their confirms, at most
-/// `confirm_timeout`: each confirm as lapin reported it, or `None` if one did not come.
-async fn confirm_all(
-    channel: &Channel,
-    batch: &[Request],
-    confirm_timeout: Duration,
-) -> Option<Vec<Confirmed>> {
     let options = BasicPublishOptions {
         mandatory: true,
         ..BasicPublishOptions::default()
     };
-    let mut publishes: Vec<Pin<Box<MaybeDone<_>>>> = batch
+    let (messages, outcomes): (Vec<Message>, Vec<_>) = batch
+        .into_iter()
+        .map(|request| (request.message, Some(request.outcome)))
+        .unzip();
+    let mut outcomes = Outcomes(outcomes);
+    let mut publishes: Vec<Pin<Box<MaybeDone<_>>>> = messages
         .iter()
-        .map(|request| {
+        .map(|message| {
             Box::pin(maybe_done(async move {
                 channel
                     .basic_publish(
-                        request.exchange.as_str().into(),
-                        request.routing_key.as_str().into(),
+                        message.exchange.as_str().into(),
+                        message.routing_key.as_str().into(),
                         options,
-                        &request.body,
-                        request.properties.clone(),
+                        &message.body,
+                        message.properties.clone(),
                     )
                     .await?
                     .await
             }))
         })
         .collect();
+    let mut seen = vec![Seen::Waiting; messages.len()];
+    let mut usable = true;
+    let mut pass = 0_u64;
     // Every poll polls each publish in turn; the first poll of each numbers it and queues its
     // frames before it waits, so the numbers lapin gives follow the order of the frames.
-    let all_confirmed = std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for publish in &mut publishes {
-            pending |= publish.as_mut().poll(cx).is_pending();
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    });
-    tokio::time::timeout(confirm_timeout, all_confirmed)
-        .await
-        .ok()?;
-    let confirmed = publishes
-        .iter_mut()
-        .map(|publish| {
-            publish
-                .as_mut()
-                .take_output()
-                .unwrap_or(Ok(Confirmation::NotRequested))
-        })
-        .collect();
-    Some(confirmed)
-}
-
-/// Each request's outcome from the confirms of its batch, whichever confirm lapin gave each
-/// returned message to; whether the channel is still usable.
-fn settle(batch: &[Request], confirmed: Vec<Confirmed>) -> (Vec<Result<(), PublishError>>, bool) {
-    let mut returned = Vec::new();
-    let mut usable = true;
-    let mut outcomes: Vec<Result<(), PublishError>> = confirmed
-        .into_iter()
-        .map(|confirmed| match confirmed {
-            Ok(Confirmation::Ack(message)) => {
-                returned.extend(message);
-                Ok(())
-            }
-            Ok(Confirmation::Nack(message)) => {
-                returned.extend(message);
-                Err(PublishError::Nacked)
-            }
-            // NotRequested cannot happen on a confirm-mode channel; it is not a confirm either.
-            Ok(Confirmation::NotRequested) => Err(PublishError::Nacked),
-            Err(error) => {
-                usable = false;
-                Err(PublishError::Channel(error))
-            }
-        })
-        .collect();
-    for message in returned {
-        let reason = format!("{} {}", message.reply_code, message.reply_text);
-        let owner = batch
-            .iter()
-            .zip(&outcomes)
-            .position(|(request, outcome)| outcome.is_ok() && request.is(&message));
-        match owner {
-            Some(index) => outcomes[index] = Err(PublishError::Unroutable(reason)),
-            // Not recognised (cannot happen unless the broker changed the message): none of
-            // the batch's acknowledgements can be trusted.
-            None => {
-                for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
-                    *outcome = Err(PublishError::Unroutable(reason.clone()));
+    let settled = std::future::poll_fn(|cx| {
+        loop {
+            pass += 1;
+            let mut new = false;
+            for index in 0..messages.len() {
+                if seen[index] != Seen::Waiting || publishes[index].as_mut().poll(cx).is_pending() {
+                    continue;
+                }
+                new = true;
+                let confirmed = publishes[index].as_mut().take_output();
+                let (outcome, returned) = match confirmed {
+                    Some(Ok(Confirmation::Ack(returned))) => (Ok(()), returned),
+                    Some(Ok(Confirmation::Nack(returned))) => (Err(PublishError::Nacked), returned),
+                    // NotRequested cannot happen on a confirm-mode channel; it is no confirm.
+                    Some(Ok(Confirmation::NotRequested)) | None => {
+                        (Err(PublishError::Nacked), None)
+                    }
+                    Some(Err(error)) => {
+                        usable = false;
+                        (Err(PublishError::Channel(error)), None)
+                    }
+                };
+                let carrying = returned.is_some();
+                if let Some(message) = returned {
+                    give_back(&messages, &mut outcomes, &mut seen, &message);
+                }
+                if seen[index] == Seen::Settled {
+                    continue;
+                }
+                match outcome {
+                    Ok(()) if carrying => seen[index] = Seen::AckedCarrying,
+                    Ok(()) => seen[index] = Seen::Acked(pass),
+                    Err(error) => {
+                        outcomes.tell(index, Err(error));
+                        seen[index] = Seen::Settled;
+                    }
                 }
             }
+            let all = !seen.contains(&Seen::Waiting);
+            for (index, seen) in seen.iter_mut().enumerate() {
+                let sure = match *seen {
+                    Seen::Acked(first) => first < pass || all,
+                    Seen::AckedCarrying => all,
+                    Seen::Waiting | Seen::Settled => false,
+                };
+                if sure {
+                    outcomes.tell(index, Ok(()));
+                    *seen = Seen::Settled;
+                }
+            }
+            if all {
+                return Poll::Ready(());
+            }
+            if !new {
+                return Poll::Pending;
+            }
         }
+    });
+    if tokio::time::timeout(confirm_timeout, settled)
+        .await
+        .is_err()
+    {
+        broken.cancel();
+        for index in 0..messages.len() {
+            outcomes.tell(index, Err(PublishError::Timeout(confirm_timeout)));
+        }
+        return false;
     }
-    (outcomes, usable)
+    if !usable {
+        broken.cancel();
+    }
+    usable
+}
+
+/// Gives a returned message to the publish of the batch whose message it is (the first of
+/// those alike not yet told): its outcome is unroutable. One matching none (which cannot happen
+/// unless the broker changed the message) makes every acknowledgement not yet told untrusted.
+fn give_back(
+    messages: &[Message],
+    outcomes: &mut Outcomes,
+    seen: &mut [Seen],
+    returned: &BasicReturnMessage,
+) {
+    let matching: Vec<usize> = (0..messages.len())
+        .filter(|i| messages[*i].is(returned))
+        .collect();
+    let owners: Vec<usize> = match matching.iter().find(|i| seen[**i] != Seen::Settled) {
+        Some(owner) => vec![*owner],
+        None if matching.is_empty() => (0..messages.len())
+            .filter(|i| seen[*i] != Seen::Settled)
+            .collect(),
+        // Its publish was told already (refused): nothing more to tell.
+        None => Vec::new(),
+    };
+    for index in owners {
+        let reason = format!("{} {}", returned.reply_code, returned.reply_text);
+        outcomes.tell(index, Err(PublishError::Unroutable(reason)));
+        seen[index] = Seen::Settled;
+    }
 }

@@ -216,10 +216,11 @@ async fn lapin_still_hands_returned_messages_to_the_wrong_confirm_on_a_shared_ch
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_publisher_tells_each_publish_what_the_broker_did_with_it() {
     // Returned (unroutable), refused (the queue is full) and confirmed publishes, 64 at once on
-    // the publisher's pool, from four threads: the queue holds exactly those it confirmed.
+    // the publisher's pool of 2 channels, from four threads, so that every batch mixes them: the
+    // queue holds exactly those it confirmed.
     let bench = Bench::new(Some(3000)).await;
     let publisher = Arc::new(
-        Publisher::open(&bench.connection, 64, Duration::from_secs(10))
+        Publisher::open(&bench.connection, 2, Duration::from_secs(10))
             .await
             .unwrap(),
     );
