@@ -13,9 +13,14 @@
 //!
 //! where `<hex hmac>` is the hex HMAC-SHA256 of the raw body keyed with the secret.
 //!
+//! The header is checked before the body is read: a request whose header cannot match (missing,
+//! no configured token, not shaped like an HMAC in a mode that accepts HMACs) is refused
+//! without its body being read; only an HMAC-shaped header makes the body read and hashed.
+//!
 //! Timing: a token is compared as SHA-256 digests with `subtle::ConstantTimeEq`, so neither its
 //! content nor its length shows in the time taken; an HMAC is compared with `ConstantTimeEq`
-//! too. Every configured secret and every candidate form is checked, with no early exit.
+//! too. Every configured secret and every candidate token form is checked, with no early exit;
+//! what the time can tell is only the header's shape, which the sender chose.
 
 use anyhow::bail;
 use clap::ValueEnum;
@@ -99,8 +104,18 @@ impl Authenticator {
 
     /// Checks an `Authorization` header value against the raw body.
     pub fn verify(&self, authorization: Option<&[u8]>, body: &[u8]) -> Result<(), AuthError> {
+        match self.check_header(authorization)? {
+            Verdict::Authorized => Ok(()),
+            Verdict::Signed(signature) => self.check_signature(&signature, body),
+        }
+    }
+
+    /// What the header alone decides, before any body is read: a token matching a secret
+    /// authorizes; a header shaped like an HMAC (in a mode accepting them) must be checked
+    /// against the body; anything else is refused.
+    pub fn check_header(&self, authorization: Option<&[u8]>) -> Result<Verdict, AuthError> {
         if self.mode == AuthMode::None {
-            return Ok(());
+            return Ok(Verdict::Authorized);
         }
         let header = authorization.ok_or(AuthError::Missing)?.trim_ascii();
         let harbor_secret = strip_prefix(header, b"Harbor-Secret ").map(<[u8]>::trim_ascii);
@@ -115,7 +130,9 @@ impl Authenticator {
                 }
             }
         }
-
+        if bool::from(matched) {
+            return Ok(Verdict::Authorized);
+        }
         if matches!(self.mode, AuthMode::Auto | AuthMode::Hmac) {
             let signature = harbor_secret
                 .or_else(|| strip_prefix(header, b"sha256=").map(<[u8]>::trim_ascii))
@@ -126,18 +143,34 @@ impl Authenticator {
                         .map(|()| signature)
                 });
             if let Some(signature) = signature {
-                for secret in &self.secrets {
-                    matched |= sign(&secret.key, body).ct_eq(&signature);
-                }
+                return Ok(Verdict::Signed(signature));
             }
         }
+        Err(AuthError::Mismatch)
+    }
 
+    /// Checks a signature [`check_header`](Self::check_header) found against the raw body,
+    /// with every configured secret.
+    pub fn check_signature(&self, signature: &[u8; 32], body: &[u8]) -> Result<(), AuthError> {
+        let mut matched = Choice::from(0);
+        for secret in &self.secrets {
+            matched |= sign(&secret.key, body).ct_eq(signature);
+        }
         if bool::from(matched) {
             Ok(())
         } else {
             Err(AuthError::Mismatch)
         }
     }
+}
+
+/// What an `Authorization` header decides before the body is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A token matching a configured secret (or no check configured).
+    Authorized,
+    /// An HMAC, to be checked against the body.
+    Signed([u8; 32]),
 }
 
 /// The HMAC-SHA256 of `body` keyed with `secret`.
@@ -176,6 +209,46 @@ mod tests {
 
     fn check(a: &Authenticator, header: &str) -> Result<(), AuthError> {
         a.verify(Some(header.as_bytes()), BODY)
+    }
+
+    #[test]
+    fn the_header_alone_refuses_what_cannot_match_and_asks_for_the_body_only_for_an_hmac() {
+        let mac = hmac_hex("s3cret");
+        let auto = auth(AuthMode::Auto, &["s3cret"]);
+        let header = |a: &Authenticator, h: &str| a.check_header(Some(h.as_bytes()));
+        assert_eq!(auto.check_header(None), Err(AuthError::Missing));
+        assert_eq!(header(&auto, "s3cret"), Ok(Verdict::Authorized));
+        assert_eq!(header(&auto, "Bearer s3cret"), Ok(Verdict::Authorized));
+        for refused in [
+            "wrong",
+            "Bearer wrong",
+            "Harbor-Secret wrong",
+            "sha256=zz",
+            "sha256=abcd",
+        ] {
+            assert_eq!(
+                header(&auto, refused),
+                Err(AuthError::Mismatch),
+                "{refused}"
+            );
+        }
+        assert!(matches!(
+            header(&auto, &format!("sha256={mac}")),
+            Ok(Verdict::Signed(_))
+        ));
+        // Shaped like an HMAC is not yet valid: the body decides.
+        let Ok(Verdict::Signed(wrong)) = header(&auto, &format!("sha256={}", "ab".repeat(32)))
+        else {
+            panic!("an HMAC-shaped header must be checked against the body");
+        };
+        assert_eq!(auto.check_signature(&wrong, BODY), Err(AuthError::Mismatch));
+        let token = auth(AuthMode::Token, &["s3cret"]);
+        assert_eq!(
+            header(&token, &format!("sha256={mac}")),
+            Err(AuthError::Mismatch)
+        );
+        let hmac = auth(AuthMode::Hmac, &["s3cret"]);
+        assert_eq!(header(&hmac, "s3cret"), Err(AuthError::Mismatch));
     }
 
     #[test]

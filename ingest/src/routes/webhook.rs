@@ -11,13 +11,14 @@
 //! | body not received within `REQUEST_TIMEOUT`        | 408                    |
 //! | broker down, nack, unroutable, no confirm in 5 s  | 503 + `Retry-After: 5` |
 //!
-//! The checks run in that order of cost: the endpoint and the size (from `Content-Length`),
-//! before reading, then authentication (with the endpoint's own secrets: one Harbor's secret
-//! is refused at another's endpoint), then parsing; nothing is published unless all pass. An
+//! The checks run in that order of cost: the endpoint, then the `Authorization` header (with the
+//! endpoint's own secrets: one Harbor's secret is refused at another's endpoint) and the size
+//! (from `Content-Length`), all before the body is read; then an HMAC against the body, then
+//! parsing; nothing is published unless all pass. An
 //! instance's events carry its name ([`INSTANCE_HEADER`]) and have it in their subject.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
@@ -33,7 +34,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 use tracing::{debug, error, warn};
 
-use crate::auth::AuthError;
+use crate::auth::{AuthError, Verdict};
 use crate::link::CurrentPublisher;
 use crate::settings::Endpoint;
 
@@ -120,6 +121,9 @@ impl ResponseError for WebhookError {
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Harbor-Secret"),
                 ));
+                // Its body may be unread: the connection cannot serve another request (and a
+                // sender without the secret gets no second try on it).
+                response.force_close();
             }
             _ => {}
         }
@@ -209,29 +213,37 @@ async fn accept(
     let peer = request
         .peer_addr()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+    let refused = |error: WebhookError| {
+        warn!(%request_id, %peer, %error, "Webhook refused");
+        error
+    };
+    // The header first: a request that cannot be authorized is refused before its body is read,
+    // whatever its Content-Length.
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    let verdict = match endpoint.auth.check_header(authorization) {
+        Ok(verdict) => verdict,
+        Err(error) => {
+            discard_small_body(request, payload, state.request_timeout).await;
+            return Err(refused(WebhookError::Unauthorized(error)));
+        }
+    };
     // The body must arrive within REQUEST_TIMEOUT too (actix times the headers only).
     let read = read_body(request, payload, state.max_body_bytes);
     let body = tokio::time::timeout(state.request_timeout, read)
         .await
         .unwrap_or(Err(WebhookError::Timeout))
-        .inspect_err(|error| {
-            warn!(%request_id, %peer, %error, "Webhook refused");
-        })?;
-    let authorization = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(HeaderValue::as_bytes);
-    endpoint
-        .auth
-        .verify(authorization, &body)
-        .map_err(|error| {
-            warn!(%request_id, %peer, %error, "Webhook refused");
-            WebhookError::Unauthorized(error)
-        })?;
-    let envelope = Envelope::parse(&body).map_err(|error| {
-        warn!(%request_id, %peer, %error, "Webhook refused");
-        WebhookError::NotAnEvent(error)
-    })?;
+        .map_err(refused)?;
+    if let Verdict::Signed(signature) = verdict {
+        endpoint
+            .auth
+            .check_signature(&signature, &body)
+            .map_err(|error| refused(WebhookError::Unauthorized(error)))?;
+    }
+    let envelope =
+        Envelope::parse(&body).map_err(|error| refused(WebhookError::NotAnEvent(error)))?;
 
     let publisher = state.publisher.borrow().clone();
     let started = Instant::now();
@@ -285,6 +297,33 @@ async fn accept(
             Err(WebhookError::Unavailable(error))
         }
     }
+}
+
+/// The largest body of a refused request that is read (and thrown away) before the answer, so
+/// that the client's connection stays usable for its next request; a larger one is not read at
+/// all, and the connection closes after the answer.
+const DISCARDED_BODY_BYTES: usize = 16 * 1024;
+
+/// Reads and drops the body of a refused request if it declares at most
+/// [`DISCARDED_BODY_BYTES`] and arrives in time; nothing is kept.
+async fn discard_small_body(request: &HttpRequest, mut payload: web::Payload, timeout: Duration) {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_none_or(|length| length > DISCARDED_BODY_BYTES) {
+        return;
+    }
+    let mut seen = 0;
+    let discard = async {
+        while let Some(Ok(chunk)) = payload.next().await {
+            seen += chunk.len();
+            if seen > DISCARDED_BODY_BYTES {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(timeout, discard).await;
 }
 
 /// Reads the body, refusing it as soon as it is known to be too large.
