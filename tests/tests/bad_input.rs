@@ -303,22 +303,28 @@ fn read_answer(stream: &mut TcpStream, within: Duration) -> Option<String> {
     }
 }
 
+/// Sends `bytes` on a new connection to `address` and reads the answer ([`read_answer`]).
+async fn send_raw(address: &str, bytes: Vec<u8>, within: Duration) -> Option<String> {
+    let address = address.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(address).unwrap();
+        stream.write_all(&bytes).unwrap();
+        read_answer(&mut stream, within)
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     let broker = TestTopology::new().await;
     let ingest = TestIngest::start(short_timeout_ingest(&broker), true).await;
     let address = ingest.base.trim_start_matches("http://").to_owned();
     let started = Instant::now();
-    let answer = tokio::task::spawn_blocking(move || {
-        let mut stream = TcpStream::connect(address).unwrap();
-        stream
-            .write_all(b"POST /webhook HTTP/1.1\r\nHost: ingest\r\nAuthor")
-            .unwrap();
-        read_answer(&mut stream, Duration::from_secs(10))
-    })
-    .await
-    .unwrap();
-    let answer = answer.expect("the connection was still open after 10 s");
+    let head = b"POST /webhook HTTP/1.1\r\nHost: ingest\r\nAuthor".to_vec();
+    let answer = send_raw(&address, head, Duration::from_secs(10))
+        .await
+        .expect("the connection was still open after 10 s");
     assert!(
         answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
         "{answer}"
@@ -333,19 +339,15 @@ async fn a_client_that_sends_its_body_too_slowly_gets_408_and_nothing_is_queued(
     let ingest = TestIngest::start(short_timeout_ingest(&broker), true).await;
     let address = ingest.base.trim_start_matches("http://").to_owned();
     let body = samples::load("push_artifact.default.docs.json");
-    let answer = tokio::task::spawn_blocking(move || {
-        let mut stream = TcpStream::connect(address).unwrap();
-        let head = format!(
-            "POST /webhook HTTP/1.1\r\nHost: ingest\r\nAuthorization: {SECRET}\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).unwrap();
-        stream.write_all(&body[..10]).unwrap();
-        read_answer(&mut stream, Duration::from_secs(10))
-    })
-    .await
-    .unwrap();
-    let answer = answer.expect("the connection was still open after 10 s");
+    let mut sent = format!(
+        "POST /webhook HTTP/1.1\r\nHost: ingest\r\nAuthorization: {SECRET}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    sent.extend_from_slice(&body[..10]);
+    let answer = send_raw(&address, sent, Duration::from_secs(10))
+        .await
+        .expect("the connection was still open after 10 s");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("request_timeout"), "{answer}");
     assert_eq!(broker.work_ready().await, 0);
@@ -367,21 +369,14 @@ async fn a_request_that_cannot_be_authorized_is_refused_before_its_body_is_sent(
         format!("Authorization: sha256={}\r\n", "ab".repeat(31)),
     ];
     for header in headers {
-        let address = address.clone();
-        let sent = header.clone();
-        let answer = tokio::task::spawn_blocking(move || {
-            let mut stream = TcpStream::connect(address).unwrap();
-            let head = format!(
-                "POST /webhook HTTP/1.1\r\nHost: ingest\r\n{header}Content-Length: 1000000000\r\n\r\n"
-            );
-            stream.write_all(head.as_bytes()).unwrap();
-            read_answer(&mut stream, Duration::from_secs(30))
-        })
-        .await
-        .unwrap();
-        let answer = answer.expect("no answer within 30 s");
-        assert!(answer.starts_with("HTTP/1.1 401"), "{sent:?}: {answer}");
-        assert!(answer.contains("unauthorized"), "{sent:?}: {answer}");
+        let head = format!(
+            "POST /webhook HTTP/1.1\r\nHost: ingest\r\n{header}Content-Length: 1000000000\r\n\r\n"
+        );
+        let answer = send_raw(&address, head.into_bytes(), Duration::from_secs(30))
+            .await
+            .expect("no answer within 30 s");
+        assert!(answer.starts_with("HTTP/1.1 401"), "{header:?}: {answer}");
+        assert!(answer.contains("unauthorized"), "{header:?}: {answer}");
     }
     assert_eq!(broker.work_ready().await, 0);
 }
