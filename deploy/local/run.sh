@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../.."
 
 deploy/local/ensure-rabbitmq.sh
 
-: "${WEBHOOK_SECRET:=change-me}"
+: "${WEBHOOK_SECRET:=change-me-to-a-long-secret}"
 : "${HARBOR_URL:=http://127.0.0.1:8090}"
 : "${HARBOR_USERNAME:=admin}"
 : "${HARBOR_PASSWORD:=Harbor12345}"

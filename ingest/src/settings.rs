@@ -199,8 +199,26 @@ mod tests {
 
     #[test]
     fn comma_separated_secrets_are_all_kept() {
-        let settings = parse(&["--webhook-secret", "old, new ,"]).unwrap();
+        let settings = parse(&[
+            "--webhook-secret",
+            "an-old-secret-0123, a-new-secret-01234 ,",
+        ])
+        .unwrap();
         assert_eq!(settings.endpoints[0].auth.secret_count(), 2);
+    }
+
+    #[test]
+    fn a_short_secret_is_refused_naming_the_variable() {
+        let err = parse(&["--webhook-secret", "a-long-enough-secret, short"]).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("WEBHOOK_SECRET: secret 2 of 2 is shorter than 16"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("short,") && !err.contains("\"short\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -208,9 +226,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ingest-instances-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("instances.yaml");
-        let text = "instances:\n  - name: eu\n    webhook_secret: a, b\n  - name: us\n    webhook_secret_file: us\n  - name: ap\n";
+        let text = "instances:\n  - name: eu\n    webhook_secret: eu-secret-a-0123456, eu-secret-b-0123456\n  - name: us\n    webhook_secret_file: us\n  - name: ap\n";
         std::fs::write(&path, text).unwrap();
-        std::fs::write(dir.join("us"), "c\n").unwrap();
+        std::fs::write(dir.join("us"), "us-secret-c-0123456\n").unwrap();
         let file = path.to_str().unwrap();
         let missing = parse(&["--harbor-instances-file", file]).unwrap_err();
         assert!(
@@ -218,7 +236,12 @@ mod tests {
             "{missing:#}"
         );
         std::fs::write(&path, &text[..text.len() - "  - name: ap\n".len()]).unwrap();
-        let both = parse(&["--harbor-instances-file", file, "--webhook-secret", "s"]);
+        let both = parse(&[
+            "--harbor-instances-file",
+            file,
+            "--webhook-secret",
+            "a-long-enough-secret",
+        ]);
         let settings = parse(&["--harbor-instances-file", file]).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(
@@ -236,7 +259,13 @@ mod tests {
 
     #[test]
     fn a_bad_amqp_url_is_named() {
-        let err = parse(&["--webhook-secret", "s", "--amqp-url", "http://x"]).unwrap_err();
+        let err = parse(&[
+            "--webhook-secret",
+            "a-long-enough-secret",
+            "--amqp-url",
+            "http://x",
+        ])
+        .unwrap_err();
         assert!(format!("{err:#}").contains("AMQP_URL"));
     }
 }

@@ -111,14 +111,30 @@ pub fn secrets_from(
     let Some(raw) = secret_from(value, file, var)? else {
         return Ok(Vec::new());
     };
-    Ok(raw
+    let secrets: Vec<&str> = raw
         .expose_secret()
         .split(',')
         .map(str::trim)
         .filter(|secret| !secret.is_empty())
+        .collect();
+    if let Some(short) = secrets
+        .iter()
+        .position(|s| s.chars().count() < MIN_SECRET_CHARS)
+    {
+        bail!(
+            "{var}: secret {} of {} is shorter than {MIN_SECRET_CHARS} characters; Harbor sends              whatever its policy holds, and a short secret is guessable",
+            short + 1,
+            secrets.len()
+        );
+    }
+    Ok(secrets
+        .into_iter()
         .map(|secret| SecretString::from(secret.to_owned()))
         .collect())
 }
+
+/// The shortest webhook secret accepted.
+pub const MIN_SECRET_CHARS: usize = 16;
 
 /// Like [`secret_from`], for a secret the program cannot run without.
 pub fn required_secret(

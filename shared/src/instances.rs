@@ -162,11 +162,11 @@ mod tests {
     fn secrets_are_read_from_values_or_files_beside_the_file() {
         let path = file(
             "ok",
-            "instances:\n  - name: eu\n    url: https://eu.example.com\n    password_file: eu-pw\n    webhook_secret: old, new\n  - name: us-2\n    webhook_secret_file: us-hook\n",
+            "instances:\n  - name: eu\n    url: https://eu.example.com\n    password_file: eu-pw\n    webhook_secret: an-old-secret-0123, a-new-secret-01234\n  - name: us-2\n    webhook_secret_file: us-hook\n",
         );
         let folder = path.parent().unwrap();
         std::fs::write(folder.join("eu-pw"), "pw\n").unwrap();
-        std::fs::write(folder.join("us-hook"), "s3cret\n").unwrap();
+        std::fs::write(folder.join("us-hook"), "us-secret-0123456789\n").unwrap();
         let instances = load(&path).unwrap();
         let password = instances[0].password().unwrap().unwrap();
         let secrets = instances[1].webhook_secrets().unwrap();
@@ -174,7 +174,7 @@ mod tests {
         assert_eq!(password.expose_secret(), "pw");
         assert_eq!(instances[0].webhook_secrets().unwrap().len(), 2);
         assert_eq!(instances[1].name, "us-2");
-        assert_eq!(secrets[0].expose_secret(), "s3cret");
+        assert_eq!(secrets[0].expose_secret(), "us-secret-0123456789");
         assert!(instances[1].password().unwrap().is_none());
     }
 

@@ -680,7 +680,7 @@ mod tests {
             args.extend_from_slice(more);
             parse(&args)
         };
-        let two = "instances:\n  - {name: eu, url: 'https://eu.example.com', username: r, password: p, webhook_secret: s1}\n  - {name: us, url: 'https://us.example.com', username: r, password: p, webhook_secret: s2}\n";
+        let two = "instances:\n  - {name: eu, url: 'https://eu.example.com', username: r, password: p, webhook_secret: eu-secret-0123456789}\n  - {name: us, url: 'https://us.example.com', username: r, password: p, webhook_secret: us-secret-0123456789}\n";
         let public = ["--webhook-public-url", "https://sync.example.com"];
         let settings = with(two, &public).unwrap();
         let missing = with(

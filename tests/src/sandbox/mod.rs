@@ -64,7 +64,7 @@ pub struct Settings {
         long,
         env = "WEBHOOK_SECRET",
         hide_env_values = true,
-        default_value = "change-me",
+        default_value = "change-me-to-a-long-secret",
         hide_default_value = true
     )]
     pub webhook_auth: String,
