@@ -427,6 +427,31 @@ fn base_url(raw: &str, var: &str) -> anyhow::Result<Url> {
     Ok(url)
 }
 
+/// A [`base_url`] the worker sends credentials to: over plain `http://` to anything but a
+/// loopback address, one warning says so (at start, when the settings are read).
+fn credentials_url(raw: &str, var: &str) -> anyhow::Result<Url> {
+    let url = base_url(raw, var)?;
+    if plain_http_off_this_machine(&url) {
+        tracing::warn!(
+            variable = var,
+            host = url.host_str().unwrap_or_default(),
+            "{var} is plain http:// to another machine: credentials travel unencrypted"
+        );
+    }
+    Ok(url)
+}
+
+/// `http://` to a host that is not a loopback address.
+fn plain_http_off_this_machine(url: &Url) -> bool {
+    let loopback = match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    url.scheme() == "http" && !loopback
+}
+
 fn required(value: Option<String>, var: &str) -> anyhow::Result<String> {
     value
         .filter(|v| !v.is_empty())
@@ -457,7 +482,7 @@ impl HarborArgs {
             )?;
             return Ok(vec![HarborSettings {
                 name: None,
-                url: base_url(&required(self.harbor_url, "HARBOR_URL")?, "HARBOR_URL")?,
+                url: credentials_url(&required(self.harbor_url, "HARBOR_URL")?, "HARBOR_URL")?,
                 username: required(self.harbor_username, "HARBOR_USERNAME")?,
                 password: required_secret(
                     self.harbor_password,
@@ -492,7 +517,7 @@ impl HarborArgs {
                 let secrets = instance.webhook_secrets()?;
                 let var = format!("{} (or webhook_secret_file)", field("webhook_secret"));
                 Ok(HarborSettings {
-                    url: base_url(&url, &field("url"))?,
+                    url: credentials_url(&url, &field("url"))?,
                     username: required(instance.username.clone(), &field("username"))?,
                     password: instance.password()?.with_context(|| {
                         format!("{} (or password_file) is required", field("password"))
@@ -518,7 +543,7 @@ impl PortArgs {
     pub fn into_settings(self) -> anyhow::Result<PortSettings> {
         Ok(PortSettings {
             mapping: Arc::new(self.mapping()?),
-            url: base_url(&self.port_api_url, "PORT_API_URL")?,
+            url: credentials_url(&self.port_api_url, "PORT_API_URL")?,
             client_id: required(self.port_client_id, "PORT_CLIENT_ID")?,
             client_secret: required_secret(
                 self.port_client_secret,
@@ -631,6 +656,21 @@ mod tests {
         "--port-client-secret",
         "secret",
     ];
+
+    #[test]
+    fn plain_http_is_flagged_only_off_this_machine() {
+        let flagged = |raw: &str| plain_http_off_this_machine(&base_url(raw, "X").unwrap());
+        assert!(flagged("http://harbor.example.com"));
+        assert!(flagged("http://10.0.0.5:8080"));
+        for quiet in [
+            "https://harbor.example.com",
+            "http://127.0.0.1:8090",
+            "http://localhost:8090",
+            "http://[::1]:8090",
+        ] {
+            assert!(!flagged(quiet), "{quiet}");
+        }
+    }
 
     #[test]
     fn complete_options_give_settings_with_the_documented_defaults() {
