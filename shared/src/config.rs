@@ -122,7 +122,8 @@ pub fn secrets_from(
         .position(|s| s.chars().count() < MIN_SECRET_CHARS)
     {
         bail!(
-            "{var}: secret {} of {} is shorter than {MIN_SECRET_CHARS} characters; Harbor sends              whatever its policy holds, and a short secret is guessable",
+            "{var}: secret {} of {} is shorter than {MIN_SECRET_CHARS} characters; Harbor sends \
+             whatever its policy holds, and a short secret is guessable",
             short + 1,
             secrets.len()
         );

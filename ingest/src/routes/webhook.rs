@@ -14,8 +14,8 @@
 //! The checks run in that order of cost: the endpoint, then the `Authorization` header (with the
 //! endpoint's own secrets: one Harbor's secret is refused at another's endpoint) and the size
 //! (from `Content-Length`), all before the body is read; then an HMAC against the body, then
-//! parsing; nothing is published unless all pass. An
-//! instance's events carry its name ([`INSTANCE_HEADER`]) and have it in their subject.
+//! parsing; nothing is published unless all pass. An instance's events carry its name
+//! ([`INSTANCE_HEADER`]) and have it in their subject.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -307,10 +307,7 @@ const DISCARDED_BODY_BYTES: usize = 16 * 1024;
 /// Reads and drops the body of a refused request if it declares at most
 /// [`DISCARDED_BODY_BYTES`] and arrives in time; nothing is kept.
 async fn discard_small_body(request: &HttpRequest, mut payload: web::Payload, timeout: Duration) {
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok()?.parse::<usize>().ok());
+    let declared = declared_length(request);
     if declared.is_none_or(|length| length > DISCARDED_BODY_BYTES) {
         return;
     }
@@ -326,16 +323,21 @@ async fn discard_small_body(request: &HttpRequest, mut payload: web::Payload, ti
     let _ = tokio::time::timeout(timeout, discard).await;
 }
 
+/// The body's length as its `Content-Length` declares it, if it does.
+fn declared_length(request: &HttpRequest) -> Option<usize> {
+    request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse().ok())
+}
+
 /// Reads the body, refusing it as soon as it is known to be too large.
 async fn read_body(
     request: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
 ) -> Result<BytesMut, WebhookError> {
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok()?.parse::<usize>().ok());
+    let declared = declared_length(request);
     if declared.is_some_and(|length| length > limit) {
         return Err(WebhookError::TooLarge(limit));
     }

@@ -42,8 +42,7 @@ pub const AUDIT_LOG: &str = "info,harbor_ingest::audit=debug";
 /// the ingest's own publisher (one connection, its confirm-mode channels), without HTTP: each
 /// lane publishes its next message as soon as the last is confirmed, or when it is due. Back to
 /// back on 64 lanes this is the ceiling, the broker's own rate for persistent, confirmed
-/// publishes of one process with 64 in flight. The bare publishing server publishes through it
-/// too.
+/// publishes of one process with 64 in flight.
 struct Direct {
     connection: lapin::Connection,
     publisher: Publisher,
@@ -71,13 +70,13 @@ impl Direct {
         })
     }
 
-    /// Publishes `body` as the ingest publishes a PUSH webhook; returns once it is confirmed.
-    async fn publish(&self, body: &[u8]) -> Result<(), PublishError> {
+    /// Publishes the body as the ingest publishes a PUSH webhook; returns once it is confirmed.
+    async fn publish(&self) -> Result<(), PublishError> {
         self.publisher
             .publish(Outgoing {
                 exchange: &self.exchange,
                 routing_key: "PUSH_ARTIFACT",
-                body,
+                body: &self.body,
                 properties: self.properties.clone(),
             })
             .await
@@ -89,7 +88,7 @@ impl Direct {
                 let direct = Arc::clone(self);
                 async move {
                     while lane.next().await.is_some() {
-                        lane.answered(direct.publish(&direct.body).await.is_ok());
+                        lane.answered(direct.publish().await.is_ok());
                     }
                     lane.tally()
                 }
@@ -111,15 +110,15 @@ struct Webhooks {
 }
 
 impl Webhooks {
-    /// `lanes` connections to `address`, sending `requests` in turn.
-    async fn open(address: SocketAddr, requests: &Arc<Vec<Vec<u8>>>, lanes: usize) -> Self {
+    /// `lanes` connections to `address`, sending [`requests`] for it in turn.
+    async fn open(address: SocketAddr, lanes: usize) -> Self {
         let mut connections = Vec::with_capacity(lanes);
         for _ in 0..lanes {
             let connection = raw_http::Connection::open(address).await.unwrap();
             connections.push(tokio::sync::Mutex::new(connection));
         }
         Self {
-            requests: Arc::clone(requests),
+            requests: requests(address),
             connections: Arc::new(connections),
         }
     }
@@ -419,11 +418,10 @@ pub async fn run(connections: usize, seconds: u64, pin: bool) -> bool {
         ceiling_broker.topology().exchange(),
     )
     .await;
-    let ingest_webhooks =
-        Webhooks::open(ingest_address, &requests(ingest_address), connections).await;
-    let audit_webhooks = Webhooks::open(audit_address, &requests(audit_address), connections).await;
-    let naive_webhooks = Webhooks::open(naive_address, &requests(naive_address), connections).await;
-    let bare_webhooks = Webhooks::open(bare_address, &requests(bare_address), connections).await;
+    let ingest_webhooks = Webhooks::open(ingest_address, connections).await;
+    let audit_webhooks = Webhooks::open(audit_address, connections).await;
+    let naive_webhooks = Webhooks::open(naive_address, connections).await;
+    let bare_webhooks = Webhooks::open(bare_address, connections).await;
     let mut ceiling = Path::new(Cores::new("publisher", &[]));
     let mut through_ingest = Path::new(Cores::new("generator", &[("ingest", ingest_pid)]));
     let mut audited = Path::new(Cores::new("generator", &[("ingest", audit_pid)]));
@@ -531,9 +529,8 @@ pub async fn run(connections: usize, seconds: u64, pin: bool) -> bool {
     cpu::broker_quiet().await;
     // Opened after the wait, which can outlast the time a server gives a new connection to
     // send its first request.
-    let ingest_webhooks =
-        Webhooks::open(ingest_address, &requests(ingest_address), connections).await;
-    let naive_webhooks = Webhooks::open(naive_address, &requests(naive_address), connections).await;
+    let ingest_webhooks = Webhooks::open(ingest_address, connections).await;
+    let naive_webhooks = Webhooks::open(naive_address, connections).await;
     let mut paths = [
         ("broker alone   ", Tally::default(), Vec::new()),
         ("through ingest ", Tally::default(), Vec::new()),
