@@ -1,10 +1,9 @@
 use std::process::ExitCode;
 
 use anyhow::bail;
-use clap::Parser;
 use harbor_ingest::settings::{Cli, Command};
 use harbor_ingest::startup::Application;
-use harbor_shared::{ops, telemetry};
+use harbor_shared::{config, ops, telemetry};
 
 // One thread for what is not HTTP (the broker link, lapin's socket readiness, shutdown): HTTP
 // runs on actix's own worker threads. A multi-threaded runtime here woke its two threads about
@@ -12,7 +11,7 @@ use harbor_shared::{ops, telemetry};
 // sixth of a core from the broker and the HTTP thread; this one wakes 500 times a second.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = config::parse_cli();
     telemetry::init_tracing(cli.log.log_format);
     telemetry::exit_code("harbor-ingest", run(cli).await)
 }

@@ -24,7 +24,8 @@ pub struct Cli {
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
     pub listen_addr: SocketAddr,
 
-    /// Webhook secret; several, comma-separated, are all accepted (for rotation).
+    /// Webhook secret; several, comma-separated, are all accepted (for rotation). From the
+    /// environment only (a flag would show it in the process list).
     #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
 
@@ -55,6 +56,11 @@ pub struct Cli {
     /// cores to spare, raise it or add replicas.
     #[arg(long, env = "HTTP_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub http_workers: u16,
+
+    /// Open connections each HTTP worker serves at once; more wait in the listen backlog until
+    /// one closes, so thousands of idle or slow clients cannot exhaust memory or descriptors.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
 
     #[command(flatten)]
     pub amqp: AmqpArgs,
@@ -100,6 +106,8 @@ pub struct Settings {
     pub publisher_channels: usize,
     /// Threads serving HTTP.
     pub http_workers: usize,
+    /// Open connections per HTTP worker.
+    pub max_connections: usize,
 }
 
 /// Where one Harbor's webhooks come in, and how they are checked.
@@ -170,6 +178,7 @@ impl Cli {
             confirm_timeout: CONFIRM_TIMEOUT,
             publisher_channels: PUBLISHER_CHANNELS,
             http_workers: usize::from(self.http_workers),
+            max_connections: self.max_connections as usize,
         })
     }
 }
@@ -255,6 +264,21 @@ mod tests {
             .map(|e| (e.instance.as_deref().unwrap(), e.auth.secret_count()))
             .collect();
         assert_eq!(endpoints, [("eu", 2), ("us", 1)]);
+    }
+
+    #[test]
+    fn credentials_are_refused_as_flags() {
+        for (flag, var) in [
+            (
+                "--webhook-secret",
+                "WEBHOOK_SECRET (or WEBHOOK_SECRET_FILE)",
+            ),
+            ("--amqp-url", "AMQP_URL"),
+        ] {
+            let args = ["harbor-ingest", flag, "amqp://u:a-long-enough-secret@h/"];
+            let err = harbor_shared::config::try_parse_cli::<Cli>(args).unwrap_err();
+            assert!(err.to_string().contains(&format!("set {var} in")), "{err}");
+        }
     }
 
     #[test]

@@ -63,6 +63,8 @@ impl Application {
                 .route("/webhook/{instance}", web::post().to(instance_webhook))
         })
         .workers(settings.http_workers)
+        // Past the cap, connections wait in the kernel's backlog, holding no memory of ours.
+        .max_connections(settings.max_connections)
         .listen(listener)
         .context("Failed to listen")?
         // Slow or idle clients are cut off instead of holding a connection forever: headers

@@ -1,22 +1,75 @@
 //! Options both binaries read, and the helpers that turn raw flags into typed settings.
 //!
 //! Every option is a `--flag` with an environment variable; the env names are part of the
-//! contract (DESIGN.md). Values that carry credentials are hidden from `--help` and only ever
-//! held as [`SecretString`].
+//! contract (DESIGN.md). Values that carry credentials are hidden from `--help`, taken from the
+//! environment only ([`parse_cli`]), and only ever held as [`SecretString`].
 
 use std::path::PathBuf;
 
+use std::ffi::OsString;
+
 use anyhow::{Context, bail};
-use clap::{Args, ValueEnum};
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, Parser, ValueEnum};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::broker::BrokerUrl;
 use crate::topology::Topology;
 
+/// Parses the command line as `C::parse()` does, and refuses a credential given as a flag: the
+/// process list shows every process's arguments to every user of the machine. The credentials
+/// are the options that hide their environment values; the error names the variable to use.
+pub fn parse_cli<C: Parser>() -> C {
+    try_parse_cli(std::env::args_os()).unwrap_or_else(|error| error.exit())
+}
+
+/// [`parse_cli`] of these arguments, the program's name first.
+pub fn try_parse_cli<C: Parser>(
+    args: impl IntoIterator<Item = impl Into<OsString> + Clone>,
+) -> Result<C, clap::Error> {
+    let mut command = C::command();
+    let matches = command.try_get_matches_from_mut(args)?;
+    if let Some(message) = credential_flag(&command, &matches) {
+        return Err(command.error(ErrorKind::ArgumentConflict, message));
+    }
+    C::from_arg_matches(&matches)
+}
+
+/// What is wrong with the first credential given on the command line, if one is.
+fn credential_flag(command: &clap::Command, matches: &ArgMatches) -> Option<String> {
+    let env_names: Vec<_> = command
+        .get_arguments()
+        .filter_map(clap::Arg::get_env)
+        .collect();
+    let found = command.get_arguments().find(|arg| {
+        arg.is_hide_env_values_set()
+            && matches.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine)
+    });
+    if let Some(arg) = found {
+        let flag = arg.get_long().unwrap_or(arg.get_id().as_str());
+        let var = arg
+            .get_env()
+            .map_or_else(String::new, |v| v.to_string_lossy().into_owned());
+        let file = format!("{var}_FILE");
+        let or_file = match env_names.iter().any(|name| *name == file.as_str()) {
+            true => format!(" (or {file})"),
+            false => String::new(),
+        };
+        return Some(format!(
+            "--{flag} would show the credential to every user of the machine in the process \
+             list; set {var}{or_file} in the environment instead"
+        ));
+    }
+    let (name, sub) = matches.subcommand()?;
+    credential_flag(command.find_subcommand(name)?, sub)
+}
+
 /// The broker a binary talks to and the names of the exchange and queue.
 #[derive(Args, Debug, Clone)]
 pub struct AmqpArgs {
-    /// AMQP URL of the broker (`amqp://` or `amqps://`, with credentials and vhost).
+    /// AMQP URL of the broker (`amqp://` or `amqps://`, with credentials and vhost); from the
+    /// environment only, as it holds the broker's password.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -150,6 +203,30 @@ pub fn required_secret(
 mod tests {
     use super::*;
     use secrecy::ExposeSecret;
+
+    #[derive(Parser, Debug)]
+    struct Toy {
+        #[arg(long, env = "TOY_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        #[arg(long, env = "TOY_SECRET_FILE")]
+        secret_file: Option<PathBuf>,
+        #[arg(long, env = "TOY_NAME")]
+        name: Option<String>,
+    }
+
+    #[test]
+    fn a_credential_flag_is_refused_naming_the_variable_but_not_the_value() {
+        let err = try_parse_cli::<Toy>(["toy", "--secret", "hunter2"]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("--secret would show the credential")
+                && text.contains("set TOY_SECRET (or TOY_SECRET_FILE) in the environment"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+        let toy = try_parse_cli::<Toy>(["toy", "--name", "n", "--secret-file", "/f"]).unwrap();
+        assert_eq!((toy.name.as_deref(), toy.secret), (Some("n"), None));
+    }
 
     #[test]
     fn a_secret_file_loses_its_trailing_newline() {

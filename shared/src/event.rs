@@ -12,6 +12,8 @@ use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 use sha2::{Digest as _, Sha256};
 
+use crate::quote::cut;
+
 /// Why a body is not a Harbor event.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 pub enum EventError {
@@ -198,8 +200,8 @@ struct Raw<'a, D> {
 impl<'a, D: Deserialize<'a>> Raw<'a, D> {
     fn parse(body: &'a [u8]) -> Result<Self, EventError> {
         serde_json::from_slice(body).map_err(|error| match error.classify() {
-            serde_json::error::Category::Data => EventError::NoType(error.to_string()),
-            _ => EventError::NotJson(error.to_string()),
+            serde_json::error::Category::Data => EventError::NoType(cut(error)),
+            _ => EventError::NotJson(cut(error)),
         })
     }
 
@@ -445,7 +447,7 @@ impl HarborEvent {
         let event_type = EventType::parse(&raw.event_type, format)?;
         let data = match raw.event_data.or(raw.data) {
             Some(data) if data.get() != "null" => serde_json::from_str(data.get())
-                .map_err(|error| EventError::InvalidData(error.to_string()))?,
+                .map_err(|error| EventError::InvalidData(cut(error)))?,
             _ => EventData::default(),
         };
         Ok(Self {

@@ -1,6 +1,6 @@
 //! What `harbor-ingest` and `harbor-worker` share: the options both read, the RabbitMQ topology
 //! and the confirmed publisher they both use, the reconnecting broker session, the Harbor event
-//! model, the Harbor instances served, and telemetry (logs, metrics, health endpoints).
+//! model, the Harbor instances served, short quotes of payloads in errors, and telemetry (logs, metrics, health endpoints).
 
 pub mod broker;
 pub mod config;
@@ -8,5 +8,6 @@ pub mod event;
 pub mod instances;
 pub mod ops;
 pub mod publisher;
+pub mod quote;
 pub mod telemetry;
 pub mod topology;

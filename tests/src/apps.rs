@@ -9,6 +9,7 @@ use harbor_ingest::auth::{AuthMode, Authenticator};
 use harbor_ingest::settings::{Endpoint, Settings as IngestSettings};
 use harbor_ingest::startup::Application;
 use harbor_shared::config::AmqpSettings;
+use harbor_worker::clients::{Http, MAX_ANSWER_BYTES};
 use harbor_worker::retry::RetryPolicy;
 use harbor_worker::settings::{HarborSettings, PortSettings, Settings as WorkerSettings};
 use harbor_worker::startup::Worker;
@@ -41,6 +42,7 @@ pub fn ingest_settings(amqp: &AmqpSettings) -> IngestSettings {
         confirm_timeout: Duration::from_secs(5),
         publisher_channels: 2,
         http_workers: 1,
+        max_connections: 1024,
     }
 }
 
@@ -112,7 +114,7 @@ pub fn worker_settings(amqp: &AmqpSettings, harbor_url: &str, port_url: &str) ->
             max_interval: Duration::from_millis(500),
         },
         metrics_addr: free_port(),
-        http_timeout: Duration::from_secs(2),
+        http: Http::new(Duration::from_secs(2), MAX_ANSWER_BYTES).unwrap(),
         shutdown_timeout: Duration::from_secs(10),
         resync_interval: None,
         deletion_threshold: 0.9,
@@ -458,7 +460,7 @@ pub async fn assert_none_lost(
     let mut reasons = Vec::new();
     let prefix = format!("{repository}@");
     loop {
-        while let Some(message) = broker.take(&broker.topology().parked_queue()).await {
+        while let Some(message) = broker.take_parked().await {
             let event = harbor_shared::event::HarborEvent::parse(&message.delivery.data).unwrap();
             let headers = message.delivery.properties.headers().clone();
             let reason = match headers.unwrap_or_default().inner().get("x-failure-reason") {

@@ -119,6 +119,11 @@ impl TestTopology {
             .unwrap()
     }
 
+    /// Takes (and acks) the next parked message.
+    pub async fn take_parked(&self) -> Option<BasicGetMessage> {
+        self.take(&self.topology().parked_queue()).await
+    }
+
     /// Waits until a queue holds `count` ready messages.
     pub async fn wait_ready(&self, queue: &str, count: u32, timeout: Duration) {
         let what = format!("{count} messages in {queue}");
@@ -407,4 +412,18 @@ pub async fn close_connections(name_part: &str, expected: usize) -> usize {
         );
     }
     names.len()
+}
+
+/// The `x-failure-reason` a parked message carries.
+pub fn failure_reason(message: &BasicGetMessage) -> String {
+    let headers = message
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    match headers.inner().get("x-failure-reason") {
+        Some(lapin::types::AMQPValue::LongString(reason)) => reason.to_string(),
+        other => panic!("x-failure-reason: {other:?}"),
+    }
 }

@@ -380,3 +380,22 @@ async fn a_request_that_cannot_be_authorized_is_refused_before_its_body_is_sent(
     }
     assert_eq!(broker.work_ready().await, 0);
 }
+
+#[tokio::test]
+async fn an_answer_quotes_a_huge_name_only_in_part() {
+    let broker = TestTopology::new().await;
+    let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
+    let name = "n".repeat(4000);
+    let response = reqwest::Client::new()
+        .post(format!("{}/webhook/{name}", ingest.base))
+        .header("authorization", SECRET)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let answer = response.text().await.unwrap();
+    assert!(answer.contains("/webhook/nnnn"), "{answer}");
+    assert!(answer.len() < 1000, "{} bytes: {answer}", answer.len());
+    assert_eq!(broker.work_ready().await, 0);
+}

@@ -14,14 +14,13 @@ use harbor_sync_tests::apps::{self, SECRET, Stack, outcome_count, worker_setting
 use harbor_sync_tests::fakes::{FakePort, Upserts, refuse_upsert};
 use harbor_sync_tests::processes::{Processes, free_port, worker_env};
 use harbor_sync_tests::proxy::StallingProxy;
-use harbor_sync_tests::rabbit::{TestTopology, close_connections};
+use harbor_sync_tests::rabbit::{TestTopology, close_connections, failure_reason};
 use harbor_sync_tests::{samples, wait_until};
 use harbor_worker::handler::{Action, HandleEvent, Key, Plan, Work};
 use harbor_worker::schedule::{self, Judgement, Reconcile};
 use harbor_worker::startup::{Worker, scheduler};
 use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, BasicNackOptions};
-use lapin::types::AMQPValue;
 use serde_json::json;
 use wiremock::matchers::method;
 use wiremock::{Mock, Request, Respond, ResponseTemplate};
@@ -470,22 +469,9 @@ async fn an_event_whose_handler_panics_is_parked_and_the_worker_keeps_consuming(
             Duration::from_secs(15),
         )
         .await;
-    let parked = broker
-        .take(&broker.topology().parked_queue())
-        .await
-        .unwrap();
-    let headers = parked
-        .delivery
-        .properties
-        .headers()
-        .as_ref()
-        .unwrap()
-        .inner()
-        .clone();
-    let Some(AMQPValue::LongString(reason)) = headers.get("x-failure-reason") else {
-        panic!("{headers:?}")
-    };
-    assert!(reason.to_string().contains("panicked"), "{reason}");
+    let parked = broker.take_parked().await.unwrap();
+    let reason = failure_reason(&parked);
+    assert!(reason.contains("panicked"), "{reason}");
     shutdown.cancel();
     running.await.unwrap().unwrap();
     assert_eq!(broker.work_ready().await, 0);
@@ -528,10 +514,7 @@ async fn a_message_that_keeps_coming_back_is_dead_lettered_by_the_delivery_limit
         (10..=11).contains(&deliveries),
         "dead-lettered after {deliveries} deliveries"
     );
-    let parked = broker
-        .take(&broker.topology().parked_queue())
-        .await
-        .unwrap();
+    let parked = broker.take_parked().await.unwrap();
     assert_eq!(parked.delivery.data, b"a crash loop");
     assert_eq!(broker.work_ready().await, 0);
 }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use harbor_sync_tests::apps::Stack;
 use harbor_sync_tests::fakes::{PortWrite, harbor_json};
+use harbor_sync_tests::rabbit::failure_reason;
 use harbor_sync_tests::samples;
 use harbor_worker::mapping::Mapping;
-use lapin::types::AMQPValue;
 use serde_json::{Value, json};
 
 /// Artifacts twice (the integration's own blueprint, and the team's `image` blueprint related
@@ -177,16 +177,8 @@ resources:
         .await;
     stack.wait_for_outcome("parked", 1).await;
 
-    let parked = stack
-        .broker
-        .take(&stack.broker.topology().parked_queue())
-        .await
-        .unwrap();
-    let headers = parked.delivery.properties.headers().clone().unwrap();
-    let Some(AMQPValue::LongString(reason)) = headers.inner().get("x-failure-reason") else {
-        panic!("{headers:?}")
-    };
-    let reason = reason.to_string();
+    let parked = stack.broker.take_parked().await.unwrap();
+    let reason = failure_reason(&parked);
     assert!(
         reason.contains("mapping resource 0 (artifact), identifier:"),
         "{reason}"

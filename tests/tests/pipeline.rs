@@ -466,11 +466,7 @@ async fn port_422_parks_the_event_with_its_reason_and_the_queue_keeps_flowing() 
         &fine_digest,
         &["1.2.3"]
     )));
-    let parked = stack
-        .broker
-        .take(&stack.broker.topology().parked_queue())
-        .await
-        .unwrap();
+    let parked = stack.broker.take_parked().await.unwrap();
     assert_eq!(parked.delivery.data, refused, "the original body is parked");
     assert_eq!(parked.delivery.routing_key.as_str(), "PUSH_ARTIFACT");
     let headers = parked

@@ -12,7 +12,7 @@ use harbor_sync_tests::rabbit::TestTopology;
 use harbor_sync_tests::samples;
 use harbor_sync_tests::sandbox::PayloadFormat;
 use harbor_sync_tests::wait_until;
-use harbor_worker::clients::http_client;
+use harbor_worker::clients::{Http, MAX_ANSWER_BYTES};
 use harbor_worker::fleet::Fleet;
 use harbor_worker::resync::{Options, Summary, resync};
 use harbor_worker::retry::RetryPolicy;
@@ -107,7 +107,7 @@ struct Resyncs {
 impl Resyncs {
     async fn new(sandbox: &TestSandbox, broker: &TestTopology) -> Self {
         let settings = sandbox.worker_settings(&broker.amqp);
-        let http = http_client(Duration::from_secs(5)).unwrap();
+        let http = Http::new(Duration::from_secs(5), MAX_ANSWER_BYTES).unwrap();
         Self {
             fleet: fleet(&settings.harbors, &settings.port, http, Duration::ZERO, 8),
             retry: settings.retry,

@@ -7,29 +7,15 @@ use std::time::{Duration, Instant};
 
 use harbor_sync_tests::apps::{Stack, outcome_count};
 use harbor_sync_tests::fakes::{PORT_TOKEN, PortWrite, harbor_json};
-use harbor_sync_tests::rabbit::close_connections;
+use harbor_sync_tests::rabbit::{close_connections, failure_reason};
 use harbor_sync_tests::samples;
+use harbor_worker::clients::{Http, MAX_ANSWER_BYTES};
 use lapin::BasicProperties;
-use lapin::types::AMQPValue;
 use serde_json::json;
 use wiremock::matchers::{header, method, path, path_regex};
 use wiremock::{Mock, ResponseTemplate};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn parked_reason(message: &lapin::message::BasicGetMessage) -> String {
-    let headers = message
-        .delivery
-        .properties
-        .headers()
-        .as_ref()
-        .unwrap()
-        .inner();
-    match headers.get("x-failure-reason") {
-        Some(AMQPValue::LongString(reason)) => reason.to_string(),
-        other => panic!("x-failure-reason: {other:?}"),
-    }
-}
 
 #[tokio::test]
 async fn messages_that_are_not_events_are_parked_once_not_redelivered_in_a_loop() {
@@ -43,13 +29,12 @@ async fn messages_that_are_not_events_are_parked_once_not_redelivered_in_a_loop(
         .broker
         .publish("PUSH_ARTIFACT", br#"{"no_type": true}"#, props())
         .await;
+    // A string a mebibyte long where a list belongs: the reason quotes its start only.
+    let long =
+        json!({"type": "PUSH_ARTIFACT", "event_data": {"resources": "oops".repeat(1 << 18)}});
     stack
         .broker
-        .publish(
-            "PUSH_ARTIFACT",
-            br#"{"type":"PUSH_ARTIFACT","event_data":{"resources":"oops"}}"#,
-            props(),
-        )
+        .publish("PUSH_ARTIFACT", long.to_string().as_bytes(), props())
         .await;
 
     stack.wait_for_outcome("parked", 3).await;
@@ -57,7 +42,7 @@ async fn messages_that_are_not_events_are_parked_once_not_redelivered_in_a_loop(
     stack.broker.wait_ready(&parked, 3, WAIT).await;
     let mut reasons = Vec::new();
     while let Some(message) = stack.broker.take(&parked).await {
-        reasons.push(parked_reason(&message));
+        reasons.push(failure_reason(&message));
     }
     assert!(
         reasons.iter().all(|r| r.starts_with("not a Harbor event")),
@@ -68,9 +53,12 @@ async fn messages_that_are_not_events_are_parked_once_not_redelivered_in_a_loop(
         "{reasons:?}"
     );
     assert!(
-        reasons.iter().any(|r| r.contains("malformed")),
+        reasons
+            .iter()
+            .any(|r| r.contains("malformed") && r.contains("oopsoops")),
         "{reasons:?}"
     );
+    assert!(reasons.iter().all(|r| r.len() < 1000), "{reasons:?}");
     assert!(stack.harbor.requests().await.is_empty());
     let Stack { worker, broker, .. } = stack;
     worker.stop().await;
@@ -145,7 +133,7 @@ async fn a_port_401_fetches_a_new_token_once_and_retries() {
 #[tokio::test]
 async fn a_harbor_that_times_out_is_retried_within_the_budget_then_the_event_is_parked() {
     let stack = Stack::start_with(|settings| {
-        settings.http_timeout = Duration::from_millis(300);
+        settings.http = Http::new(Duration::from_millis(300), MAX_ANSWER_BYTES).unwrap();
         settings.retry.max_elapsed = Duration::from_secs(2);
     })
     .await;
@@ -169,17 +157,56 @@ async fn a_harbor_that_times_out_is_retried_within_the_budget_then_the_event_is_
     );
     let asked = stack.harbor.requests().await;
     assert!(asked.len() >= 3, "the read was not retried: {asked:?}");
-    let parked = stack
-        .broker
-        .take(&stack.broker.topology().parked_queue())
-        .await
-        .unwrap();
-    let reason = parked_reason(&parked);
+    let parked = stack.broker.take_parked().await.unwrap();
+    let reason = failure_reason(&parked);
     assert!(
         reason.contains(&format!("Harbor GET artifact {repo}@{digest} timed out")),
         "{reason}"
     );
     assert_eq!(stack.port.request_count().await, 0);
+}
+
+/// Starts a stack whose Harbor answers every GET with `answer`, sends it a scan event, and
+/// returns the reason the event was parked with.
+async fn parked_after_harbor_answers(answer: ResponseTemplate) -> String {
+    let stack = Stack::start_with(|settings| {
+        settings.http = Http::new(Duration::from_secs(2), 64 * 1024).unwrap();
+        settings.retry.max_elapsed = Duration::from_millis(300);
+    })
+    .await;
+    Mock::given(method("GET"))
+        .respond_with(answer)
+        .mount(&stack.harbor.server)
+        .await;
+    stack
+        .webhook(&samples::load("scanning_completed.default.docs.json"))
+        .await;
+    stack.wait_for_outcome("parked", 1).await;
+    let parked = stack.broker.take_parked().await.unwrap();
+    assert_eq!(stack.port.request_count().await, 0);
+    failure_reason(&parked)
+}
+
+#[tokio::test]
+async fn an_answer_past_the_bound_fails_the_event_saying_so() {
+    // Valid JSON, shaped like Harbor's answers, a quarter of a mebibyte long.
+    let huge = json!({"id": 1, "name": "library", "padding": "x".repeat(256 * 1024)});
+    let reason = parked_after_harbor_answers(ResponseTemplate::new(200).set_body_json(huge)).await;
+    assert!(
+        reason.contains("the answer is larger than 65536 bytes (HTTP_MAX_RESPONSE_BYTES)"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn an_error_page_is_quoted_only_in_part() {
+    let page = ResponseTemplate::new(502).set_body_string("<html>".repeat(200_000));
+    let reason = parked_after_harbor_answers(page).await;
+    assert!(
+        reason.contains("answered 502 Bad Gateway: <html><html>"),
+        "{reason}"
+    );
+    assert!(reason.len() < 1000, "{} bytes: {reason}", reason.len());
 }
 
 /// Polls the worker's metrics until `done` holds, and returns the most refreshes it saw in
@@ -294,7 +321,7 @@ async fn the_blueprints_command_creates_missing_blueprints_and_updates_existing_
         client_secret: harbor_sync_tests::fakes::PORT_CLIENT_SECRET.into(),
         mapping: std::sync::Arc::new(harbor_worker::mapping::Mapping::default_mapping()),
     };
-    let http = harbor_worker::clients::http_client(Duration::from_secs(5)).unwrap();
+    let http = Http::new(Duration::from_secs(5), MAX_ANSWER_BYTES).unwrap();
     let client = harbor_worker::startup::port_client(&settings, http);
     let retry = harbor_worker::retry::RetryPolicy::with_budget(Duration::from_secs(5));
     harbor_worker::blueprints::apply(&client, retry)

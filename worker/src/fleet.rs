@@ -164,7 +164,7 @@ mod tests {
             client_secret: "secret".into(),
             mapping: Arc::new(Mapping::default_mapping()),
         };
-        let http = reqwest::Client::new();
+        let http = crate::clients::Http::new(Duration::from_secs(1), 1024).unwrap();
         crate::startup::fleet(&harbors, &port, http, Duration::ZERO, 4)
     }
 

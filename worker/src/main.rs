@@ -2,10 +2,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Parser;
 use harbor_shared::instances::DEFAULT_INSTANCE;
-use harbor_shared::{broker, ops, telemetry};
-use harbor_worker::clients::http_client;
+use harbor_shared::{broker, config, ops, telemetry};
 use harbor_worker::mapping::Kind;
 use harbor_worker::parked::{self, Selection};
 use harbor_worker::retry::RetryPolicy;
@@ -15,7 +13,7 @@ use harbor_worker::{backlog, blueprints, resync, webhooks};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = config::parse_cli();
     telemetry::init_tracing(cli.log.log_format);
     telemetry::exit_code("harbor-worker", run(cli).await)
 }
@@ -30,8 +28,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Blueprints => {
             let port = cli.port.into_settings()?;
-            let http =
-                http_client(cli.run.http_timeout).context("Failed to build the HTTP client")?;
+            let http = cli.run.http()?;
             let retry = RetryPolicy::with_budget(cli.run.retry_max_elapsed);
             blueprints::apply(&port_client(&port, http), retry).await
         }
@@ -51,7 +48,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let amqp = cli.amqp.into_settings()?;
             let run = &cli.run;
-            let http = http_client(run.http_timeout).context("Failed to build the HTTP client")?;
+            let http = run.http()?;
             let retry = RetryPolicy::with_budget(run.retry_max_elapsed);
             let fleet = fleet(
                 &harbors,
@@ -205,8 +202,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("HARBOR_INSTANCES_FILE lists several instances: name one with --instance");
             };
             let port = cli.port.into_settings()?;
-            let http =
-                http_client(cli.run.http_timeout).context("Failed to build the HTTP client")?;
+            let http = cli.run.http()?;
             let fleet = fleet(&harbors, &port, http, Duration::ZERO, 1);
             let handler = &fleet.members()[index].handler;
             let rendered = handler
@@ -229,8 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (WebhooksAction::Sync { instance, .. } | WebhooksAction::Status { instance, .. }) =
                 &action;
             let chosen = select(&harbors, instance.as_deref())?;
-            let http =
-                http_client(cli.run.http_timeout).context("Failed to build the HTTP client")?;
+            let http = cli.run.http()?;
             let mut failures = 0;
             for index in chosen {
                 let settings = &harbors[index];

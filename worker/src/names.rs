@@ -2,16 +2,17 @@
 
 use std::fmt;
 
+use harbor_shared::quote::quoted;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 /// Why a name from an event is unusable.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 pub enum NameError {
-    /// Not `project/repository` in Harbor's character set.
-    #[error("invalid repository name {0:?}")]
+    /// Not `project/repository` in Harbor's character set (the name, quoted in part).
+    #[error("invalid repository name {0}")]
     Repository(String),
     /// Not `algorithm:hex`.
-    #[error("invalid digest {0:?}")]
+    #[error("invalid digest {0}")]
     Digest(String),
 }
 
@@ -32,7 +33,7 @@ impl RepositoryName {
                 full: full.to_owned(),
                 slash,
             }),
-            _ => Err(NameError::Repository(full.to_owned())),
+            _ => Err(NameError::Repository(quoted(full))),
         }
     }
 
@@ -76,7 +77,7 @@ pub fn project_name(name: &str) -> Result<&str, NameError> {
     if name.len() <= 255 && component_ok(name) {
         Ok(name)
     } else {
-        Err(NameError::Repository(name.to_owned()))
+        Err(NameError::Repository(quoted(name)))
     }
 }
 
@@ -110,7 +111,7 @@ impl Digest {
         if valid {
             Ok(Self(raw.to_owned()))
         } else {
-            Err(NameError::Digest(raw.to_owned()))
+            Err(NameError::Digest(quoted(raw)))
         }
     }
 

@@ -13,6 +13,7 @@ use harbor_shared::instances;
 use secrecy::SecretString;
 use url::Url;
 
+use crate::clients::{Http, MAX_ANSWER_BYTES};
 use crate::mapping::Mapping;
 use crate::retry::RetryPolicy;
 use crate::webhooks::Desired;
@@ -203,7 +204,8 @@ pub struct HarborArgs {
     #[arg(long, env = "HARBOR_USERNAME")]
     pub harbor_username: Option<String>,
 
-    /// Harbor password or robot secret.
+    /// Harbor password or robot secret; from the environment only (a flag would show it in the
+    /// process list).
     #[arg(long, env = "HARBOR_PASSWORD", hide_env_values = true)]
     pub harbor_password: Option<String>,
 
@@ -220,10 +222,10 @@ pub struct PortArgs {
     pub port_api_url: String,
 
     /// Port client id (Port → Credentials).
-    #[arg(long, env = "PORT_CLIENT_ID", hide_env_values = true)]
+    #[arg(long, env = "PORT_CLIENT_ID")]
     pub port_client_id: Option<String>,
 
-    /// Port client secret.
+    /// Port client secret; from the environment only.
     #[arg(long, env = "PORT_CLIENT_SECRET", hide_env_values = true)]
     pub port_client_secret: Option<String>,
 
@@ -276,6 +278,11 @@ pub struct RunArgs {
     #[arg(long, env = "HTTP_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub http_timeout: Duration,
 
+    /// The most a Harbor or Port answer may hold; a larger one fails the call (and parks the
+    /// event), so that a misbehaving proxy in front of either cannot exhaust the worker's memory.
+    #[arg(long, env = "HTTP_MAX_RESPONSE_BYTES", default_value_t = MAX_ANSWER_BYTES)]
+    pub http_max_response_bytes: usize,
+
     /// Also resync (see `resync`) this often, e.g. `6h`, at least `5s`; off by default. One
     /// worker of the fleet at a time does it (the holder of the resync lock on the broker).
     #[arg(long, env = "RESYNC_INTERVAL", value_parser = humantime::parse_duration)]
@@ -302,6 +309,7 @@ pub struct WebhookArgs {
     pub webhook_public_url: Option<String>,
 
     /// The ingest's webhook secret(s), comma-separated: the first is our policies' auth header.
+    /// From the environment only.
     #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
 
@@ -378,8 +386,8 @@ pub struct Settings {
     pub retry: RetryPolicy,
     /// Where `/healthz`, `/readyz`, `/metrics` are served; port 0 picks one.
     pub metrics_addr: SocketAddr,
-    /// Per-call HTTP timeout.
-    pub http_timeout: Duration,
+    /// The HTTP client to Harbor and Port.
+    pub http: Http,
     /// Drain time on shutdown.
     pub shutdown_timeout: Duration,
     /// A delivery not settled this long after it arrived is parked: the broker's consumer
@@ -564,9 +572,7 @@ impl Cli {
         if run.worker_prefetch < run.worker_concurrency {
             bail!("WORKER_PREFETCH must be at least WORKER_CONCURRENCY");
         }
-        if run.http_timeout.is_zero() {
-            bail!("HTTP_TIMEOUT must be more than 0");
-        }
+        let http = run.http()?;
         let max_hold = max_hold(&run)?;
         if run
             .resync_interval
@@ -587,7 +593,7 @@ impl Cli {
             pull_window: run.pull_coalesce_window,
             retry: RetryPolicy::with_budget(run.retry_max_elapsed),
             metrics_addr: run.metrics_addr,
-            http_timeout: run.http_timeout,
+            http,
             shutdown_timeout: run.shutdown_timeout,
             resync_interval: run.resync_interval,
             deletion_threshold: threshold,
@@ -597,6 +603,18 @@ impl Cli {
 }
 
 impl RunArgs {
+    /// The HTTP client to Harbor and Port, for HTTP_TIMEOUT and HTTP_MAX_RESPONSE_BYTES.
+    pub fn http(&self) -> anyhow::Result<Http> {
+        if self.http_timeout.is_zero() {
+            bail!("HTTP_TIMEOUT must be more than 0");
+        }
+        if self.http_max_response_bytes < 1024 {
+            bail!("HTTP_MAX_RESPONSE_BYTES must be at least 1024");
+        }
+        Http::new(self.http_timeout, self.http_max_response_bytes)
+            .context("Failed to build the HTTP client")
+    }
+
     /// The mapping's `entityDeletionThreshold`, or else `RESYNC_DELETION_THRESHOLD`, checked.
     pub fn deletion_threshold(&self, mapping: &Mapping) -> anyhow::Result<f64> {
         if let Some(threshold) = mapping.deletion_threshold {
@@ -642,6 +660,40 @@ mod tests {
         let mut argv = vec!["harbor-worker"];
         argv.extend_from_slice(args);
         Cli::try_parse_from(argv)?.into_settings()
+    }
+
+    #[test]
+    fn credentials_are_refused_as_flags_even_after_a_subcommand() {
+        for args in [
+            &["harbor-worker", "--harbor-password", "pw"][..],
+            &["harbor-worker", "--port-client-secret", "pw", "resync"],
+            &[
+                "harbor-worker",
+                "--webhook-secret",
+                "pw",
+                "webhooks",
+                "sync",
+            ],
+        ] {
+            let err = harbor_shared::config::try_parse_cli::<Cli>(args).unwrap_err();
+            assert!(
+                err.to_string().contains("in the environment instead"),
+                "{err}"
+            );
+        }
+        let id = ["harbor-worker", "--port-client-id", "id", "resync"];
+        harbor_shared::config::try_parse_cli::<Cli>(id).unwrap();
+    }
+
+    #[test]
+    fn an_answer_bound_below_a_kibibyte_is_refused() {
+        let mut args = COMPLETE.to_vec();
+        args.extend(["--http-max-response-bytes", "100"]);
+        let err = parse(&args).unwrap_err().to_string();
+        assert!(
+            err.contains("HTTP_MAX_RESPONSE_BYTES must be at least 1024"),
+            "{err}"
+        );
     }
 
     const COMPLETE: [&str; 10] = [

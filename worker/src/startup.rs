@@ -14,8 +14,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::clients::Http;
 use crate::clients::harbor::HarborClient;
-use crate::clients::http_client;
 use crate::clients::port::PortClient;
 use crate::consumer::{self, ConsumerSettings};
 use crate::fleet::{Fleet, Member};
@@ -29,7 +29,7 @@ use crate::settings::{HarborSettings, PortSettings, Settings};
 pub fn fleet(
     harbors: &[HarborSettings],
     port: &PortSettings,
-    http: reqwest::Client,
+    http: Http,
     pull_window: Duration,
     concurrency: u16,
 ) -> Fleet {
@@ -53,7 +53,7 @@ pub fn fleet(
 }
 
 /// The Harbor client for these settings.
-pub fn harbor_client(settings: &HarborSettings, http: reqwest::Client) -> HarborClient {
+pub fn harbor_client(settings: &HarborSettings, http: Http) -> HarborClient {
     HarborClient::new(
         http,
         settings.url.clone(),
@@ -73,7 +73,7 @@ pub fn scheduler<H: HandleEvent>(handler: Arc<H>, settings: &Settings) -> Schedu
 }
 
 /// The Port client for these settings.
-pub fn port_client(settings: &PortSettings, http: reqwest::Client) -> PortClient {
+pub fn port_client(settings: &PortSettings, http: Http) -> PortClient {
     PortClient::new(
         http,
         settings.url.clone(),
@@ -97,7 +97,7 @@ pub struct Worker {
 impl Worker {
     /// Binds `METRICS_ADDR` (port 0 picks one) and starts consuming.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let http = http_client(settings.http_timeout).context("Failed to build the HTTP client")?;
+        let http = settings.http.clone();
         let fleet = Arc::new(fleet(
             &settings.harbors,
             &settings.port,

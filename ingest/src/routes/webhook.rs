@@ -28,6 +28,7 @@ use futures_util::StreamExt;
 use harbor_shared::event::{Envelope, EventError};
 use harbor_shared::instances::{self, INSTANCE_HEADER};
 use harbor_shared::publisher::{Outgoing, PublishError};
+use harbor_shared::quote::{cut, quoted};
 use harbor_shared::topology::{SUBJECT_HEADER, Topology};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
@@ -195,9 +196,12 @@ fn endpoint<'a>(
         WebhookError::NoEndpoint(match instance {
             None => "this ingest serves several Harbors: post to /webhook/<instance>".to_owned(),
             Some(name) if state.endpoints.iter().all(|e| e.instance.is_none()) => {
-                format!("this ingest serves one Harbor, at /webhook (not /webhook/{name})")
+                format!(
+                    "this ingest serves one Harbor, at /webhook (not /webhook/{})",
+                    cut(name)
+                )
             }
-            Some(name) => format!("no Harbor instance named {name:?} here"),
+            Some(name) => format!("no Harbor instance named {} here", quoted(name)),
         })
     })
 }

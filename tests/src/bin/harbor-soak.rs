@@ -221,7 +221,7 @@ async fn main() -> ExitCode {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut parked = BTreeSet::new();
     let lost = loop {
-        while let Some(message) = broker.take(&broker.topology().parked_queue()).await {
+        while let Some(message) = broker.take_parked().await {
             let event = harbor_shared::event::HarborEvent::parse(&message.delivery.data).unwrap();
             parked.insert(event.data.resources[0].digest.clone().unwrap_or_default());
         }

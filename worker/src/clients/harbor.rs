@@ -6,14 +6,14 @@
 
 use std::collections::BTreeMap;
 
-use reqwest::{Client, StatusCode};
+use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::Value;
 use tracing::instrument;
 use url::Url;
 
-use super::{CallError, success, transport_error};
+use super::{CallError, Http, success, transport_error};
 use crate::names::{Digest, RepositoryName};
 
 /// Scan report types the worker reads, in order of preference.
@@ -162,7 +162,7 @@ pub struct Scanner {
 
 /// A Harbor API client.
 pub struct HarborClient {
-    http: Client,
+    http: Http,
     base: Url,
     username: String,
     password: SecretString,
@@ -170,7 +170,7 @@ pub struct HarborClient {
 
 impl HarborClient {
     /// `base` is Harbor's address (`https://harbor.example.com`); the API is under `/api/v2.0`.
-    pub fn new(http: Client, base: Url, username: String, password: SecretString) -> Self {
+    pub fn new(http: Http, base: Url, username: String, password: SecretString) -> Self {
         Self {
             http,
             base,
@@ -229,11 +229,7 @@ impl HarborClient {
             return Ok(None);
         }
         let response = success(what, response).await?;
-        let found = response
-            .json::<Value>()
-            .await
-            .map_err(|error| unreadable(what, &error))?;
-        Ok(Some(found))
+        self.http.json(what, response).await.map(Some)
     }
 
     /// Every item of a paginated list (`page_size` 100, Harbor's maximum), page by page; the
@@ -270,6 +266,7 @@ impl HarborClient {
             // Harbor ignores the header where there is no scan overview to shape.
             let request = self
                 .http
+                .client
                 .get(url)
                 .header("X-Is-Resource-Name", "true")
                 .header("X-Accept-Vulnerabilities", VULNERABILITY_REPORTS);
@@ -318,7 +315,11 @@ impl HarborClient {
     #[instrument(skip_all, fields(project = name))]
     pub async fn project(&self, name: &str) -> Result<Option<Project>, CallError> {
         let url = self.endpoint(&["projects", name]);
-        let request = self.http.get(url).header("X-Is-Resource-Name", "true");
+        let request = self
+            .http
+            .client
+            .get(url)
+            .header("X-Is-Resource-Name", "true");
         self.get_answer(&format!("Harbor GET project {name}"), request)
             .await
     }
@@ -337,7 +338,7 @@ impl HarborClient {
         ]);
         self.get_answer(
             &format!("Harbor GET repository {repository}"),
-            self.http.get(url),
+            self.http.client.get(url),
         )
         .await
     }
@@ -372,6 +373,7 @@ impl HarborClient {
             .append_pair("with_scan_overview", "true");
         let request = self
             .http
+            .client
             .get(url)
             .header("X-Accept-Vulnerabilities", VULNERABILITY_REPORTS);
         self.get_answer(
@@ -396,7 +398,8 @@ impl HarborClient {
     ) -> Result<(), CallError> {
         let url = self.endpoint(&["projects", project, "webhook", "policies"]);
         let what = format!("Harbor POST webhook policy of {project}");
-        self.send(&what, self.http.post(url).json(policy)).await
+        self.send(&what, self.http.client.post(url).json(policy))
+            .await
     }
 
     /// Replaces a project's webhook policy `id`.
@@ -409,7 +412,8 @@ impl HarborClient {
         let id = id.to_string();
         let url = self.endpoint(&policy_path(project, &id, &[]));
         let what = format!("Harbor PUT webhook policy {id} of {project}");
-        self.send(&what, self.http.put(url).json(policy)).await
+        self.send(&what, self.http.client.put(url).json(policy))
+            .await
     }
 
     /// Deletes a project's webhook policy `id`.
@@ -417,7 +421,7 @@ impl HarborClient {
         let id = id.to_string();
         let url = self.endpoint(&policy_path(project, &id, &[]));
         let what = format!("Harbor DELETE webhook policy {id} of {project}");
-        self.send(&what, self.http.delete(url)).await
+        self.send(&what, self.http.client.delete(url)).await
     }
 
     /// The latest executions (deliveries) of a project's webhook policy, newest first.
@@ -434,7 +438,11 @@ impl HarborClient {
             .append_pair("page_size", &count.to_string())
             .append_pair("sort", "-start_time");
         let what = format!("Harbor GET executions of webhook policy {id} of {project}");
-        let request = self.http.get(url).header("X-Is-Resource-Name", "true");
+        let request = self
+            .http
+            .client
+            .get(url)
+            .header("X-Is-Resource-Name", "true");
         Ok(self.get(&what, request).await?.unwrap_or_default())
     }
 

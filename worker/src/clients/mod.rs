@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Response, StatusCode};
+use serde::de::DeserializeOwned;
 
 /// Why a call failed, and whether trying again may help.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
@@ -45,14 +46,68 @@ pub fn is_transient(status: StatusCode) -> bool {
         || status.is_server_error()
 }
 
-/// A client for one API: pooled keep-alive connections, a timeout per call.
-pub fn http_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .user_agent(concat!("harbor-port-sync/", env!("CARGO_PKG_VERSION")))
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(5)))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build()?)
+/// The worker's HTTP client: pooled keep-alive connections, a timeout per call, and a bound on
+/// what an answer may hold, so that a misbehaving proxy in front of Harbor or Port cannot make
+/// the worker allocate without limit.
+#[derive(Clone, Debug)]
+pub struct Http {
+    client: reqwest::Client,
+    max_answer_bytes: usize,
+}
+
+/// The default of `HTTP_MAX_RESPONSE_BYTES`: ample for Harbor's pages of 100 artifacts and for
+/// Port's lists of a blueprint's identifiers.
+pub const MAX_ANSWER_BYTES: usize = 8 * 1024 * 1024;
+
+impl Http {
+    /// A client whose calls time out after `timeout` and whose answers may hold at most
+    /// `max_answer_bytes` (`HTTP_MAX_RESPONSE_BYTES`).
+    pub fn new(timeout: Duration, max_answer_bytes: usize) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("harbor-port-sync/", env!("CARGO_PKG_VERSION")))
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()?;
+        Ok(Self {
+            client,
+            max_answer_bytes,
+        })
+    }
+
+    /// The answer's JSON body, read up to the bound: a longer one is a permanent failure (the
+    /// same call would get the same answer), saying so.
+    pub async fn json<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        mut response: Response,
+    ) -> Result<T, CallError> {
+        let limit = self.max_answer_bytes;
+        let too_large = || {
+            CallError::permanent(format!(
+                "{what}: the answer is larger than {limit} bytes (HTTP_MAX_RESPONSE_BYTES)"
+            ))
+        };
+        if response
+            .content_length()
+            .is_some_and(|length| length > limit as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|error| transport_error(what, &error))?
+        {
+            if body.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        serde_json::from_slice(&body)
+            .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))
+    }
 }
 
 /// A transport error (no answer): always transient.
@@ -90,9 +145,7 @@ pub async fn success(what: &str, response: Response) -> Result<Response, CallErr
         return Ok(response);
     }
     let retry_after = retry_after(response.headers(), SystemTime::now());
-    let body = response.text().await.unwrap_or_default();
-    let excerpt: String = body.chars().take(300).collect();
-    let reason = format!("{what} answered {status}: {excerpt}");
+    let reason = format!("{what} answered {status}: {}", excerpt(response).await);
     Err(if is_transient(status) {
         CallError::Transient {
             reason,
@@ -102,6 +155,25 @@ pub async fn success(what: &str, response: Response) -> Result<Response, CallErr
         CallError::Permanent { reason }
     })
 }
+
+/// The start of an error answer's body, for the reason: at most [`EXCERPT_CHARS`] characters,
+/// read a chunk at a time so that a huge error page is never held whole.
+async fn excerpt(mut response: Response) -> String {
+    let mut body = Vec::new();
+    while body.len() < EXCERPT_CHARS * 4 {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&body)
+        .chars()
+        .take(EXCERPT_CHARS)
+        .collect()
+}
+
+/// How much of an error answer's body a reason quotes.
+pub const EXCERPT_CHARS: usize = 300;
 
 /// How long the server asked us to wait: `Retry-After` (seconds or an HTTP date), else
 /// `x-ratelimit-reset` (seconds to wait, or a Unix time when it is that large).

@@ -6,14 +6,14 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use reqwest::{Client, RequestBuilder, Response, StatusCode};
+use reqwest::{RequestBuilder, Response, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::{debug, instrument};
 use url::Url;
 
-use super::{CallError, is_transient, success, transport_error};
+use super::{CallError, Http, is_transient, success, transport_error};
 use crate::entities::Entity;
 
 /// The most entities Port's bulk upsert takes in one request.
@@ -26,7 +26,7 @@ struct Token {
 
 /// A Port API client.
 pub struct PortClient {
-    http: Client,
+    http: Http,
     base: Url,
     client_id: String,
     client_secret: SecretString,
@@ -65,7 +65,7 @@ impl PortClient {
     }
 
     /// `base` is the API's address (`https://api.port.io`).
-    pub fn new(http: Client, base: Url, client_id: String, client_secret: SecretString) -> Self {
+    pub fn new(http: Http, base: Url, client_id: String, client_secret: SecretString) -> Self {
         Self {
             http,
             base,
@@ -107,6 +107,7 @@ impl PortClient {
         let what = "Port POST /v1/auth/access_token";
         let response = self
             .http
+            .client
             .post(self.endpoint(&["auth", "access_token"]))
             .json(&json!({
                 "clientId": self.client_id,
@@ -124,11 +125,7 @@ impl PortClient {
                 response.status()
             )));
         }
-        let fresh: AccessToken = success(what, response)
-            .await?
-            .json()
-            .await
-            .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))?;
+        let fresh: AccessToken = self.http.json(what, success(what, response).await?).await?;
         // Refresh a minute early, or halfway through a short lifetime.
         let lifetime = Duration::from_secs_f64(fresh.expires_in.clamp(0.0, 86_400.0 * 30.0));
         let early = Duration::from_secs(60).min(lifetime / 2);
@@ -203,7 +200,11 @@ impl PortClient {
         let what = format!("Port upsert {blueprint} {}", entity.identifier);
         let response = self
             .send(&what, |token| {
-                self.http.post(url.clone()).bearer_auth(token).json(entity)
+                self.http
+                    .client
+                    .post(url.clone())
+                    .bearer_auth(token)
+                    .json(entity)
             })
             .await?;
         success(&what, response).await.map(drop)
@@ -223,7 +224,11 @@ impl PortClient {
         let body = json!({ "entities": entities });
         let response = self
             .send(&what, |token| {
-                self.http.post(url.clone()).bearer_auth(token).json(&body)
+                self.http
+                    .client
+                    .post(url.clone())
+                    .bearer_auth(token)
+                    .json(&body)
             })
             .await?;
         #[derive(Deserialize)]
@@ -241,11 +246,10 @@ impl PortClient {
             #[serde(default)]
             message: String,
         }
-        let answer: Bulk = success(&what, response)
-            .await?
-            .json()
-            .await
-            .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))?;
+        let answer: Bulk = self
+            .http
+            .json(&what, success(&what, response).await?)
+            .await?;
         let mut results: Vec<Result<(), CallError>> = entities.iter().map(|_| Ok(())).collect();
         for failed in answer.errors {
             let Some(slot) = results.get_mut(failed.index) else {
@@ -284,18 +288,18 @@ impl PortClient {
         let what = "Port search entities";
         let response = self
             .send(what, |token| {
-                self.http.post(url.clone()).bearer_auth(token).json(query)
+                self.http
+                    .client
+                    .post(url.clone())
+                    .bearer_auth(token)
+                    .json(query)
             })
             .await?;
         #[derive(Deserialize)]
         struct Found {
             entities: Vec<Value>,
         }
-        let found: Found = success(what, response)
-            .await?
-            .json()
-            .await
-            .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))?;
+        let found: Found = self.http.json(what, success(what, response).await?).await?;
         Ok(found.entities)
     }
 
@@ -314,7 +318,7 @@ impl PortClient {
         let what = format!("Port delete {blueprint} {identifier}");
         let response = self
             .send(&what, |token| {
-                self.http.delete(url.clone()).bearer_auth(token)
+                self.http.client.delete(url.clone()).bearer_auth(token)
             })
             .await?;
         if response.status() == StatusCode::NOT_FOUND {
@@ -332,7 +336,9 @@ impl PortClient {
             .append_pair("include", "identifier");
         let what = format!("Port list {blueprint} entities");
         let response = self
-            .send(&what, |token| self.http.get(url.clone()).bearer_auth(token))
+            .send(&what, |token| {
+                self.http.client.get(url.clone()).bearer_auth(token)
+            })
             .await?;
         #[derive(Deserialize)]
         struct Listed {
@@ -342,11 +348,10 @@ impl PortClient {
         struct Identified {
             identifier: String,
         }
-        let listed: Listed = success(&what, response)
-            .await?
-            .json()
-            .await
-            .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))?;
+        let listed: Listed = self
+            .http
+            .json(&what, success(&what, response).await?)
+            .await?;
         Ok(listed.entities.into_iter().map(|e| e.identifier).collect())
     }
 
@@ -363,6 +368,7 @@ impl PortClient {
         let response = self
             .send(&what, |token| {
                 self.http
+                    .client
                     .patch(url.clone())
                     .bearer_auth(token)
                     .json(blueprint)
@@ -376,6 +382,7 @@ impl PortClient {
         let response = self
             .send(&what, |token| {
                 self.http
+                    .client
                     .post(url.clone())
                     .bearer_auth(token)
                     .json(blueprint)

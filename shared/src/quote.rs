@@ -1,0 +1,48 @@
+//! Strings from a payload in error messages: a short excerpt at most, so that a field a
+//! megabyte long is not copied into every log line, parked message header and HTTP answer.
+
+use std::fmt::Display;
+
+/// The most characters of a payload string an error message quotes.
+pub const QUOTE_CHARS: usize = 64;
+
+/// The most characters of a parser's message (which may quote the payload) kept.
+pub const MESSAGE_CHARS: usize = 4 * QUOTE_CHARS;
+
+/// `text` quoted as `{:?}` shows it, cut after [`QUOTE_CHARS`] characters, saying how long it
+/// was.
+pub fn quoted(text: &str) -> String {
+    match text.char_indices().nth(QUOTE_CHARS) {
+        None => format!("{text:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &text[..end], text.len()),
+    }
+}
+
+/// A message that may quote a payload (a JSON parser's, say), cut after [`MESSAGE_CHARS`]
+/// characters.
+pub fn cut(message: impl Display) -> String {
+    let message = message.to_string();
+    match message.char_indices().nth(MESSAGE_CHARS) {
+        None => message,
+        Some((end, _)) => format!("{}…", &message[..end]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_strings_are_quoted_whole_and_long_ones_cut_with_their_length() {
+        assert_eq!(quoted("library/nginx"), "\"library/nginx\"");
+        let long = "é".repeat(1000);
+        let shown = quoted(&long);
+        assert!(
+            shown.starts_with(&format!("\"{}\"…", "é".repeat(QUOTE_CHARS))),
+            "{shown}"
+        );
+        assert!(shown.ends_with("(2000 bytes)"), "{shown}");
+        assert_eq!(cut("invalid type"), "invalid type");
+        assert_eq!(cut("x".repeat(10_000)).chars().count(), MESSAGE_CHARS + 1);
+    }
+}
