@@ -59,7 +59,7 @@ pub struct Cli {
 
     /// Open connections each HTTP worker serves at once; more wait in the listen backlog until
     /// one closes, so thousands of idle or slow clients cannot exhaust memory or descriptors.
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
 
     #[command(flatten)]

@@ -1,6 +1,6 @@
 //! Builds and runs the ingest: the one path production and tests share.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use actix_web::dev::{Server, ServerHandle};
@@ -8,6 +8,7 @@ use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 use harbor_shared::ops::{self, Readiness};
 use harbor_shared::telemetry;
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -28,13 +29,14 @@ pub struct Application {
 impl Application {
     /// Binds `LISTEN_ADDR` (port 0 picks one) and starts connecting to the broker.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(settings.listen_addr)
+        let listener = bind(settings.listen_addr)
             .with_context(|| format!("Failed to bind LISTEN_ADDR {}", settings.listen_addr))?;
         let port = listener
             .local_addr()
             .context("Failed to read the bound address")?
             .port();
 
+        register_metrics();
         let (publisher_tx, publisher_rx) = watch::channel(None);
         let readiness = Readiness::default();
         let shutdown = CancellationToken::new();
@@ -107,3 +109,42 @@ impl Application {
         served.context("HTTP server failed")
     }
 }
+
+/// Connections accepted by the kernel and not yet by the ingest (std's 128 is soon full when
+/// MAX_CONNECTIONS holds new ones back); Linux caps it at `net.core.somaxconn`.
+const BACKLOG: i32 = 2048;
+
+/// Binds `address` as `TcpListener::bind` does, with a listen backlog of [`BACKLOG`].
+fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Every series alerts and dashboards rely on, registered (at zero) from the start: an absent
+/// series would make "no broker connection" or "a spike of 401s" impossible to alert on.
+fn register_metrics() {
+    metrics::gauge!("harbor_ingest_broker_connected").increment(0.0);
+    for outcome in OUTCOMES {
+        metrics::counter!("harbor_ingest_requests_total", "outcome" => outcome).increment(0);
+    }
+}
+
+/// The outcomes `harbor_ingest_requests_total` counts.
+const OUTCOMES: [&str; 9] = [
+    "accepted",
+    "unauthorized",
+    "unknown_instance",
+    "invalid_json",
+    "invalid_event",
+    "payload_too_large",
+    "request_timeout",
+    "unreadable_body",
+    "broker_unavailable",
+];

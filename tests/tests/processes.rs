@@ -161,3 +161,102 @@ async fn sandbox_ingest_and_worker_as_processes_carry_a_push_to_port_and_stop_cl
         assert!(!token, "{name}'s log shows a Port access token");
     }
 }
+
+/// The resident set of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Sends one signed push on `stream` (kept alive) and returns the answer's status line.
+fn post_push(stream: &mut std::net::TcpStream) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let body =
+        harbor_sync_tests::samples::push("library/nginx", &harbor_sync_tests::samples::digest(1));
+    let head = format!(
+        "POST /webhook HTTP/1.1\r\nHost: ingest\r\nAuthorization: {WEBHOOK_SECRET}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap();
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    reader.read_exact(&mut vec![0; length]).unwrap();
+    status.trim_end().to_owned()
+}
+
+#[tokio::test]
+async fn idle_connections_past_the_cap_wait_in_the_backlog_while_the_ingest_answers_the_others() {
+    let broker = TestTopology::new().await;
+    let port = free_port();
+    let mut processes = Processes::new(&format!("{}-cap", broker.topology().queue()));
+    processes.spawn(
+        "harbor-ingest",
+        "harbor-ingest",
+        &[
+            ("AMQP_URL", amqp_url()),
+            ("AMQP_EXCHANGE", broker.topology().exchange().to_owned()),
+            ("AMQP_QUEUE", broker.topology().queue().to_owned()),
+            ("WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+            ("LISTEN_ADDR", format!("127.0.0.1:{port}")),
+            ("MAX_CONNECTIONS", "16".to_owned()),
+        ],
+    );
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    wait_until(
+        "the ingest to be ready",
+        Duration::from_secs(20),
+        || async { reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200) },
+    )
+    .await;
+    let address = format!("127.0.0.1:{port}");
+    let pid = processes.pid("harbor-ingest").unwrap();
+
+    let (statuses, idle, grew_kib, late) = tokio::task::spawn_blocking(move || {
+        let mut kept = std::net::TcpStream::connect(&address).unwrap();
+        let first = post_push(&mut kept);
+        let before = rss_kib(pid);
+        // Far more idle connections than the cap: the kernel completes their handshakes and
+        // queues them; the ingest takes 16 at a time.
+        let idle: Vec<_> = (0..1000)
+            .filter_map(|_| std::net::TcpStream::connect(&address).ok())
+            .collect();
+        std::thread::sleep(Duration::from_millis(500)); // lets the ingest accept what it may
+        let second = post_push(&mut kept);
+        let grew_kib = rss_kib(pid).saturating_sub(before);
+        let count = idle.len();
+        drop(idle);
+        // Once the idle ones close, a new connection is served.
+        let late = post_push(&mut std::net::TcpStream::connect(&address).unwrap());
+        ([first, second], count, grew_kib, late)
+    })
+    .await
+    .unwrap();
+
+    assert_eq!(statuses, ["HTTP/1.1 202 Accepted"; 2]);
+    assert_eq!(late, "HTTP/1.1 202 Accepted");
+    assert!(idle > 100, "only {idle} idle connections were opened");
+    // Without the cap each accepted idle connection holds its buffers (about 16 KiB).
+    assert!(
+        grew_kib < 4096,
+        "RSS grew {grew_kib} KiB with {idle} idle connections"
+    );
+    assert_eq!(broker.work_ready().await, 3);
+    assert_eq!(processes.signal("harbor-ingest", "TERM"), Some(0));
+}

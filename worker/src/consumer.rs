@@ -81,6 +81,7 @@ pub async fn run<H: HandleEvent>(
         "harbor-worker",
         &shutdown,
         move |connection| async move {
+            metrics::gauge!("harbor_worker_broker_connected").set(1.0);
             let result = session(
                 &connection,
                 settings_ref,
@@ -91,6 +92,7 @@ pub async fn run<H: HandleEvent>(
             )
             .await;
             readiness_ref.set(false);
+            metrics::gauge!("harbor_worker_broker_connected").set(0.0);
             result
         },
     )

@@ -97,6 +97,7 @@ pub struct Worker {
 impl Worker {
     /// Binds `METRICS_ADDR` (port 0 picks one) and starts consuming.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        register_metrics();
         let http = settings.http.clone();
         let fleet = Arc::new(fleet(
             &settings.harbors,
@@ -218,5 +219,23 @@ async fn terminated() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The series alerts and dashboards rely on, registered (at zero) from the start: an absent series
+/// would make "no broker connection" impossible to alert on.
+fn register_metrics() {
+    metrics::gauge!("harbor_worker_broker_connected").increment(0.0);
+    metrics::gauge!("harbor_worker_work_queues_active").increment(0.0);
+    metrics::gauge!("harbor_worker_refreshes_in_flight").increment(0.0);
+    for name in [
+        "harbor_worker_events_coalesced_total",
+        "harbor_worker_refresh_retries_total",
+        "harbor_worker_pull_windows_cut_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for api in ["harbor", "port"] {
+        metrics::counter!("harbor_worker_retries_total", "api" => api).increment(0);
     }
 }
