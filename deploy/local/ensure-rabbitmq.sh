@@ -33,6 +33,6 @@ if command -v rabbitmqctl >/dev/null 2>&1; then
   rabbitmqctl -q await_startup >/dev/null 2>&1 || true
   # The management UI shows the backlog and parked events; the tests use its API too. The
   # consistent-hash exchange routes each event to the work queue of its project.
-  rabbitmq-plugins -q enable rabbitmq_management rabbitmq_consistent_hash_exchange >/dev/null
+  rabbitmq-plugins -q enable rabbitmq_management rabbitmq_consistent_hash_exchange rabbitmq_prometheus >/dev/null
 fi
 wait_for_port 15672 60

@@ -36,7 +36,6 @@ impl Application {
             .context("Failed to read the bound address")?
             .port();
 
-        register_metrics();
         let (publisher_tx, publisher_rx) = watch::channel(None);
         let readiness = Readiness::default();
         let shutdown = CancellationToken::new();
@@ -57,6 +56,7 @@ impl Application {
             request_timeout: settings.request_timeout,
         });
         let ops = ops::configure(readiness, telemetry::metrics());
+        register_metrics();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
@@ -127,7 +127,7 @@ fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// Every series alerts and dashboards rely on, registered (at zero) from the start: an absent
+/// Every series alerts and dashboards rely on, registered (at zero) from the start, once the recorder is installed: an absent
 /// series would make "no broker connection" or "a spike of 401s" impossible to alert on.
 fn register_metrics() {
     metrics::gauge!("harbor_ingest_broker_connected").increment(0.0);

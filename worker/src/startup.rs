@@ -97,7 +97,6 @@ pub struct Worker {
 impl Worker {
     /// Binds `METRICS_ADDR` (port 0 picks one) and starts consuming.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        register_metrics();
         let http = settings.http.clone();
         let fleet = Arc::new(fleet(
             &settings.harbors,
@@ -156,6 +155,7 @@ impl Worker {
         ));
 
         let ops = ops::configure(readiness, telemetry::metrics());
+        register_metrics();
         let server = HttpServer::new(move || App::new().configure(ops.clone()))
             .listen(listener)
             .context("Failed to listen")?
@@ -222,7 +222,7 @@ async fn terminated() {
     }
 }
 
-/// The series alerts and dashboards rely on, registered (at zero) from the start: an absent series
+/// The series alerts and dashboards rely on, registered (at zero) from the start, once the recorder is installed: an absent series
 /// would make "no broker connection" impossible to alert on.
 fn register_metrics() {
     metrics::gauge!("harbor_worker_broker_connected").increment(0.0);
