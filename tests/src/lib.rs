@@ -1,7 +1,7 @@
 //! Test support for the end-to-end tests in `tests/tests/`: a uniquely named RabbitMQ topology per
 //! test (deleted afterwards), Harbor and Port faked at the HTTP level with answers shaped like
 //! the real APIs', the ingest and the worker started through the same `build` path as
-//! production, and Harbor's real webhook samples.
+//! production, Harbor's real webhook samples, and a headless Chromium for the sandbox's page.
 //!
 //! The broker is the real one at `AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
 
@@ -9,6 +9,8 @@
 // message. The sandbox is a program people run, and may not.
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod apps;
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub mod browser;
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod cluster;
 #[allow(clippy::unwrap_used, clippy::expect_used)]

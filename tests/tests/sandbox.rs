@@ -7,6 +7,7 @@ use std::time::Duration;
 use harbor_sync_tests::apps::{
     TestIngest, TestSandbox, TestWorker, ingest_settings, start_sandbox,
 };
+use harbor_sync_tests::browser::Browser;
 use harbor_sync_tests::rabbit::TestTopology;
 use harbor_sync_tests::sandbox::PayloadFormat;
 use harbor_sync_tests::wait_until;
@@ -177,4 +178,48 @@ async fn the_sandbox_port_checks_tokens_identifiers_and_schemas_like_port() {
         held["harborRepository"][0]["properties"],
         json!({"pullCount": 1, "artifactCount": 2})
     );
+}
+
+#[tokio::test]
+async fn the_page_pushes_an_image_and_shows_it_arrive_in_port() {
+    let broker = TestTopology::new().await;
+    let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
+    let sandbox = start_sandbox(&format!("{}/webhook", ingest.base), PayloadFormat::Default).await;
+    let _worker = TestWorker::start(sandbox.worker_settings(&broker.amqp)).await;
+
+    let mut page = Browser::open(&format!("{}/", sandbox.base)).await;
+    let loaded = "(document.getElementById('harbor') || {}).className === ''";
+    page.wait_for("Harbor's contents", loaded, Duration::from_secs(15))
+        .await;
+    let artifacts = "document.querySelector('[data-blueprint=harborArtifact]')";
+    let shown = format!("{artifacts}.innerText.includes('library/nginx:1.27')");
+    assert_eq!(page.eval(&shown).await, false);
+
+    page.eval("document.getElementById('tag').value = '1.27'; document.getElementById('push').click(); true")
+        .await;
+    page.wait_for(
+        "the artifact on the Port side",
+        &shown,
+        Duration::from_secs(15),
+    )
+    .await;
+    page.wait_for(
+        "the ingest's answer among the last webhooks",
+        "document.getElementById('webhooks').innerText.includes('PUSH_ARTIFACT')",
+        Duration::from_secs(5),
+    )
+    .await;
+    let harbor = page
+        .eval("document.getElementById('harbor').innerText")
+        .await;
+    assert!(
+        harbor.as_str().unwrap().contains("library/nginx"),
+        "{harbor}"
+    );
+    let webhooks = page
+        .eval("document.getElementById('webhooks').innerText")
+        .await;
+    assert!(webhooks.as_str().unwrap().contains("202"), "{webhooks}");
+    let held = sandbox.entities().await;
+    assert_eq!(held["harborArtifact"][0]["title"], "library/nginx:1.27");
 }

@@ -1,4 +1,5 @@
-//! `/sandbox/...`: act as Harbor for a person, and show what Port holds.
+//! `/sandbox/...`: act as Harbor for a person, and show what Port holds; `/` is the page doing
+//! both in a browser.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -29,7 +30,26 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/sandbox/project", web::post().to(update_project))
         .route("/sandbox/port/entities", web::get().to(entities))
         .route("/sandbox/port/requests", web::get().to(requests))
-        .route("/sandbox/harbor", web::get().to(registry));
+        .route("/sandbox/harbor", web::get().to(registry))
+        .route("/sandbox/webhooks", web::get().to(webhooks))
+        .route("/", web::get().to(page));
+}
+
+/// The page a person drives the sandbox from: Harbor beside Port, buttons, the last webhooks.
+/// Plain HTML and JavaScript, served from the binary.
+async fn page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(include_str!("page.html"))
+}
+
+/// How many of the last webhooks `/sandbox/webhooks` keeps.
+const WEBHOOKS_KEPT: usize = 20;
+
+/// The last webhooks sent and what the ingest answered, newest first.
+async fn webhooks(shared: web::Data<Shared>) -> HttpResponse {
+    let sent = lock(&shared.webhooks);
+    HttpResponse::Ok().json(json!({"webhooks": *sent}))
 }
 
 /// What to act on.
@@ -255,13 +275,19 @@ async fn deliver(
     } else {
         StatusCode::BAD_GATEWAY
     };
-    HttpResponse::build(status).json(json!({
+    let answer = json!({
         "event": payload["type"],
         "repository": repository.full(),
         "digest": artifact.digest,
         "tags": artifact.tags,
         "webhook": webhook,
-    }))
+    });
+    {
+        let mut sent = lock(&shared.webhooks);
+        sent.push_front(answer.clone());
+        sent.truncate(WEBHOOKS_KEPT);
+    }
+    HttpResponse::build(status).json(answer)
 }
 
 /// The webhook body Harbor sends for this change, in the configured format.
@@ -352,7 +378,7 @@ async fn registry(shared: web::Data<Shared>) -> HttpResponse {
                 .get(&r.name)
                 .into_iter()
                 .flatten()
-                .map(|a| json!({"digest": a.digest, "tags": a.tags, "pull_time": a.pull_time, "scanned": a.scan.is_some()}))
+                .map(|a| json!({"digest": a.digest, "tags": a.tags, "pull_time": a.pull_time, "scanned": a.scan.is_some(), "scan": a.scan}))
                 .collect();
             json!({"name": r.name, "pull_count": r.pull_count, "artifacts": artifacts})
         })

@@ -133,6 +133,8 @@ pub struct Shared {
     pub port: Mutex<PortStore>,
     /// For sending webhooks.
     pub http: reqwest::Client,
+    /// The last webhooks sent, with the ingest's answers, newest first.
+    pub webhooks: Mutex<std::collections::VecDeque<serde_json::Value>>,
 }
 
 /// A bound sandbox.
@@ -163,6 +165,7 @@ impl Sandbox {
             policies: Mutex::new(policies::Policies::default()),
             port: Mutex::new(store),
             http: reqwest::Client::new(),
+            webhooks: Mutex::default(),
         });
         let server = HttpServer::new(move || {
             App::new()
