@@ -11,17 +11,17 @@ cd "$(dirname "$0")/../.."
 
 deploy/local/ensure-rabbitmq.sh
 
+: "${SANDBOX_LISTEN_ADDR:=127.0.0.1:8090}"
 : "${WEBHOOK_SECRET:=change-me-to-a-long-secret}"
-: "${HARBOR_URL:=http://127.0.0.1:8090}"
+: "${HARBOR_URL:=http://${SANDBOX_LISTEN_ADDR}}"
 : "${HARBOR_USERNAME:=admin}"
 : "${HARBOR_PASSWORD:=Harbor12345}"
-: "${PORT_API_URL:=http://127.0.0.1:8090}"
+: "${PORT_API_URL:=http://${SANDBOX_LISTEN_ADDR}}"
 : "${PORT_CLIENT_ID:=sandbox-client}"
 : "${PORT_CLIENT_SECRET:=sandbox-secret}"
 : "${LOG_FORMAT:=pretty}"
 : "${LISTEN_ADDR:=127.0.0.1:8080}"
 : "${METRICS_ADDR:=127.0.0.1:9090}"
-: "${SANDBOX_LISTEN_ADDR:=127.0.0.1:8090}"
 : "${SANDBOX_WEBHOOK_URL:=http://${LISTEN_ADDR}/webhook}"
 export WEBHOOK_SECRET HARBOR_URL HARBOR_USERNAME HARBOR_PASSWORD PORT_API_URL PORT_CLIENT_ID \
   PORT_CLIENT_SECRET LOG_FORMAT LISTEN_ADDR METRICS_ADDR SANDBOX_LISTEN_ADDR SANDBOX_WEBHOOK_URL
@@ -60,7 +60,8 @@ Running (logs in target/local/):
   harbor-worker   http://${METRICS_ADDR}/metrics
   RabbitMQ UI     http://127.0.0.1:15672          (guest / guest)
 
-Push an image in the sandbox's Harbor (it sends the webhook to the ingest):
+Open http://${SANDBOX_LISTEN_ADDR}/ in a browser to push, pull, scan and delete and watch Port,
+or push an image in the sandbox's Harbor with curl (it sends the webhook to the ingest):
   curl -s -XPOST http://${SANDBOX_LISTEN_ADDR}/sandbox/push -d '{"repository":"library/nginx","tag":"1.27"}' -H 'content-type: application/json'
 See what Port now holds:
   curl -s http://${SANDBOX_LISTEN_ADDR}/sandbox/port/entities

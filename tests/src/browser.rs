@@ -1,6 +1,7 @@
 //! A headless Chromium driven over the DevTools protocol, for tests of the sandbox's page:
 //! load a page, run JavaScript in it (click a button, read the DOM), wait for what it shows.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,20 +14,24 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// A Chromium showing one page; killed, its profile deleted, when dropped.
 pub struct Browser {
-    child: Child,
-    profile: PathBuf,
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
     next_id: u64,
+    _process: Process,
+}
+
+/// The Chromium process and its profile folder (which holds its temporary files too).
+struct Process {
+    child: Child,
+    profile: PathBuf,
 }
 
 impl Browser {
     /// Starts Debian's `chromium` headless on `url`.
     pub async fn open(url: &str) -> Self {
-        let profile = std::env::temp_dir().join(format!(
-            "harbor-chromium-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        ));
+        // Short: Chromium's singleton socket lives under it, and a socket's path is at most 107
+        // bytes long.
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        let profile = std::env::temp_dir().join(format!("chromium-{}", &random[..8]));
         std::fs::create_dir_all(&profile).unwrap();
         let child = Command::new("chromium")
             .args([
@@ -39,10 +44,16 @@ impl Browser {
             ])
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg(url)
+            // A group of its own, for all of its processes to end together.
+            .process_group(0)
+            // Its singleton socket and other temporary files go with the profile.
+            .env("TMPDIR", &profile)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("chromium (Debian's `chromium` package; .ci/run installs it)");
+        let process = Process { child, profile };
+        let profile = &process.profile;
         // Chromium writes the port it picked, then the browser's path, into the profile.
         let deadline = Instant::now() + Duration::from_secs(30);
         let port = loop {
@@ -79,10 +90,9 @@ impl Browser {
         };
         let (socket, _) = tokio_tungstenite::connect_async(page_socket).await.unwrap();
         Self {
-            child,
-            profile,
             socket,
             next_id: 0,
+            _process: process,
         }
     }
 
@@ -125,10 +135,22 @@ impl Browser {
     }
 }
 
-impl Drop for Browser {
+impl Drop for Process {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // The whole group: the renderers and helpers write to the profile until they end.
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Command::new("kill")
+            .args(["-0", "--", &group])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = std::fs::remove_dir_all(&self.profile);
     }
 }

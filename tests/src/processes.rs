@@ -29,8 +29,8 @@ pub struct Processes {
 }
 
 impl Processes {
-    /// Logs go to `<temp>/harbor-processes-<tag>/<name>.log`, removed when dropped unless the
-    /// test is failing.
+    /// Logs go to `<temp>/harbor-processes-<tag>/<name>.log`, removed when dropped (a failing
+    /// test prints their last lines first).
     pub fn new(tag: &str) -> Self {
         let logs = std::env::temp_dir().join(format!("harbor-processes-{tag}"));
         std::fs::create_dir_all(&logs).unwrap();
@@ -119,11 +119,29 @@ impl Drop for Processes {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // The logs are kept for a test that failed, to read.
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.logs);
+        // A failing test shows the end of each log in its output; nothing stays behind.
+        if std::thread::panicking() {
+            for log in std::fs::read_dir(&self.logs)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+                eprintln!(
+                    "--- the end of {}:\n{}",
+                    log.path().display(),
+                    tail(&text, 60)
+                );
+            }
         }
+        let _ = std::fs::remove_dir_all(&self.logs);
     }
+}
+
+/// The last `lines` lines of `text`.
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// A port nothing listens on right now, for a process to bind.
