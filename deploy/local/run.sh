@@ -4,7 +4,7 @@
 # checkout. Ctrl-C stops the three programs it started (RabbitMQ keeps running).
 #
 # Every setting can be overridden from the environment; the defaults point the worker at the
-# sandbox. To use a real Harbor and Port, set HARBOR_URL, HARBOR_USERNAME, HARBOR_PASSWORD,
+# sandbox. HARBOR_SYNC_BIN_DIR=target/release runs a release build instead of building one. To use a real Harbor and Port, set HARBOR_URL, HARBOR_USERNAME, HARBOR_PASSWORD,
 # PORT_API_URL, PORT_CLIENT_ID and PORT_CLIENT_SECRET (see the README).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,8 +26,12 @@ deploy/local/ensure-rabbitmq.sh
 export WEBHOOK_SECRET HARBOR_URL HARBOR_USERNAME HARBOR_PASSWORD PORT_API_URL PORT_CLIENT_ID \
   PORT_CLIENT_SECRET LOG_FORMAT LISTEN_ADDR METRICS_ADDR SANDBOX_LISTEN_ADDR SANDBOX_WEBHOOK_URL
 
-cargo build --bins --quiet
-bin=target/debug
+# HARBOR_SYNC_BIN_DIR runs binaries built already (target/release, say) instead of building.
+bin=${HARBOR_SYNC_BIN_DIR:-}
+if [ -z "$bin" ]; then
+  cargo build --bins --quiet
+  bin=target/debug
+fi
 mkdir -p target/local
 pids=()
 stop() {

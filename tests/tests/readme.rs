@@ -1,5 +1,5 @@
 //! The README's commands keep working. Its `sh` blocks are run here, as a newcomer would run
-//! them: `deploy/local/run.sh` (on free ports, with this test's queues), the sandbox walk-through
+//! them: `deploy/local/run.sh` (on free ports, with this test's queues and binaries), the sandbox walk-through
 //! and the payload example against it, `harbor-worker blueprints` against the sandbox's Port.
 //! The ones that need Docker or a cluster are run by CI in the form that works here (this test
 //! checks that CI still does). Every `harbor-worker ...` command the README names must exist
@@ -82,6 +82,12 @@ impl RunSh {
             .env("LISTEN_ADDR", format!("127.0.0.1:{ingest}"))
             .env("SANDBOX_LISTEN_ADDR", format!("127.0.0.1:{sandbox}"))
             .env("METRICS_ADDR", format!("127.0.0.1:{metrics}"))
+            // The binaries this test run built: run.sh building its own, with another feature
+            // set than the tests', would take minutes and replace the binaries other tests run.
+            .env(
+                "HARBOR_SYNC_BIN_DIR",
+                binary("harbor-ingest").parent().unwrap(),
+            )
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
