@@ -342,17 +342,19 @@ async fn port_down_for_longer_than_a_retry_delays_that_event_and_the_queue_keeps
     stack.webhook(&samples::push(REPOSITORY, &slow)).await;
     stack.webhook(&samples::push(REPOSITORY, &fast)).await;
 
-    // The other event is written while the first one still waits.
+    // The other event is written and settled while the first one still waits. (Port records
+    // the write before the worker has its answer and counts the event: wait for both.)
     wait_until(
-        "the second event written",
+        "the second event written and settled",
         Duration::from_secs(10),
         || async {
-            stack
+            let written = stack
                 .port
                 .writes()
                 .await
                 .iter()
-                .any(|w| w.identifier.ends_with(&fast))
+                .any(|w| w.identifier.ends_with(&fast));
+            written && outcome_count(&stack.worker.metrics().await, "synced") >= 1
         },
     )
     .await;
