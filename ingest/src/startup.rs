@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::link;
-use crate::routes::webhook::{WebhookState, instance_webhook, webhook};
+use crate::routes::webhook::{OUTCOMES, WebhookState, instance_webhook, webhook};
 use crate::settings::Settings;
 
 /// A bound, not yet running ingest.
@@ -127,24 +127,12 @@ fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// Every series alerts and dashboards rely on, registered (at zero) from the start, once the recorder is installed: an absent
-/// series would make "no broker connection" or "a spike of 401s" impossible to alert on.
+/// Every series alerts and dashboards rely on, registered (at zero) once the recorder is
+/// installed: an absent series would make "no broker connection" or "a spike of 401s"
+/// impossible to alert on.
 fn register_metrics() {
     metrics::gauge!("harbor_ingest_broker_connected").increment(0.0);
     for outcome in OUTCOMES {
         metrics::counter!("harbor_ingest_requests_total", "outcome" => outcome).increment(0);
     }
 }
-
-/// The outcomes `harbor_ingest_requests_total` counts.
-const OUTCOMES: [&str; 9] = [
-    "accepted",
-    "unauthorized",
-    "unknown_instance",
-    "invalid_json",
-    "invalid_event",
-    "payload_too_large",
-    "request_timeout",
-    "unreadable_body",
-    "broker_unavailable",
-];

@@ -4,9 +4,8 @@
 //! contract (DESIGN.md). Values that carry credentials are hidden from `--help`, taken from the
 //! environment only ([`parse_cli`]), and only ever held as [`SecretString`].
 
-use std::path::PathBuf;
-
 use std::ffi::OsString;
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::error::ErrorKind;

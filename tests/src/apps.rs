@@ -176,20 +176,21 @@ pub fn init_logs() {
     harbor_shared::telemetry::init_tracing(harbor_shared::config::LogFormat::Pretty);
 }
 
-/// Waits until a `/readyz` answers 200.
+/// Waits (up to 15 s) until a `/readyz` answers 200.
 pub async fn wait_ready_at(url: &str) {
+    wait_ready_within(url, Duration::from_secs(15)).await;
+}
+
+/// Waits until a `/readyz` answers 200, up to `timeout`.
+pub async fn wait_ready_within(url: &str, timeout: Duration) {
     let client = reqwest::Client::new();
-    crate::wait_until(
-        &format!("{url} to answer 200"),
-        Duration::from_secs(15),
-        || async {
-            client
-                .get(url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        },
-    )
+    crate::wait_until(&format!("{url} to answer 200"), timeout, || async {
+        client
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
     .await;
 }
 

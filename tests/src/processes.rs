@@ -138,6 +138,19 @@ impl Drop for Processes {
     }
 }
 
+/// Runs `command` to its end; its stdout, once it exited with success (else the test fails,
+/// showing the command and both outputs).
+pub fn stdout_of(command: &mut Command) -> String {
+    let output = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{command:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 /// The last `lines` lines of `text`.
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();

@@ -8,20 +8,11 @@
 
 use std::process::Command;
 
+use harbor_sync_tests::processes::stdout_of;
+
 /// Runs `harbor-bench` with `args`; its output, once it exited with success.
 fn bench(args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_harbor-bench"))
-        .args(args)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "harbor-bench {} failed:\n{stdout}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    stdout_of(Command::new(env!("CARGO_BIN_EXE_harbor-bench")).args(args))
 }
 
 #[test]

@@ -6,6 +6,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use harbor_sync_tests::apps::wait_ready_within;
 use harbor_sync_tests::processes::{Processes, binary, free_port};
 use harbor_sync_tests::rabbit::{TestTopology, amqp_url};
 use harbor_sync_tests::wait_until;
@@ -219,12 +220,7 @@ async fn idle_connections_past_the_cap_wait_in_the_backlog_while_the_ingest_answ
         ],
     );
     let ready = format!("http://127.0.0.1:{port}/readyz");
-    wait_until(
-        "the ingest to be ready",
-        Duration::from_secs(20),
-        || async { reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200) },
-    )
-    .await;
+    wait_ready_within(&ready, Duration::from_secs(20)).await;
     let address = format!("127.0.0.1:{port}");
     let pid = processes.pid("harbor-ingest").unwrap();
 

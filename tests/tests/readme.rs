@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use harbor_sync_tests::processes::{binary, free_port};
+use harbor_sync_tests::apps::wait_ready_within;
+use harbor_sync_tests::processes::{binary, free_port, stdout_of};
 use harbor_sync_tests::rabbit::TestTopology;
 use harbor_sync_tests::wait_until;
 
@@ -119,18 +120,11 @@ impl Drop for RunSh {
 
 /// Runs a README block with bash, in the checkout; its output, once it succeeded.
 fn bash(script: &str) -> String {
-    let output = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", script])
-        .current_dir(root())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{script}\nfailed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    stdout_of(
+        Command::new("bash")
+            .args(["-euo", "pipefail", "-c", script])
+            .current_dir(root()),
+    )
 }
 
 #[tokio::test]
@@ -139,11 +133,9 @@ async fn the_readme_commands_run_as_written() {
     let broker = TestTopology::new().await;
     let run = RunSh::start(&broker);
     for address in [&run.ingest, &run.metrics] {
-        let ready = format!("http://{address}/readyz");
-        wait_until(
-            "run.sh's programs to be ready",
+        wait_ready_within(
+            &format!("http://{address}/readyz"),
             Duration::from_secs(120),
-            || async { reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200) },
         )
         .await;
     }

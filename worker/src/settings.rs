@@ -663,7 +663,7 @@ mod tests {
     }
 
     #[test]
-    fn credentials_are_refused_as_flags_even_after_a_subcommand() {
+    fn credentials_are_refused_as_flags_with_a_subcommand_or_without() {
         for args in [
             &["harbor-worker", "--harbor-password", "pw"][..],
             &["harbor-worker", "--port-client-secret", "pw", "resync"],

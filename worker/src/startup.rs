@@ -222,8 +222,8 @@ async fn terminated() {
     }
 }
 
-/// The series alerts and dashboards rely on, registered (at zero) from the start, once the recorder is installed: an absent series
-/// would make "no broker connection" impossible to alert on.
+/// The series alerts and dashboards rely on, registered (at zero) once the recorder is
+/// installed: an absent series would make "no broker connection" impossible to alert on.
 fn register_metrics() {
     metrics::gauge!("harbor_worker_broker_connected").increment(0.0);
     metrics::gauge!("harbor_worker_work_queues_active").increment(0.0);

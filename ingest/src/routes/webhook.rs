@@ -84,6 +84,20 @@ pub enum WebhookError {
     Unavailable(PublishError),
 }
 
+/// Every outcome `harbor_ingest_requests_total` counts: `accepted`, and each
+/// [`WebhookError::code`].
+pub const OUTCOMES: [&str; 9] = [
+    "accepted",
+    "unauthorized",
+    "unknown_instance",
+    "invalid_json",
+    "invalid_event",
+    "payload_too_large",
+    "request_timeout",
+    "unreadable_body",
+    "broker_unavailable",
+];
+
 impl WebhookError {
     fn code(&self) -> &'static str {
         match self {
@@ -410,4 +424,30 @@ pub fn properties(
         .with_timestamp(now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
         .with_app_id("harbor-ingest".into())
         .with_headers(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_code_is_an_outcome_registered_at_start() {
+        let errors = [
+            WebhookError::NoEndpoint(String::new()),
+            WebhookError::TooLarge(1),
+            WebhookError::Unreadable,
+            WebhookError::Timeout,
+            WebhookError::Unauthorized(AuthError::Missing),
+            WebhookError::NotAnEvent(EventError::NotJson(String::new())),
+            WebhookError::NotAnEvent(EventError::BadType),
+            WebhookError::Unavailable(PublishError::NotConnected),
+        ];
+        let mut codes: Vec<&str> = errors.iter().map(WebhookError::code).collect();
+        codes.push("accepted");
+        codes.sort_unstable();
+        codes.dedup();
+        let mut outcomes = OUTCOMES.to_vec();
+        outcomes.sort_unstable();
+        assert_eq!(codes, outcomes);
+    }
 }

@@ -13,7 +13,7 @@ use serde_json::Value;
 use tracing::instrument;
 use url::Url;
 
-use super::{CallError, Http, success, transport_error};
+use super::{CallError, Http, success, transport_error, unreadable};
 use crate::names::{Digest, RepositoryName};
 
 /// Scan report types the worker reads, in order of preference.
@@ -98,11 +98,6 @@ macro_rules! answer {
     )*};
 }
 answer!(Project, Repository, Artifact);
-
-/// An answer that is not what Harbor's API sends.
-fn unreadable(what: &str, error: &dyn std::fmt::Display) -> CallError {
-    CallError::permanent(format!("{what}: unreadable answer: {error}"))
-}
 
 /// Reads an answer, keeping it whole.
 fn read<T: Answer>(raw: Value) -> Result<T, serde_json::Error> {

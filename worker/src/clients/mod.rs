@@ -105,9 +105,13 @@ impl Http {
             }
             body.extend_from_slice(&chunk);
         }
-        serde_json::from_slice(&body)
-            .map_err(|error| CallError::permanent(format!("{what}: unreadable answer: {error}")))
+        serde_json::from_slice(&body).map_err(|error| unreadable(what, &error))
     }
+}
+
+/// An answer that is not what the API sends.
+fn unreadable(what: &str, error: &dyn std::fmt::Display) -> CallError {
+    CallError::permanent(format!("{what}: unreadable answer: {error}"))
 }
 
 /// A transport error (no answer): always transient.
