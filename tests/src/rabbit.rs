@@ -220,15 +220,17 @@ impl TestTopology {
         (connection, deliveries)
     }
 
-    /// Empties the work queues.
-    pub async fn purge_work_queues(&self) {
+    /// Empties the work queues; how many messages they held.
+    pub async fn purge_work_queues(&self) -> u32 {
         let channel = self.channel().await;
+        let mut purged = 0;
         for queue in self.topology().work_queues() {
-            channel
+            purged += channel
                 .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
                 .await
                 .expect("purge a work queue");
         }
+        purged
     }
 
     /// Deletes the work queues, leaving the exchanges without a queue (publishes are

@@ -19,7 +19,10 @@ fn bench(args: &[&str]) -> String {
 fn the_ingest_benchmark_finds_every_accepted_webhook_on_the_queue() {
     let output = bench(&["ingest", "--connections", "4", "--seconds", "1"]);
     assert_eq!(output.matches(": exact").count(), 2, "{output}");
-    assert!(output.contains("non-2xx         0"), "{output}");
+    // Every server path answered every webhook 202: the ingest, its audited twin, the naive
+    // reference as is and doing the contract's work (which verifies the bench's signatures),
+    // and bare actix-web.
+    assert_eq!(output.matches("non-2xx         0").count(), 5, "{output}");
 }
 
 #[test]

@@ -6,7 +6,9 @@
 //!   own publisher, without HTTP;
 //! - the naive reference ingest (`harbor-bench reference --naive`, a process of its own):
 //!   actix-web and lapin, one confirm channel, each request publishing its body persistently and
-//!   awaiting its own confirm; no checks, no logs, no metrics;
+//!   awaiting its own confirm; no checks, no logs, no metrics; and the same doing the contract's
+//!   work first (`--contract`: signature, envelope, message id, the ingest's properties,
+//!   mandatory), to tell what the contract costs from what the ingest adds;
 //! - bare actix-web answering 202 at once: what the HTTP hop costs alone;
 //! - the ingest with its per-webhook audit line switched on, to show what that line costs.
 //!
@@ -18,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use harbor_ingest::auth::{AuthMode, Authenticator};
 use harbor_ingest::routes::webhook;
 use harbor_ingest::settings::{CONFIRM_TIMEOUT, PUBLISHER_CHANNELS};
 use harbor_shared::broker::BrokerUrl;
@@ -187,6 +190,8 @@ impl Drop for Drain {
 struct Path {
     cores: Cores,
     tally: Tally,
+    /// Messages its queues held, counted as they are emptied.
+    queued: u64,
 }
 
 impl Path {
@@ -194,7 +199,13 @@ impl Path {
         Self {
             cores,
             tally: Tally::default(),
+            queued: 0,
         }
+    }
+
+    /// Empties the path's work queues, counting what they held.
+    async fn empty(&mut self, broker: &TestTopology) {
+        self.queued += u64::from(broker.purge_work_queues().await);
     }
 
     async fn measure(&mut self, run: impl Future<Output = Tally>) {
@@ -229,16 +240,13 @@ fn check(exact: bool) -> &'static str {
     if exact { "exact" } else { "MISMATCH" }
 }
 
-/// A reference server (`harbor-bench reference`) as a process named `name`; its address.
-async fn start_reference(
-    processes: &mut Processes,
-    name: &str,
-    naive_to: Option<&str>,
-) -> SocketAddr {
+/// A reference server (`harbor-bench reference` with `options`) as a process named `name`; its
+/// address.
+async fn start_reference(processes: &mut Processes, name: &str, options: &[&str]) -> SocketAddr {
     let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let listen = address.to_string();
     let mut args = vec!["reference", "--listen", &listen];
-    args.extend(naive_to.iter().flat_map(|e| ["--naive", *e]));
+    args.extend(options);
     processes.spawn_with_args(name, "harbor-bench", &args, &[("AMQP_URL", amqp_url())]);
     wait_until(
         "the reference server to listen",
@@ -256,6 +264,7 @@ struct Naive {
     channel: lapin::Channel,
     exchange: String,
     properties: BasicProperties,
+    authenticator: Authenticator,
 }
 
 impl Naive {
@@ -283,22 +292,42 @@ impl Naive {
             properties: BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_headers(headers),
+            authenticator: Authenticator::new(AuthMode::Auto, vec![SECRET.to_owned().into()])
+                .unwrap(),
         }
     }
 
-    async fn publish(&self, body: &[u8]) -> bool {
+    /// Publishes `body` and awaits its confirm: as is, or (`contract`) as the contract asks.
+    async fn publish(&self, authorization: Option<&[u8]>, body: &[u8], contract: bool) -> bool {
+        let (routing_key, properties, mandatory) = if contract {
+            if self.authenticator.verify(authorization, body).is_err() {
+                return false;
+            }
+            let Ok(envelope) = Envelope::parse(body) else {
+                return false;
+            };
+            let request_id = uuid::Uuid::new_v4().to_string();
+            let properties = webhook::properties(&envelope, None, &request_id);
+            (envelope.event_type.to_string(), properties, true)
+        } else {
+            ("PUSH_ARTIFACT".to_owned(), self.properties.clone(), false)
+        };
+        let options = lapin::options::BasicPublishOptions {
+            mandatory,
+            ..Default::default()
+        };
         let confirm = self
             .channel
             .basic_publish(
                 self.exchange.as_str().into(),
-                "PUSH_ARTIFACT".into(),
-                lapin::options::BasicPublishOptions::default(),
+                routing_key.as_str().into(),
+                options,
                 body,
-                self.properties.clone(),
+                properties,
             )
             .await;
         match confirm {
-            Ok(confirm) => matches!(confirm.await, Ok(lapin::Confirmation::Ack(_))),
+            Ok(confirm) => matches!(confirm.await, Ok(lapin::Confirmation::Ack(None))),
             Err(_) => false,
         }
     }
@@ -306,9 +335,10 @@ impl Naive {
 
 /// Serves `POST /webhook` with actix-web on one worker, with the ingest's timeouts, answering 202
 /// with a JSON body of the ingest's length: at once, or (`naive_to`) once the body is published
-/// to that exchange as a naive ingest would publish it.
-pub async fn reference(listen: SocketAddr, naive_to: Option<String>) -> bool {
-    use actix_web::{App, HttpResponse, HttpServer, web};
+/// to that exchange as a naive ingest would publish it, after the contract's checks if
+/// `contract`.
+pub async fn reference(listen: SocketAddr, naive_to: Option<String>, contract: bool) -> bool {
+    use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
     let answer = r#"{"status":"accepted","message_id":"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}"#;
     let naive = match naive_to {
         Some(exchange) => Some(Arc::new(Naive::open(exchange).await)),
@@ -318,11 +348,15 @@ pub async fn reference(listen: SocketAddr, naive_to: Option<String>) -> bool {
         let naive = naive.clone();
         App::new().route(
             "/webhook",
-            web::post().to(move |body: web::Bytes| {
+            web::post().to(move |request: HttpRequest, body: web::Bytes| {
                 let naive = naive.clone();
                 async move {
+                    let authorization = request
+                        .headers()
+                        .get(actix_web::http::header::AUTHORIZATION)
+                        .map(|value| value.as_bytes());
                     match naive {
-                        Some(naive) if !naive.publish(&body).await => {
+                        Some(naive) if !naive.publish(authorization, &body, contract).await => {
                             HttpResponse::ServiceUnavailable().finish()
                         }
                         _ => HttpResponse::Accepted()
@@ -383,35 +417,39 @@ pub async fn run(connections: usize, seconds: u64, pin: bool) -> bool {
     let ceiling_broker = TestTopology::new().await;
     let broker = TestTopology::new().await;
     let naive_broker = TestTopology::new().await;
+    // Each path's queue of its own: a quorum queue's cost per message grows with its depth.
+    let audit_broker = TestTopology::new().await;
+    let contract_broker = TestTopology::new().await;
     let mut processes = Processes::new(&format!("bench-{}", broker.topology().queue()));
     let ingest_base = start_ingest(&mut processes, "ingest", &broker, &[]).await;
     let audit_base = start_ingest(
         &mut processes,
         "ingest-audit",
-        &broker,
+        &audit_broker,
         &[("RUST_LOG", AUDIT_LOG.to_owned())],
     )
     .await;
     let address =
         |base: &str| -> SocketAddr { base.trim_start_matches("http://").parse().unwrap() };
     let (ingest_address, audit_address) = (address(&ingest_base), address(&audit_base));
-    let bare_address = start_reference(&mut processes, "bare", None).await;
-    let naive_address = start_reference(
-        &mut processes,
-        "naive",
-        Some(naive_broker.topology().exchange()),
-    )
-    .await;
+    let bare_address = start_reference(&mut processes, "bare", &[]).await;
+    let naive_exchange = naive_broker.topology().exchange();
+    let naive_address =
+        start_reference(&mut processes, "naive", &["--naive", naive_exchange]).await;
+    let contract_exchange = contract_broker.topology().exchange();
+    let contract_options = ["--naive", contract_exchange, "--contract"];
+    let contract_address = start_reference(&mut processes, "contract", &contract_options).await;
     let pid = |name| processes.pid(name).unwrap();
-    let (ingest_pid, audit_pid, bare_pid, naive_pid) = (
+    let (ingest_pid, audit_pid, bare_pid, naive_pid, contract_pid) = (
         pid("ingest"),
         pid("ingest-audit"),
         pid("bare"),
         pid("naive"),
+        pid("contract"),
     );
 
     // Saturation: every path takes turns of a second, so that the broker's slow spells, which
-    // last seconds (after a WAL roll-over, for one), weigh on all alike. No queue is drained.
+    // last seconds (after a WAL roll-over, for one), weigh on all alike.
     let turn = Duration::from_secs(1);
     let ceiling_publisher = Direct::open(
         &ceiling_broker.amqp.url,
@@ -421,30 +459,60 @@ pub async fn run(connections: usize, seconds: u64, pin: bool) -> bool {
     let ingest_webhooks = Webhooks::open(ingest_address, connections).await;
     let audit_webhooks = Webhooks::open(audit_address, connections).await;
     let naive_webhooks = Webhooks::open(naive_address, connections).await;
+    let contract_webhooks = Webhooks::open(contract_address, connections).await;
     let bare_webhooks = Webhooks::open(bare_address, connections).await;
     let mut ceiling = Path::new(Cores::new("publisher", &[]));
     let mut through_ingest = Path::new(Cores::new("generator", &[("ingest", ingest_pid)]));
     let mut audited = Path::new(Cores::new("generator", &[("ingest", audit_pid)]));
     let mut naive = Path::new(Cores::new("generator", &[("naive ingest", naive_pid)]));
+    let mut contract = Path::new(Cores::new("generator", &[("naive ingest", contract_pid)]));
     let mut bare = Path::new(Cores::without_broker(
         "generator",
         &[("bare actix-web", bare_pid)],
     ));
-    for _ in 0..seconds {
-        ceiling
-            .measure(ceiling_publisher.run(connections, turn, None))
-            .await;
-        through_ingest
-            .measure(ingest_webhooks.run(turn, None))
-            .await;
-        naive.measure(naive_webhooks.run(turn, None)).await;
-        audited.measure(audit_webhooks.run(turn, None)).await;
-        bare.measure(bare_webhooks.run(turn, None)).await;
+    // The order turns each round, so that every path follows every other alike: a turn is
+    // charged with the broker's work left over from the turn before it, and the turn after bare
+    // actix-web's finds the broker rested. After each turn its path's queues are emptied (and
+    // what they held counted): a quorum queue's cost per message grows with its depth, and in
+    // production the workers keep it shallow.
+    for round in 0..seconds {
+        for path in 0..6 {
+            match (round + path) % 6 {
+                0 => {
+                    let run = ceiling_publisher.run(connections, turn, None);
+                    ceiling.measure(run).await;
+                    ceiling.empty(&ceiling_broker).await;
+                }
+                1 => {
+                    through_ingest
+                        .measure(ingest_webhooks.run(turn, None))
+                        .await;
+                    through_ingest.empty(&broker).await;
+                }
+                2 => {
+                    naive.measure(naive_webhooks.run(turn, None)).await;
+                    naive.empty(&naive_broker).await;
+                }
+                3 => {
+                    audited.measure(audit_webhooks.run(turn, None)).await;
+                    audited.empty(&audit_broker).await;
+                }
+                4 => {
+                    contract.measure(contract_webhooks.run(turn, None)).await;
+                    contract.empty(&contract_broker).await;
+                }
+                _ => bare.measure(bare_webhooks.run(turn, None)).await,
+            }
+        }
     }
     ceiling_publisher.close().await;
-    drop((audit_webhooks, naive_webhooks, bare_webhooks));
-    let queued = broker.work_ready().await;
-    let naive_queued = naive_broker.work_ready().await;
+    drop((
+        audit_webhooks,
+        naive_webhooks,
+        contract_webhooks,
+        bare_webhooks,
+    ));
+    drop(audit_broker);
     println!(
         "ingest: {connections} connections, {seconds} s in turns of 1 s, signed {} B PUSH payloads{}",
         push_payload(0).len(),
@@ -465,6 +533,10 @@ pub async fn run(connections: usize, seconds: u64, pin: bool) -> bool {
     );
     naive.report("non-2xx");
     println!(
+        "the naive reference doing the contract's work (signature verified, envelope read, SHA-256 message id, the ingest's properties, mandatory):"
+    );
+    contract.report("non-2xx");
+    println!(
         "broker ceiling: confirmed persistent publishes (1 process, {connections} in flight, quorum queue):"
     );
     ceiling.report("failed");
@@ -472,15 +544,19 @@ pub async fn run(connections: usize, seconds: u64, pin: bool) -> bool {
     audited.report("non-2xx");
     println!("bare actix-web, answering 202 at once:");
     bare.report("non-2xx");
-    let answered = through_ingest.tally.ok + audited.tally.ok;
-    let saturated_exact = u64::from(queued) == answered;
+    let saturated_exact =
+        through_ingest.queued == through_ingest.tally.ok && audited.queued == audited.tally.ok;
     println!(
-        "queue check: {queued} queued for {answered} answered 202 by the two ingests: {}",
+        "queue check: {} and {} queued for {} and {} answered 202 by the two ingests: {}",
+        through_ingest.queued,
+        audited.queued,
+        through_ingest.tally.ok,
+        audited.tally.ok,
         check(saturated_exact)
     );
     println!(
-        "  (the naive reference's queue holds {naive_queued} for its {} answered 202: not checked, lapin misattributes confirms on a shared channel, docs/confirms.md)",
-        naive.tally.ok
+        "  (the naive reference's queues held {} for its {} answered 202: not checked, lapin misattributes confirms on a shared channel, docs/confirms.md)",
+        naive.queued, naive.tally.ok
     );
     println!("saturated ratios:");
     ratio(
@@ -497,8 +573,26 @@ pub async fn run(connections: usize, seconds: u64, pin: bool) -> bool {
         ceiling_target,
     );
     ratio(
+        "naive + contract ÷ naive",
+        contract.rate(),
+        naive.rate(),
+        None,
+    );
+    ratio(
+        "ingest ÷ naive + contract",
+        through_ingest.rate(),
+        contract.rate(),
+        None,
+    );
+    ratio(
         "naive reference ÷ ceiling",
         naive.rate(),
+        ceiling.rate(),
+        None,
+    );
+    ratio(
+        "naive + contract ÷ ceiling",
+        contract.rate(),
         ceiling.rate(),
         None,
     );
@@ -509,46 +603,52 @@ pub async fn run(connections: usize, seconds: u64, pin: bool) -> bool {
         None,
     );
     println!(
-        "  CPU per webhook, all counted processes: ingest {:.0} µs, naive {:.0} µs, audited ingest {:.0} µs, ceiling {:.0} µs",
+        "  CPU per webhook, all counted processes: ingest {:.0} µs, naive {:.0} µs, naive + contract {:.0} µs, audited ingest {:.0} µs, ceiling {:.0} µs",
         through_ingest.cpu(),
         naive.cpu(),
+        contract.cpu(),
         audited.cpu(),
         ceiling.cpu()
     );
     drop(ceiling_broker);
 
     // A steady 40 % of the ceiling with a consumer draining each queue, as in production: straight
-    // to the broker, through the ingest and through the naive reference in turns of a second
-    // again, so that a stall of the broker can fall in any.
+    // to the broker, through the ingest and through the naive reference (as is and doing the
+    // contract's work) in turns of a second again, so that a stall of the broker can fall in any.
     let steady = ceiling.rate() * 0.4;
     broker.purge_work_queues().await;
     naive_broker.purge_work_queues().await;
+    contract_broker.purge_work_queues().await;
     let drain = Drain::start(&broker).await;
     let naive_drain = Drain::start(&naive_broker).await;
+    let contract_drain = Drain::start(&contract_broker).await;
     let publisher = Direct::open(&broker.amqp.url, broker.topology().exchange()).await;
     cpu::broker_quiet().await;
     // Opened after the wait, which can outlast the time a server gives a new connection to
     // send its first request.
     let ingest_webhooks = Webhooks::open(ingest_address, connections).await;
     let naive_webhooks = Webhooks::open(naive_address, connections).await;
+    let contract_webhooks = Webhooks::open(contract_address, connections).await;
     let mut paths = [
-        ("broker alone   ", Tally::default(), Vec::new()),
-        ("through ingest ", Tally::default(), Vec::new()),
-        ("naive reference", Tally::default(), Vec::new()),
+        ("broker alone    ", Tally::default(), Vec::new()),
+        ("through ingest  ", Tally::default(), Vec::new()),
+        ("naive reference ", Tally::default(), Vec::new()),
+        ("naive + contract", Tally::default(), Vec::new()),
     ];
     for _ in 0..seconds {
         for (path, (_, tally, p99s)) in paths.iter_mut().enumerate() {
             let mut run = match path {
                 0 => publisher.run(connections, turn, Some(steady)).await,
                 1 => ingest_webhooks.run(turn, Some(steady)).await,
-                _ => naive_webhooks.run(turn, Some(steady)).await,
+                2 => naive_webhooks.run(turn, Some(steady)).await,
+                _ => contract_webhooks.run(turn, Some(steady)).await,
             };
             p99s.push(run.p99());
             tally.add(run);
         }
     }
     publisher.close().await;
-    drop((ingest_webhooks, naive_webhooks));
+    drop((ingest_webhooks, naive_webhooks, contract_webhooks));
     println!(
         "steady load: {steady:.0}/s (40% of the ceiling) on {connections} lanes, {seconds} s in turns, queues drained; latency from when each was due"
     );
@@ -573,9 +673,10 @@ pub async fn run(connections: usize, seconds: u64, pin: bool) -> bool {
         check(delivered == confirmed)
     );
     let naive_delivered = naive_drain.wait_for(paths[2].1.ok).await;
+    let contract_delivered = contract_drain.wait_for(paths[3].1.ok).await;
     println!(
-        "  (the naive reference: {naive_delivered} delivered for {} answered 202, not checked)",
-        paths[2].1.ok
+        "  (the naive reference: {naive_delivered} delivered for {} answered 202, and {contract_delivered} for {} doing the contract's work; not checked)",
+        paths[2].1.ok, paths[3].1.ok
     );
     stop(processes).await;
     saturated_exact && delivered == confirmed

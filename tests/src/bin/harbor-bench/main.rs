@@ -91,7 +91,7 @@ enum Mode {
         seconds: u64,
     },
     /// The `ingest` mode's reference servers, run by it as processes of their own: actix-web on
-    /// one worker as in the ingest, answering each webhook with 202, nothing checked.
+    /// one worker as in the ingest, answering each webhook with 202.
     #[command(hide = true)]
     Reference {
         #[arg(long)]
@@ -100,6 +100,11 @@ enum Mode {
         /// as a naive ingest would.
         #[arg(long)]
         naive: Option<String>,
+        /// With `--naive`: first does what the contract asks of every webhook (its signature
+        /// verified, its envelope read, its message id the SHA-256 of the body), and publishes
+        /// it with the ingest's properties, mandatory.
+        #[arg(long, requires = "naive")]
+        contract: bool,
     },
 }
 
@@ -673,7 +678,11 @@ async fn main() -> std::process::ExitCode {
         }
         Mode::PullFlood => pull_flood().await,
         Mode::E2e { rate, seconds } => e2e(rate, seconds).await,
-        Mode::Reference { listen, naive } => ingest::reference(listen, naive).await,
+        Mode::Reference {
+            listen,
+            naive,
+            contract,
+        } => ingest::reference(listen, naive, contract).await,
     };
     if counts_hold {
         std::process::ExitCode::SUCCESS
