@@ -7,7 +7,7 @@
 //! - the naive reference ingest (`harbor-bench reference --naive`, a process of its own):
 //!   actix-web and lapin, one confirm channel, each request publishing its body persistently and
 //!   awaiting its own confirm; no checks, no logs, no metrics; and the same doing the contract's
-//!   work first (`--contract`: signature, envelope, message id, the ingest's properties,
+//!   work first ([`Step`]: signature, envelope and message id, the ingest's properties and
 //!   mandatory), to tell what the contract costs from what the ingest adds;
 //! - bare actix-web answering 202 at once: what the HTTP hop costs alone;
 //! - the ingest with its per-webhook audit line switched on, to show what that line costs.
@@ -33,6 +33,8 @@ use harbor_sync_tests::rabbit::{TestTopology, amqp_url};
 use harbor_sync_tests::wait_until;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
+
+use clap::ValueEnum;
 
 use crate::cpu::{self, Cores};
 use crate::load::{Schedule, Tally};
@@ -297,21 +299,26 @@ impl Naive {
         }
     }
 
-    /// Publishes `body` and awaits its confirm: as is, or (`contract`) as the contract asks.
-    async fn publish(&self, authorization: Option<&[u8]>, body: &[u8], contract: bool) -> bool {
-        let (routing_key, properties, mandatory) = if contract {
-            if self.authenticator.verify(authorization, body).is_err() {
-                return false;
-            }
+    /// Publishes `body` and awaits its confirm, after the `contract` steps.
+    async fn publish(&self, authorization: Option<&[u8]>, body: &[u8], contract: &[Step]) -> bool {
+        if contract.contains(&Step::Signature)
+            && self.authenticator.verify(authorization, body).is_err()
+        {
+            return false;
+        }
+        let (mut routing_key, mut properties) = ("PUSH_ARTIFACT".to_owned(), None);
+        if contract.contains(&Step::Envelope) || contract.contains(&Step::Properties) {
             let Ok(envelope) = Envelope::parse(body) else {
                 return false;
             };
-            let request_id = uuid::Uuid::new_v4().to_string();
-            let properties = webhook::properties(&envelope, None, &request_id);
-            (envelope.event_type.to_string(), properties, true)
-        } else {
-            ("PUSH_ARTIFACT".to_owned(), self.properties.clone(), false)
-        };
+            routing_key = envelope.event_type.to_string();
+            if contract.contains(&Step::Properties) {
+                let request_id = uuid::Uuid::new_v4().to_string();
+                properties = Some(webhook::properties(&envelope, None, &request_id));
+            }
+        }
+        let mandatory = properties.is_some();
+        let properties = properties.unwrap_or_else(|| self.properties.clone());
         let options = lapin::options::BasicPublishOptions {
             mandatory,
             ..Default::default()
@@ -333,30 +340,51 @@ impl Naive {
     }
 }
 
+/// A part of the contract's work on each webhook, which the naive reference can be asked to do
+/// before it publishes (`--contract`), to tell what the contract costs from what the ingest adds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Step {
+    /// The signature verified (HMAC-SHA256 of the body).
+    Signature,
+    /// The envelope read: the event type (the routing key), the SHA-256 message id, the subject.
+    Envelope,
+    /// The ingest's properties and headers, published mandatory (implies `envelope`).
+    Properties,
+}
+
+/// `steps` as the command line takes them.
+fn step_names(steps: &[Step]) -> String {
+    let names: Vec<String> = steps
+        .iter()
+        .filter_map(|step| Some(step.to_possible_value()?.get_name().to_owned()))
+        .collect();
+    names.join(",")
+}
+
 /// Serves `POST /webhook` with actix-web on one worker, with the ingest's timeouts, answering 202
 /// with a JSON body of the ingest's length: at once, or (`naive_to`) once the body is published
-/// to that exchange as a naive ingest would publish it, after the contract's checks if
-/// `contract`.
-pub async fn reference(listen: SocketAddr, naive_to: Option<String>, contract: bool) -> bool {
+/// to that exchange as a naive ingest would publish it, after the `contract` steps.
+pub async fn reference(listen: SocketAddr, naive_to: Option<String>, contract: Vec<Step>) -> bool {
     use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
     let answer = r#"{"status":"accepted","message_id":"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}"#;
     let naive = match naive_to {
         Some(exchange) => Some(Arc::new(Naive::open(exchange).await)),
         None => None,
     };
+    let contract: Arc<[Step]> = contract.into();
     HttpServer::new(move || {
-        let naive = naive.clone();
+        let (naive, contract) = (naive.clone(), contract.clone());
         App::new().route(
             "/webhook",
             web::post().to(move |request: HttpRequest, body: web::Bytes| {
-                let naive = naive.clone();
+                let (naive, contract) = (naive.clone(), contract.clone());
                 async move {
                     let authorization = request
                         .headers()
                         .get(actix_web::http::header::AUTHORIZATION)
                         .map(|value| value.as_bytes());
                     match naive {
-                        Some(naive) if !naive.publish(authorization, &body, contract).await => {
+                        Some(naive) if !naive.publish(authorization, &body, &contract).await => {
                             HttpResponse::ServiceUnavailable().finish()
                         }
                         _ => HttpResponse::Accepted()
@@ -405,7 +433,7 @@ fn ratio(name: &str, a: f64, b: f64, target: Option<f64>) {
 }
 
 /// The mode; `false` when a count did not hold.
-pub async fn run(connections: usize, seconds: u64, pin: bool) -> bool {
+pub async fn run(connections: usize, seconds: u64, pin: bool, contract_steps: &[Step]) -> bool {
     // Before anything starts: the processes started afterwards inherit this one's core.
     let _pinned = match pin.then(crate::pin::Pinned::broker_apart).transpose() {
         Ok(pinned) => pinned,
@@ -437,7 +465,8 @@ pub async fn run(connections: usize, seconds: u64, pin: bool) -> bool {
     let naive_address =
         start_reference(&mut processes, "naive", &["--naive", naive_exchange]).await;
     let contract_exchange = contract_broker.topology().exchange();
-    let contract_options = ["--naive", contract_exchange, "--contract"];
+    let steps = step_names(contract_steps);
+    let contract_options = ["--naive", contract_exchange, "--contract", &steps];
     let contract_address = start_reference(&mut processes, "contract", &contract_options).await;
     let pid = |name| processes.pid(name).unwrap();
     let (ingest_pid, audit_pid, bare_pid, naive_pid, contract_pid) = (
@@ -533,7 +562,8 @@ pub async fn run(connections: usize, seconds: u64, pin: bool) -> bool {
     );
     naive.report("non-2xx");
     println!(
-        "the naive reference doing the contract's work (signature verified, envelope read, SHA-256 message id, the ingest's properties, mandatory):"
+        "the naive reference doing the contract's work ({}):",
+        step_names(contract_steps)
     );
     contract.report("non-2xx");
     println!(

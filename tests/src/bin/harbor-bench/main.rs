@@ -57,6 +57,14 @@ enum Mode {
         /// affinity is restored at the end).
         #[arg(long)]
         pin: bool,
+        /// What the naive reference doing the contract's work does of it, to tell what each
+        /// part costs.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "signature,envelope,properties"
+        )]
+        contract: Vec<ingest::Step>,
     },
     /// N preloaded events through the worker, Harbor and Port faked with a latency.
     Worker {
@@ -100,11 +108,9 @@ enum Mode {
         /// as a naive ingest would.
         #[arg(long)]
         naive: Option<String>,
-        /// With `--naive`: first does what the contract asks of every webhook (its signature
-        /// verified, its envelope read, its message id the SHA-256 of the body), and publishes
-        /// it with the ingest's properties, mandatory.
-        #[arg(long, requires = "naive")]
-        contract: bool,
+        /// With `--naive`: first does these parts of what the contract asks of every webhook.
+        #[arg(long, requires = "naive", value_delimiter = ',')]
+        contract: Vec<ingest::Step>,
     },
 }
 
@@ -648,11 +654,12 @@ async fn main() -> std::process::ExitCode {
             connections,
             seconds,
             pin,
+            contract,
         } => {
             // Interrupted, the measurement is dropped: its processes stopped, its topologies
             // deleted and the broker's affinity restored.
             tokio::select! {
-                holds = ingest::run(connections, seconds, pin) => holds,
+                holds = ingest::run(connections, seconds, pin, &contract) => holds,
                 () = interrupted() => false,
             }
         }
