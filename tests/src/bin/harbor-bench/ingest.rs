@@ -421,6 +421,23 @@ fn requests(address: SocketAddr) -> Arc<Vec<Vec<u8>>> {
     )
 }
 
+/// The paths taking turns at saturation.
+const PATHS: u64 = 6;
+
+/// The order of `paths` (an even number) in `round`: row `round` of a Williams square, so that
+/// over `paths` rounds each path comes right after every other exactly once.
+fn balanced_order(paths: u64, round: u64) -> impl Iterator<Item = u64> {
+    // 0, 1, n-1, 2, n-2, ...: consecutive differences take every value mod n once.
+    (0..paths).map(move |i| {
+        let base = if i % 2 == 1 {
+            i.div_ceil(2)
+        } else {
+            paths - i / 2
+        };
+        (base % paths + round) % paths
+    })
+}
+
 /// `a ÷ b`, and whether it meets `target`, for the summary.
 fn ratio(name: &str, a: f64, b: f64, target: Option<f64>) {
     let value = a / b.max(f64::EPSILON);
@@ -499,14 +516,15 @@ pub async fn run(connections: usize, seconds: u64, pin: bool, contract_steps: &[
         "generator",
         &[("bare actix-web", bare_pid)],
     ));
-    // The order turns each round, so that every path follows every other alike: a turn is
-    // charged with the broker's work left over from the turn before it, and the turn after bare
-    // actix-web's finds the broker rested. After each turn its path's queues are emptied (and
-    // what they held counted): a quorum queue's cost per message grows with its depth, and in
-    // production the workers keep it shallow.
+    // Each round takes the paths in another order (`balanced_order`), so that over 6 rounds
+    // every path follows every other once: a turn is charged with the broker's work left over
+    // from the turn before it, and the turn after bare actix-web's finds the broker rested.
+    // After each turn its path's queues are emptied (and what they held counted): a quorum
+    // queue's cost per message grows with its depth, and in production the workers keep it
+    // shallow.
     for round in 0..seconds {
-        for path in 0..6 {
-            match (round + path) % 6 {
+        for path in balanced_order(PATHS, round) {
+            match path {
                 0 => {
                     let run = ceiling_publisher.run(connections, turn, None);
                     ceiling.measure(run).await;
@@ -710,4 +728,30 @@ pub async fn run(connections: usize, seconds: u64, pin: bool, contract_steps: &[
     );
     stop(processes).await;
     saturated_exact && delivered == confirmed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn over_as_many_rounds_as_paths_each_path_follows_every_other_once() {
+        let mut follows = std::collections::BTreeMap::new();
+        for round in 0..PATHS {
+            let order: Vec<u64> = balanced_order(PATHS, round).collect();
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(
+                sorted,
+                (0..PATHS).collect::<Vec<_>>(),
+                "round {round}: {order:?}"
+            );
+            for pair in order.windows(2) {
+                *follows.entry((pair[0], pair[1])).or_insert(0) += 1;
+            }
+        }
+        let pairs = PATHS * (PATHS - 1);
+        assert_eq!(follows.len() as u64, pairs, "{follows:?}");
+        assert!(follows.values().all(|n| *n == 1), "{follows:?}");
+    }
 }

@@ -4,7 +4,7 @@
 //! it says so and exits with status 1.
 //!
 //!   cargo build --release --bins
-//!   target/release/harbor-bench ingest --connections 64 --seconds 10 [--pin]
+//!   target/release/harbor-bench ingest --connections 64 --seconds 12 [--pin]
 //!   target/release/harbor-bench worker --events 5000 --latency-ms 20
 //!   target/release/harbor-bench pull-flood
 //!   target/release/harbor-bench e2e --rate 500 --seconds 10
@@ -51,7 +51,9 @@ enum Mode {
     Ingest {
         #[arg(long, default_value_t = 64)]
         connections: usize,
-        #[arg(long, default_value_t = 10)]
+        /// Turns of a second each path takes at saturation and at the steady rate; a multiple
+        /// of 6 balances the order of the turns fully.
+        #[arg(long, default_value_t = 12)]
         seconds: u64,
         /// The broker's processes on core 0, everything else on core 1 (taskset; the broker's
         /// affinity is restored at the end).
