@@ -198,12 +198,13 @@ pub async fn run_reconnecting<F, Fut>(
     F: FnMut(Arc<Connection>) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let mut backoff = backoff::ExponentialBackoff {
-        initial_interval: Duration::from_millis(250),
-        max_interval: Duration::from_secs(5),
-        max_elapsed_time: None,
-        ..backoff::ExponentialBackoff::default()
-    };
+    // The builder sets the first wait to the initial interval; a struct literal over
+    // `default()` would keep the default's (500 ms) until the first reset.
+    let mut backoff = backoff::ExponentialBackoffBuilder::new()
+        .with_initial_interval(Duration::from_millis(250))
+        .with_max_interval(Duration::from_secs(5))
+        .with_max_elapsed_time(None)
+        .build();
     while !shutdown.is_cancelled() {
         match open(amqp, name).await {
             Ok((connection, node)) => {

@@ -32,6 +32,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backoff::ExponentialBackoffBuilder;
 use backoff::backoff::Backoff;
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
@@ -343,12 +344,13 @@ impl<R: Reconcile> Driver<R> {
                 running: false,
                 attempts: 0,
                 retry_until: None,
-                backoff: backoff::ExponentialBackoff {
-                    initial_interval: self.limits.retry.initial_interval,
-                    max_interval: self.limits.retry.max_interval,
-                    max_elapsed_time: None,
-                    ..backoff::ExponentialBackoff::default()
-                },
+                // The builder, not a struct literal over `default()`: that would keep the
+                // default's current interval (500 ms) for the first wait.
+                backoff: ExponentialBackoffBuilder::new()
+                    .with_initial_interval(self.limits.retry.initial_interval)
+                    .with_max_interval(self.limits.retry.max_interval)
+                    .with_max_elapsed_time(None)
+                    .build(),
                 pending: 0,
                 reply,
             },
@@ -733,7 +735,8 @@ mod tests {
             concurrency,
             retry: RetryPolicy {
                 max_elapsed: 60 * SECOND,
-                initial_interval: SECOND,
+                // Not the backoff crate's default (500 ms), so that a test can tell them apart.
+                initial_interval: 2 * SECOND,
                 max_interval: 10 * SECOND,
             },
             max_hold: 600 * SECOND,
@@ -992,6 +995,25 @@ mod tests {
         h.next_start().await;
         let (_, _, at) = h.next_start().await;
         assert!(at - start >= 3 * SECOND, "{:?}", at - start);
+        assert_eq!(request.await.unwrap(), Settled::Done);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_retry_waits_the_initial_interval_with_its_jitter() {
+        let mut h = harness(4, true);
+        h.script(
+            "repo",
+            vec![Judgement::Retry {
+                reason: "Harbor answered 503".into(),
+                after: None,
+            }],
+        );
+        let request = h.submit("repo", &[1], Duration::ZERO);
+        let (_, _, first) = h.next_start().await;
+        let (_, _, second) = h.next_start().await;
+        // The harness's initial interval is 2 s, jittered by half.
+        let wait = second - first;
+        assert!(wait >= SECOND && wait <= 3 * SECOND, "{wait:?}");
         assert_eq!(request.await.unwrap(), Settled::Done);
     }
 
