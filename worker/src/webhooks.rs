@@ -398,7 +398,17 @@ pub async fn status(harbor: &HarborClient, desired: &Desired) -> Result<Vec<Stat
                     }
                     match failed_deliveries(harbor, &name, policy.id).await {
                         Ok(failed) => status.failed = failed,
-                        Err(error) => status.detail = Some(reason(&name, &error)),
+                        // Said beside what differs, which must not be lost.
+                        Err(error) => {
+                            let why = format!(
+                                "its failed deliveries cannot be read: {}",
+                                reason(&name, &error)
+                            );
+                            status.detail = Some(match status.detail.take() {
+                                Some(differ) => format!("{differ}; {why}"),
+                                None => why,
+                            });
+                        }
                     }
                 }
             }
@@ -513,6 +523,48 @@ mod tests {
         let mut two = desired().body();
         two["targets"] = json!([two["targets"][0], two["targets"][0]]);
         assert_eq!(desired().differences(&[policy(two)]), ["targets"]);
+    }
+
+    #[tokio::test]
+    async fn status_keeps_what_differs_when_the_failed_deliveries_cannot_be_read() {
+        use wiremock::matchers::{method, path};
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+
+        let harbor = MockServer::start().await;
+        let api = "/api/v2.0/projects";
+        let mut ours = desired().body();
+        ours["id"] = json!(7);
+        ours["enabled"] = json!(false);
+        for (at, body) in [
+            (api.to_owned(), json!([{"project_id": 1, "name": "alpha"}])),
+            (format!("{api}/alpha/webhook/policies"), json!([ours])),
+        ] {
+            Mock::given(method("GET"))
+                .and(path(at))
+                .respond_with(ResponseTemplate::new(200).set_body_json(body))
+                .mount(&harbor)
+                .await;
+        }
+        Mock::given(method("GET"))
+            .and(path(format!("{api}/alpha/webhook/policies/7/executions")))
+            .respond_with(ResponseTemplate::new(403).set_body_json(json!({"errors": []})))
+            .mount(&harbor)
+            .await;
+        let client = HarborClient::new(
+            crate::clients::Http::new(std::time::Duration::from_secs(5), 1 << 20).unwrap(),
+            Url::parse(&harbor.uri()).unwrap(),
+            "robot$sync".into(),
+            SecretString::from("password"),
+        );
+
+        let all = status(&client, &desired()).await.unwrap();
+        let [alpha] = all.as_slice() else {
+            panic!("{all:?}")
+        };
+        assert!(alpha.present && !alpha.matches, "{alpha:?}");
+        let detail = alpha.detail.as_deref().unwrap();
+        assert!(detail.starts_with("enabled; "), "{detail}");
+        assert!(detail.contains("notification-policy"), "{detail}");
     }
 
     #[test]
