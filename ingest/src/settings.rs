@@ -120,6 +120,16 @@ pub struct Endpoint {
     pub auth: Authenticator,
 }
 
+impl Endpoint {
+    /// The Harbor it serves, as the metrics name it: the instance, or `default` at `/webhook`
+    /// (the `harborInstance` of a single Harbor's entities).
+    pub fn harbor(&self) -> &str {
+        self.instance
+            .as_deref()
+            .unwrap_or(instances::DEFAULT_INSTANCE)
+    }
+}
+
 impl Cli {
     /// The endpoints: one at `/webhook`, or one per instance of HARBOR_INSTANCES_FILE.
     fn endpoints(&mut self) -> anyhow::Result<Vec<Endpoint>> {

@@ -16,7 +16,7 @@ use tracing::info;
 
 use crate::link;
 use crate::routes::webhook::{OUTCOMES, WebhookState, instance_webhook, webhook};
-use crate::settings::Settings;
+use crate::settings::{Endpoint, Settings};
 
 /// A bound, not yet running ingest.
 pub struct Application {
@@ -56,7 +56,7 @@ impl Application {
             request_timeout: settings.request_timeout,
         });
         let ops = ops::configure(readiness, telemetry::metrics());
-        register_metrics();
+        register_metrics(&state.endpoints);
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
@@ -130,9 +130,13 @@ fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
 /// Every series alerts and dashboards rely on, registered (at zero) once the recorder is
 /// installed: an absent series would make "no broker connection" or "a spike of 401s"
 /// impossible to alert on.
-fn register_metrics() {
+fn register_metrics(endpoints: &[Endpoint]) {
     metrics::gauge!("harbor_ingest_broker_connected").increment(0.0);
-    for outcome in OUTCOMES {
-        metrics::counter!("harbor_ingest_requests_total", "outcome" => outcome).increment(0);
+    for endpoint in endpoints {
+        for outcome in OUTCOMES {
+            let harbor = endpoint.harbor().to_owned();
+            metrics::counter!("harbor_ingest_requests_total", "harbor" => harbor, "outcome" => outcome)
+                .increment(0);
+        }
     }
 }

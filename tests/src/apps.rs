@@ -81,6 +81,11 @@ impl TestIngest {
     }
 
     /// Stops it as SIGTERM would, and waits.
+    /// The text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        metrics_at(&self.base).await
+    }
+
     pub async fn stop(self) {
         self.handle.stop(true).await;
         self.task.await.unwrap().unwrap();
@@ -156,13 +161,18 @@ impl TestWorker {
 
     /// The text of `/metrics`.
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.base))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        metrics_at(&self.base).await
     }
+}
+
+/// The text of `<base>/metrics`.
+async fn metrics_at(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 impl Drop for TestWorker {

@@ -42,11 +42,14 @@ impl TestTopology {
             topology: Topology::new(&name, &name).unwrap(),
         };
         let link = open(&amqp).await;
-        amqp.topology.declare(&link.0).await.unwrap();
-        Self {
+        // Declared once it exists, so that what a failed declaration made is deleted on drop.
+        let test = Self {
             amqp,
             link: tokio::sync::Mutex::new(link),
-        }
+        };
+        let declared = test.amqp.topology.declare(&test.link.lock().await.0).await;
+        declared.unwrap();
+        test
     }
 
     /// The test's channel, on a new connection if the old one died (after a broker restart).

@@ -311,18 +311,14 @@ async fn metrics_count_requests_by_outcome() {
         )
         .await;
     ingest.post(b"{}", None).await;
-    let metrics = reqwest::get(format!("{}/metrics", ingest.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = ingest.metrics().await;
     assert!(
-        metrics.contains(r#"harbor_ingest_requests_total{outcome="accepted"} 1"#),
+        metrics.contains(r#"harbor_ingest_requests_total{harbor="default",outcome="accepted"} 1"#),
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"harbor_ingest_requests_total{outcome="unauthorized"} 1"#),
+        metrics
+            .contains(r#"harbor_ingest_requests_total{harbor="default",outcome="unauthorized"} 1"#),
         "{metrics}"
     );
     assert!(

@@ -220,6 +220,15 @@ async fn two_harbors_one_port_kept_apart() {
             .contains("/webhook/<instance>"),
         "{answer}"
     );
+    // The requests are counted by the Harbor they came to.
+    let metrics = ingest.metrics().await;
+    for series in [
+        r#"harbor_ingest_requests_total{harbor="eu",outcome="unauthorized"} 1"#,
+        r#"harbor_ingest_requests_total{harbor="us",outcome="unauthorized"} 1"#,
+        r#"harbor_ingest_requests_total{harbor="-",outcome="unknown_instance"} 2"#,
+    ] {
+        assert!(metrics.contains(series), "no {series} in\n{metrics}");
+    }
 
     // A resync of one instance deletes only that instance's entities.
     eu.put_entity(

@@ -80,12 +80,7 @@ async fn every_series_the_dashboard_and_the_alerts_name_is_exported() {
     stack.webhook(&body).await;
     stack.wait_for_outcome("synced", 1).await;
 
-    let ingest = reqwest::get(format!("{}/metrics", stack.ingest.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let ingest = stack.ingest.metrics().await;
     // RabbitMQ shows a new queue's counts once it has collected its statistics (every 5 s).
     let parked = stack.broker.topology().parked_queue();
     let deadline = Instant::now() + Duration::from_secs(30);

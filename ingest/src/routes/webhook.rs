@@ -84,6 +84,10 @@ pub enum WebhookError {
     Unavailable(PublishError),
 }
 
+/// The `harbor` label of a request to a path that names no instance of this ingest (no instance
+/// name can be `-`).
+pub const NO_HARBOR: &str = "-";
+
 /// Every outcome `harbor_ingest_requests_total` counts: `accepted`, and each
 /// [`WebhookError::code`].
 pub const OUTCOMES: [&str; 9] = [
@@ -179,15 +183,20 @@ async fn answer(
     instance: Option<&str>,
 ) -> Result<HttpResponse, WebhookError> {
     let request_id = request_id(&request);
-    let outcome = match endpoint(state, instance) {
-        Ok(endpoint) => accept(&request, payload, state, endpoint, &request_id).await,
-        Err(error) => Err(error),
+    let (harbor, outcome) = match endpoint(state, instance) {
+        Ok(endpoint) => (
+            endpoint.harbor(),
+            accept(&request, payload, state, endpoint, &request_id).await,
+        ),
+        Err(error) => (NO_HARBOR, Err(error)),
     };
     let label = match &outcome {
         Ok(_) => "accepted",
         Err(error) => error.code(),
     };
-    metrics::counter!("harbor_ingest_requests_total", "outcome" => label).increment(1);
+    let harbor = harbor.to_owned();
+    metrics::counter!("harbor_ingest_requests_total", "harbor" => harbor, "outcome" => label)
+        .increment(1);
     let mut response = outcome?;
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response
@@ -232,7 +241,7 @@ async fn accept(
         .peer_addr()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
     let refused = |error: WebhookError| {
-        warn!(%request_id, %peer, %error, "Webhook refused");
+        warn!(%request_id, harbor = endpoint.harbor(), %peer, %error, "Webhook refused");
         error
     };
     // The header first: a request that cannot be authorized is refused before its body is read,
