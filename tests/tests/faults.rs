@@ -516,6 +516,16 @@ async fn a_message_that_keeps_coming_back_is_dead_lettered_by_the_delivery_limit
         (10..=11).contains(&deliveries),
         "dead-lettered after {deliveries} deliveries"
     );
+    // `parked list` says why and when, though the worker never parked it.
+    let listed = harbor_worker::parked::list(&broker.amqp, 10).await.unwrap();
+    let [event] = listed.as_slice() else {
+        panic!("{listed:?}")
+    };
+    let reason = event.reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("delivery limit"), "{reason}");
+    let work_queue = format!("from {}.", broker.topology().queue());
+    assert!(reason.contains(&work_queue), "{reason}");
+    assert!(event.failed_at.is_some(), "{event:?}");
     let parked = broker.take_parked().await.unwrap();
     assert_eq!(parked.delivery.data, b"a crash loop");
     assert_eq!(broker.work_ready().await, 0);

@@ -68,16 +68,47 @@ fn describe(routing_key: &str, properties: &BasicProperties) -> ParkedEvent {
     ParkedEvent {
         message_id: properties.message_id().as_ref().map(ToString::to_string),
         event_type: routing_key.to_owned(),
-        failed_at: header_string(&headers, "x-failed-at"),
+        failed_at: header_string(&headers, "x-failed-at").or_else(|| dead_lettered_at(&headers)),
         attempts: match headers.inner().get("x-attempts") {
             Some(AMQPValue::LongLongInt(n)) => Some(*n),
             Some(AMQPValue::LongInt(n)) => Some(i64::from(*n)),
             _ => None,
         },
-        reason: header_string(&headers, "x-failure-reason"),
+        reason: header_string(&headers, "x-failure-reason")
+            .or_else(|| dead_lettered_because(&headers)),
         request_id: header_string(&headers, "x-request-id"),
         instance: header_string(&headers, INSTANCE_HEADER),
     }
+}
+
+/// Why the broker itself dead-lettered a message (the worker parks with `x-failure-reason`; the
+/// broker's own dead-lettering says only `x-first-death-reason`).
+fn dead_lettered_because(headers: &FieldTable) -> Option<String> {
+    let why = header_string(headers, "x-first-death-reason")?;
+    let queue = header_string(headers, "x-first-death-queue").unwrap_or_else(|| "?".into());
+    Some(match why.as_str() {
+        "delivery_limit" => format!(
+            "the broker dead-lettered it from {queue}: it was delivered more times than the \
+             queue's delivery limit, each time left unsettled (its worker stopped or lost the \
+             broker while holding it, or could not park it)"
+        ),
+        _ => format!("the broker dead-lettered it from {queue} ({why})"),
+    })
+}
+
+/// When the broker dead-lettered a message (`x-death`'s newest entry).
+fn dead_lettered_at(headers: &FieldTable) -> Option<String> {
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        return None;
+    };
+    let Some(AMQPValue::FieldTable(newest)) = deaths.as_slice().first() else {
+        return None;
+    };
+    let Some(AMQPValue::Timestamp(seconds)) = newest.inner().get("time") else {
+        return None;
+    };
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(*seconds);
+    Some(humantime::format_rfc3339_seconds(at).to_string())
 }
 
 async fn open(amqp: &AmqpSettings, queue: &str) -> anyhow::Result<(Connection, Channel, u32)> {
