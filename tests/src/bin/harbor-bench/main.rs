@@ -662,7 +662,10 @@ async fn main() -> std::process::ExitCode {
             // deleted and the broker's affinity restored.
             tokio::select! {
                 holds = ingest::run(connections, seconds, pin, &contract) => holds,
-                () = interrupted() => false,
+                () = interrupted() => {
+                    eprintln!("harbor-bench: interrupted; no figures");
+                    return std::process::ExitCode::from(130);
+                }
             }
         }
         Mode::Worker {
