@@ -89,6 +89,17 @@ impl FakeHarbor {
         self.get(p).respond_with(respond).mount(&self.server).await;
     }
 
+    /// `GET .../artifacts` (the first page, and so the whole list when it holds fewer than a
+    /// page) answers `artifacts`.
+    pub async fn artifacts(&self, repository: &str, artifacts: Vec<Value>) {
+        let p = format!("{}/artifacts", harbor_repository_path(repository));
+        self.get(p)
+            .and(query_param("page", "1"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(artifacts))
+            .mount(&self.server)
+            .await;
+    }
+
     /// `GET .../artifacts/{digest}` answers 404.
     pub async fn artifact_gone(&self, repository: &str, digest: &str) {
         let p = format!("{}/artifacts/{digest}", harbor_repository_path(repository));

@@ -332,6 +332,58 @@ async fn tag_retention_refreshes_the_repositories_it_names() {
 }
 
 #[tokio::test]
+async fn an_artifact_missing_from_the_list_is_deleted_only_when_harbor_answers_404_for_it() {
+    let stack = Stack::start().await;
+    let repository = "harbor/alpine";
+    stack.harbor.project_and_repository(repository).await;
+    let (listed, missed, gone) = (samples::digest(1), samples::digest(2), samples::digest(3));
+    // Harbor pages by offset: an artifact deleted from an earlier page while the list is read
+    // moves `missed` out of the pages read. Asked for alone, Harbor has it; `gone` it has not.
+    stack
+        .harbor
+        .artifacts(
+            repository,
+            vec![harbor_json::artifact(repository, &listed, &["v1"], None)],
+        )
+        .await;
+    stack
+        .harbor
+        .artifact(
+            repository,
+            &missed,
+            harbor_json::artifact(repository, &missed, &["v2"], None),
+        )
+        .await;
+    stack.harbor.artifact_gone(repository, &gone).await;
+    for digest in [&listed, &missed, &gone] {
+        held(&stack, "harborArtifact", &format!("{repository}@{digest}"));
+    }
+
+    // TAG_RETENTION refreshes every artifact of the repository it names.
+    stack
+        .webhook(&samples::load("tag_retention.default.docs.json"))
+        .await;
+    stack.wait_for_outcome("synced", 1).await;
+
+    let writes = stack.port.writes().await;
+    let artifacts = |action: &str| -> Vec<String> {
+        let mut found: Vec<String> = writes
+            .iter()
+            .filter(|w| w.blueprint == "harborArtifact" && w.action == action)
+            .map(|w| w.identifier.clone())
+            .collect();
+        found.sort();
+        found
+    };
+    let id = |digest: &str| format!("{repository}@{digest}");
+    let mut upserted = vec![id(&listed), id(&missed)];
+    upserted.sort();
+    assert_eq!(artifacts("upsert"), upserted);
+    assert_eq!(artifacts("delete"), [id(&gone)]);
+    assert_all_acked(stack).await;
+}
+
+#[tokio::test]
 async fn replication_refreshes_the_copied_repositories_at_both_ends() {
     let stack = Stack::start().await;
     // Pulled from Docker Hub's library/alpine into myproj/alpine: only the latter is here.

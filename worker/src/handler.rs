@@ -751,7 +751,7 @@ impl Handler {
     }
 
     /// Every artifact Harbor listed is written; this integration's entities of the
-    /// repository's artifacts that the mapping no longer makes (Harbor no longer has the
+    /// repository's artifacts that the mapping no longer makes (Harbor answers 404 for the
     /// artifact, or a selector leaves it out) are deleted.
     async fn every_artifact(
         &self,
@@ -791,16 +791,30 @@ impl Handler {
                 self.add_artifact(batch, Part::Every, name, &digest, artifact, context);
             }
         }
-        // Objects that are gone; the entities of those still there but left out by a selector
-        // are cleared with them (their references are in the batch, excluded).
-        let gone: BTreeSet<String> = in_port
+        // Harbor pages by offset: an artifact deleted from an earlier page while the list was
+        // read moves a later one out of the pages read. So an artifact Port shows and the list
+        // lacks is read alone, and gone only when Harbor answers 404 for it. (The entities of
+        // those still there but left out by a selector are cleared with them: their references
+        // are in the batch, excluded.)
+        let prefix = format!("artifact:{name}@");
+        let unlisted: BTreeSet<String> = in_port
             .into_iter()
             .map(|found| found.reference)
             .filter(|reference| !kept.contains(reference))
             .collect();
-        batch
-            .clear
-            .extend(gone.into_iter().map(|reference| (Part::Every, reference)));
+        let mut unlisted_digests = Vec::new();
+        for reference in unlisted {
+            match reference
+                .strip_prefix(&prefix)
+                .and_then(|digest| Digest::parse(digest).ok())
+            {
+                Some(digest) if written.contains(&digest) => {}
+                Some(digest) => unlisted_digests.push(digest),
+                None => batch.clear.push((Part::Every, reference)),
+            }
+        }
+        self.read_alone(batch, Part::Every, name, unlisted_digests, context)
+            .await;
     }
 
     /// The other artifacts of the repository that Port shows with one of `tags` are read again
@@ -834,7 +848,21 @@ impl Handler {
             return;
         }
         debug!(repository = %name, count = stale.len(), "Taking moved tags off older artifacts");
-        let reads = join_all(stale.into_iter().map(|digest| async move {
+        self.read_alone(batch, Part::Moved, name, stale, context)
+            .await;
+    }
+
+    /// Reads each artifact from Harbor and adds to the batch, as `part`, what it has now: the
+    /// artifact's entities written, or cleared on a 404.
+    async fn read_alone(
+        &self,
+        batch: &mut Batch,
+        part: Part,
+        name: &RepositoryName,
+        digests: impl IntoIterator<Item = Digest>,
+        context: Context<'_>,
+    ) {
+        let reads = join_all(digests.into_iter().map(|digest| async move {
             let found = self.call(self.harbor.artifact(name, &digest)).await;
             (digest, found)
         }))
@@ -842,12 +870,14 @@ impl Handler {
         for (digest, found) in reads {
             match found {
                 Ok(Some(artifact)) => {
-                    self.add_artifact(batch, Part::Moved, name, &digest, &artifact, context)
+                    self.add_artifact(batch, part.clone(), name, &digest, &artifact, context);
                 }
-                Ok(None) => batch.clear.push((Part::Moved, artifact_ref(name, &digest))),
+                Ok(None) => batch
+                    .clear
+                    .push((part.clone(), artifact_ref(name, &digest))),
                 Err(error) => batch
                     .failed
-                    .push((Part::Moved, Status::of::<()>(&Err(error)))),
+                    .push((part.clone(), Status::of::<()>(&Err(error)))),
             }
         }
     }
