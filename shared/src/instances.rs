@@ -31,6 +31,10 @@ pub const INSTANCE_HEADER: &str = "x-harbor-instance";
 /// The `harborInstance` of a single Harbor's entities (set without `HARBOR_INSTANCES_FILE`).
 pub const DEFAULT_INSTANCE: &str = "default";
 
+/// The `harbor` metric label of a request or event that names no instance served here (no
+/// instance name can be `-`).
+pub const NO_INSTANCE: &str = "-";
+
 /// The subject of a project's events: the project, after its instance's name when named.
 pub fn subject(instance: Option<&str>, project: &str) -> String {
     match instance {

@@ -420,6 +420,10 @@ impl HandleEvent for Panics {
         "library".into()
     }
 
+    fn harbor(&self, _instance: Option<&str>) -> &str {
+        "default"
+    }
+
     fn plan(&self, _body: &[u8], _instance: Option<&str>) -> Plan<Key, Work> {
         let refresh = schedule::Request {
             key: Key::Project("library".into()),

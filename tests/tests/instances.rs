@@ -187,6 +187,20 @@ async fn two_harbors_one_port_kept_apart() {
             format!("{instance}:library")
         );
     }
+    // Events are counted by the Harbor they came from.
+    wait_until(
+        "each Harbor's push counted",
+        Duration::from_secs(20),
+        || async {
+            let metrics = worker.metrics().await;
+            ["eu", "us"].iter().all(|harbor| {
+                metrics.contains(&format!(
+                    r#"harbor_worker_events_total{{harbor="{harbor}",event_type="PUSH_ARTIFACT",outcome="synced"}}"#
+                ))
+            })
+        },
+    )
+    .await;
     let us_entity = eu.entity("harborArtifact", &us_artifact).await.unwrap();
     assert_eq!(us_entity["properties"]["harborInstance"], "us");
     assert_eq!(us_entity["relations"]["repository"], "us:library/nginx");

@@ -295,7 +295,9 @@ async fn unknown_event_types_are_acked_without_any_call() {
     assert_eq!(stack.port.request_count().await, 0);
     let metrics = stack.worker.metrics().await;
     assert!(
-        metrics.contains(r#"harbor_worker_events_total{event_type="other",outcome="ignored"} 2"#),
+        metrics.contains(
+            r#"harbor_worker_events_total{harbor="default",event_type="other",outcome="ignored"} 2"#
+        ),
         "{metrics}"
     );
     assert_all_acked(stack).await;

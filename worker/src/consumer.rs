@@ -23,7 +23,7 @@ use futures_util::future::join_all;
 use futures_util::stream::BoxStream;
 use harbor_shared::broker;
 use harbor_shared::config::AmqpSettings;
-use harbor_shared::instances::INSTANCE_HEADER;
+use harbor_shared::instances::{INSTANCE_HEADER, NO_INSTANCE};
 use harbor_shared::ops::Readiness;
 use harbor_shared::publisher::{Outgoing, Publisher};
 use harbor_shared::topology::{SUBJECT_HEADER, Topology};
@@ -528,7 +528,7 @@ async fn process<H: HandleEvent>(
         "event",
         message_id = %message_id,
         event_type = %delivery.routing_key,
-        instance = instance.as_deref().unwrap_or("-"),
+        instance = instance.as_deref().unwrap_or(NO_INSTANCE),
         subject = plan.subject.as_deref().unwrap_or("-"),
         redelivered = delivery.redelivered,
     );
@@ -585,7 +585,8 @@ async fn process<H: HandleEvent>(
         };
         if let Some((verdict, outcome)) = decided {
             settle(delivery, verdict, &shared.parker, &shared.topology).await;
-            metrics::counter!("harbor_worker_events_total", "event_type" => plan.event_type.clone(), "outcome" => outcome)
+            let harbor = shared.handler.harbor(instance.as_deref()).to_owned();
+            metrics::counter!("harbor_worker_events_total", "harbor" => harbor, "event_type" => plan.event_type.clone(), "outcome" => outcome)
                 .increment(1);
             metrics::histogram!("harbor_worker_event_duration_seconds", "event_type" => plan.event_type)
                 .record(started.elapsed().as_secs_f64());

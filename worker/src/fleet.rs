@@ -5,6 +5,8 @@
 //!
 //! [`INSTANCE_HEADER`]: harbor_shared::instances::INSTANCE_HEADER
 
+use harbor_shared::instances;
+
 use crate::handler::{Action, HandleEvent, Handler, Key, Plan, Report, Work};
 use crate::schedule::{Judgement, Reconcile, Request};
 use crate::webhooks::Desired;
@@ -135,6 +137,13 @@ impl HandleEvent for Fleet {
 
     fn subject(&self, key: &Scoped) -> String {
         self.members[key.instance].handler.subject_of(&key.key)
+    }
+
+    fn harbor(&self, instance: Option<&str>) -> &str {
+        self.member_of(instance)
+            .map_or(instances::NO_INSTANCE, |index| {
+                self.members[index].handler.instance()
+            })
     }
 }
 

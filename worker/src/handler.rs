@@ -123,6 +123,11 @@ pub trait HandleEvent: Reconcile {
     /// The subject whose work queue refreshes `key` (the ingest's `x-subject`): a delivery
     /// refreshes only the keys of its own subject and forwards the others.
     fn subject(&self, key: &Self::Key) -> String;
+
+    /// The `harbor` label of an event whose header names `instance`: the name of the Harbor
+    /// that handles it, or [`instances::NO_INSTANCE`] (the header is input: the label must stay
+    /// one of the names served).
+    fn harbor(&self, instance: Option<&str>) -> &str;
 }
 
 /// What a part of a refresh came to.

@@ -84,10 +84,6 @@ pub enum WebhookError {
     Unavailable(PublishError),
 }
 
-/// The `harbor` label of a request to a path that names no instance of this ingest (no instance
-/// name can be `-`).
-pub const NO_HARBOR: &str = "-";
-
 /// Every outcome `harbor_ingest_requests_total` counts: `accepted`, and each
 /// [`WebhookError::code`].
 pub const OUTCOMES: [&str; 9] = [
@@ -188,7 +184,7 @@ async fn answer(
             endpoint.harbor(),
             accept(&request, payload, state, endpoint, &request_id).await,
         ),
-        Err(error) => (NO_HARBOR, Err(error)),
+        Err(error) => (instances::NO_INSTANCE, Err(error)),
     };
     let label = match &outcome {
         Ok(_) => "accepted",
