@@ -46,11 +46,15 @@ pub fn harbor_not_found(what: &str) -> ResponseTemplate {
 }
 
 impl FakeHarbor {
-    /// A Harbor that knows nothing yet.
+    /// A Harbor that knows nothing yet: what a test does not mount answers Harbor's 404.
     pub async fn start() -> Self {
-        Self {
-            server: MockServer::start().await,
-        }
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .respond_with(harbor_not_found("the resource"))
+            .with_priority(u8::MAX)
+            .mount(&server)
+            .await;
+        Self { server }
     }
 
     /// Its address, as `HARBOR_URL`.

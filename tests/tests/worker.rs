@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use harbor_sync_tests::apps::{Stack, outcome_count};
-use harbor_sync_tests::fakes::{PORT_TOKEN, PortWrite, harbor_json};
+use harbor_sync_tests::fakes::{PORT_TOKEN, PortWrite, harbor_json, harbor_not_found};
 use harbor_sync_tests::rabbit::{close_connections, failure_reason};
 use harbor_sync_tests::samples;
 use harbor_worker::clients::{Http, MAX_ANSWER_BYTES};
@@ -188,6 +188,20 @@ async fn parked_after_harbor_answers(answer: ResponseTemplate) -> String {
 }
 
 #[tokio::test]
+async fn a_404_that_is_not_harbors_deletes_nothing_and_the_event_is_parked() {
+    // An ingress in front of Harbor without its route answers a 404 page of its own: that is
+    // no proof the artifact is gone.
+    let page = ResponseTemplate::new(404)
+        .insert_header("content-type", "text/html")
+        .set_body_string("<html><body><h1>404 Not Found</h1></body></html>");
+    let reason = parked_after_harbor_answers(page).await;
+    assert!(
+        reason.contains("answered 404 without Harbor's NOT_FOUND error"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
 async fn an_answer_past_the_bound_fails_the_event_saying_so() {
     // Valid JSON, shaped like Harbor's answers, a quarter of a mebibyte long.
     let huge = json!({"id": 1, "name": "library", "padding": "x".repeat(256 * 1024)});
@@ -235,7 +249,7 @@ async fn no_more_refreshes_run_at_once_than_the_concurrency_allows() {
     let stack = Stack::start_with(|settings| settings.concurrency = 4).await;
     Mock::given(method("GET"))
         .and(path_regex("/artifacts/"))
-        .respond_with(ResponseTemplate::new(404).set_delay(Duration::from_millis(600)))
+        .respond_with(harbor_not_found("artifact").set_delay(Duration::from_millis(600)))
         .mount(&stack.harbor.server)
         .await;
     // Scans of ten different repositories: ten refreshes that may all run, but four at a time.

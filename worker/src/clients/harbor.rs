@@ -1,8 +1,10 @@
 //! The Harbor API (v2.0): projects, repositories and artifacts, read; and the webhook policies
 //! of projects, read and written (`harbor-worker webhooks`).
 //!
-//! Basic auth (a user or a robot account `robot$...`). A 404 means the thing is gone and is
-//! returned as `None`, not as an error.
+//! Basic auth (a user or a robot account `robot$...`). A 404 with Harbor's `NOT_FOUND` error
+//! means the thing is gone and is returned as `None`, not as an error; a 404 without it comes
+//! from something in front of Harbor (a proxy, an ingress without its route) and proves
+//! nothing: it is a transient failure.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +17,13 @@ use url::Url;
 
 use super::{CallError, Http, success, transport_error, unreadable};
 use crate::names::{Digest, RepositoryName};
+
+/// Whether a 404's body is Harbor's own (`{"errors": [{"code": "NOT_FOUND", ...}]}`).
+fn says_not_found(body: &Value) -> bool {
+    body["errors"]
+        .as_array()
+        .is_some_and(|errors| errors.iter().any(|e| e["code"] == "NOT_FOUND"))
+}
 
 /// Scan report types the worker reads, in order of preference.
 pub const VULNERABILITY_REPORTS: &str = "application/vnd.security.vulnerability.report; version=1.1, application/vnd.scanner.adapter.vuln.report.harbor+json; version=1.0";
@@ -221,7 +230,17 @@ impl HarborClient {
             .await
             .map_err(|error| transport_error(what, &error))?;
         if response.status() == StatusCode::NOT_FOUND {
-            return Ok(None);
+            let body: Result<Value, _> = self.http.json(what, response).await;
+            return match body {
+                Ok(body) if says_not_found(&body) => Ok(None),
+                _ => Err(CallError::Transient {
+                    reason: format!(
+                        "{what} answered 404 without Harbor's NOT_FOUND error (from a proxy in \
+                         front of Harbor?): not taken to mean it is gone"
+                    ),
+                    retry_after: None,
+                }),
+            };
         }
         let response = success(what, response).await?;
         self.http.json(what, response).await.map(Some)
