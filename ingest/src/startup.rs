@@ -75,9 +75,9 @@ impl Application {
         .client_request_timeout(settings.request_timeout)
         .client_disconnect_timeout(Duration::from_secs(5))
         .keep_alive(Duration::from_secs(75))
-        // A stopping server waits for its connections: a request in flight needs at most the
-        // request timeout twice (headers, then body) and the confirm timeout. (actix also waits
-        // for idle keep-alive connections, so this bounds every stop.)
+        // A stopping server closes its idle keep-alive connections at once (actix-web 4.14.1 and
+        // later) and waits for the requests in flight: one needs at most the request timeout
+        // twice (headers, then body) and the confirm timeout.
         .shutdown_timeout((settings.request_timeout * 2 + settings.confirm_timeout).as_secs())
         .run();
         info!(port, "harbor-ingest listening");

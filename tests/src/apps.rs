@@ -80,12 +80,12 @@ impl TestIngest {
         request.send().await.unwrap()
     }
 
-    /// Stops it as SIGTERM would, and waits.
     /// The text of `/metrics`.
     pub async fn metrics(&self) -> String {
         metrics_at(&self.base).await
     }
 
+    /// Stops it as SIGTERM would, and waits.
     pub async fn stop(self) {
         self.handle.stop(true).await;
         self.task.await.unwrap().unwrap();

@@ -301,6 +301,33 @@ async fn a_confirm_that_never_comes_is_a_503_after_the_timeout_then_the_ingest_r
 }
 
 #[tokio::test]
+async fn a_stop_does_not_wait_for_an_idle_keep_alive_connection() {
+    let broker = TestTopology::new().await;
+    let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
+    // A client that keeps its connection open between webhooks, as Harbor's does.
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("{}/webhook", ingest.base))
+        .header("authorization", SECRET)
+        .body(samples::load("push_artifact.default.docs.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    response.bytes().await.unwrap();
+
+    // Before actix-web 4.14.1 the stop waited for it until the shutdown timeout (25 s here).
+    let started = Instant::now();
+    ingest.stop().await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the stop waited {took:?} for an idle connection"
+    );
+    drop(client);
+}
+
+#[tokio::test]
 async fn metrics_count_requests_by_outcome() {
     let broker = TestTopology::new().await;
     let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
