@@ -11,6 +11,7 @@ use harbor_sync_tests::fakes::{PortWrite, harbor_json};
 use harbor_sync_tests::samples;
 use lapin::types::AMQPValue;
 use serde_json::{Value, json};
+use wiremock::ResponseTemplate;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -382,6 +383,80 @@ async fn an_artifact_missing_from_the_list_is_deleted_only_when_harbor_answers_4
     upserted.sort();
     assert_eq!(artifacts("upsert"), upserted);
     assert_eq!(artifacts("delete"), [id(&gone)]);
+    assert_all_acked(stack).await;
+}
+
+#[tokio::test]
+async fn a_refresh_of_every_artifact_and_of_moved_tags_writes_each_artifact_once() {
+    let stack = Stack::start().await;
+    let repository = "harbor/alpine";
+    stack.harbor.project_and_repository(repository).await;
+    let (old, new) = (samples::digest(1), samples::digest(2));
+    // `latest` moved from `old` to `new`; Port still shows it on `old`. Reads of `new` are slow,
+    // so that what arrives during the first refresh is folded into a second one.
+    let artifact =
+        |digest: &str, tags: &[&str]| harbor_json::artifact(repository, digest, tags, None);
+    stack
+        .harbor
+        .artifacts(
+            repository,
+            vec![artifact(&old, &[]), artifact(&new, &["latest"])],
+        )
+        .await;
+    stack
+        .harbor
+        .artifact(repository, &old, artifact(&old, &[]))
+        .await;
+    stack
+        .harbor
+        .artifact_answering(
+            repository,
+            &new,
+            ResponseTemplate::new(200)
+                .set_body_json(artifact(&new, &["latest"]))
+                .set_delay(Duration::from_millis(800)),
+        )
+        .await;
+    stack.port.holds(
+        "harborArtifact",
+        json!({"identifier": format!("{repository}@{old}"), "title": "old", "relations": {},
+               "properties": {"harborInstance": "default", "harborRef": format!("artifact:{repository}@{old}"),
+                              "harborTags": ["latest"]}}),
+    );
+
+    let mut scan: Value = serde_json::from_slice(&samples::push(repository, &new)).unwrap();
+    scan["type"] = json!("SCANNING_COMPLETED");
+    stack.webhook(&serde_json::to_vec(&scan).unwrap()).await;
+    // While the scan's refresh reads: every artifact (retention), and the moved tag (the push).
+    stack
+        .webhook(&samples::load("tag_retention.default.docs.json"))
+        .await;
+    stack.webhook(&samples::push(repository, &new)).await;
+    stack.wait_for_outcome("synced", 3).await;
+    let metrics = stack.worker.metrics().await;
+    assert!(
+        metrics.contains("harbor_worker_events_coalesced_total 1"),
+        "the two were not folded into one refresh: {metrics}"
+    );
+
+    let requests = stack.port.server.received_requests().await.unwrap();
+    for bulk in requests.iter().filter(|r| r.url.path().ends_with("/bulk")) {
+        let body: Value = serde_json::from_slice(&bulk.body).unwrap();
+        let mut identifiers: Vec<&str> = body["entities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["identifier"].as_str().unwrap())
+            .collect();
+        let count = identifiers.len();
+        identifiers.sort_unstable();
+        identifiers.dedup();
+        assert_eq!(
+            identifiers.len(),
+            count,
+            "an entity twice in one bulk write: {body}"
+        );
+    }
     assert_all_acked(stack).await;
 }
 

@@ -615,9 +615,11 @@ impl Handler {
             }
         }
         if let Some(listed) = listed {
-            self.every_artifact(&mut batch, name, listed, &written, context)
+            self.every_artifact(&mut batch, name, listed, &mut written, context)
                 .await;
         }
+        // After every artifact, the moved tags have nothing left to read: each artifact is
+        // written once per batch.
         if work.moved_tags && !tags.is_empty() {
             self.take_moved_tags(&mut batch, name, &tags, &written, context)
                 .await;
@@ -757,13 +759,14 @@ impl Handler {
 
     /// Every artifact Harbor listed is written; this integration's entities of the
     /// repository's artifacts that the mapping no longer makes (Harbor answers 404 for the
-    /// artifact, or a selector leaves it out) are deleted.
+    /// artifact, or a selector leaves it out) are deleted. `written` (the digests the batch
+    /// already has) gains those it adds.
     async fn every_artifact(
         &self,
         batch: &mut Batch,
         name: &RepositoryName,
         listed: Result<Vec<Artifact>, CallError>,
-        written: &BTreeSet<Digest>,
+        written: &mut BTreeSet<Digest>,
         context: Context<'_>,
     ) {
         let listed = match listed {
@@ -792,7 +795,8 @@ impl Handler {
                 continue;
             };
             kept.insert(artifact_ref(name, &digest));
-            if !written.contains(&digest) {
+            // Once: an artifact pushed while the list is read can come on two pages.
+            if written.insert(digest.clone()) {
                 self.add_artifact(batch, Part::Every, name, &digest, artifact, context);
             }
         }
@@ -813,8 +817,11 @@ impl Handler {
                 .strip_prefix(&prefix)
                 .and_then(|digest| Digest::parse(digest).ok())
             {
-                Some(digest) if written.contains(&digest) => {}
-                Some(digest) => unlisted_digests.push(digest),
+                Some(digest) => {
+                    if written.insert(digest.clone()) {
+                        unlisted_digests.push(digest);
+                    }
+                }
                 None => batch.clear.push((Part::Every, reference)),
             }
         }
