@@ -725,7 +725,7 @@ impl Handler {
     /// own are deleted, the artifacts' first.
     async fn repository_gone(&self, name: &RepositoryName, work: &Work) -> Report {
         let mut report = Report::default();
-        let prefix = format!("artifact:{name}@");
+        let prefix = artifacts_ref_prefix(name);
         let own = self.owned_query(
             json!({"property": REF_PROPERTY, "operator": "=", "value": repository_ref(name)}),
             Vec::new(),
@@ -777,10 +777,8 @@ impl Handler {
                     .push((Part::Every, Status::of::<()>(&Err(error))));
             }
         };
-        let in_port = match self
-            .find_under(&format!("artifact:{name}@"), Vec::new())
-            .await
-        {
+        let prefix = artifacts_ref_prefix(name);
+        let in_port = match self.find_under(&prefix, Vec::new()).await {
             Ok(found) => found,
             Err(error) => {
                 return batch
@@ -805,7 +803,6 @@ impl Handler {
         // lacks is read alone, and gone only when Harbor answers 404 for it. (The entities of
         // those still there but left out by a selector are cleared with them: their references
         // are in the batch, excluded.)
-        let prefix = format!("artifact:{name}@");
         let unlisted: BTreeSet<String> = in_port
             .into_iter()
             .map(|found| found.reference)
@@ -841,7 +838,7 @@ impl Handler {
     ) {
         let rule = json!({"property": TAGS_PROPERTY, "operator": "containsAny", "value": tags});
         let stale: BTreeSet<Digest> = match self
-            .find_under(&format!("artifact:{name}@"), vec![rule])
+            .find_under(&artifacts_ref_prefix(name), vec![rule])
             .await
         {
             Ok(found) => found
@@ -907,7 +904,12 @@ pub fn repository_ref(name: &RepositoryName) -> String {
 
 /// The `harborRef` of an artifact's entities.
 pub fn artifact_ref(name: &RepositoryName, digest: &Digest) -> String {
-    format!("artifact:{name}@{digest}")
+    format!("{}{digest}", artifacts_ref_prefix(name))
+}
+
+/// What the `harborRef` of every artifact of a repository starts with.
+fn artifacts_ref_prefix(name: &RepositoryName) -> String {
+    format!("artifact:{name}@")
 }
 
 /// What an object's expressions see besides the object: its project and repository, as Harbor
