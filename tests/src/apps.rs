@@ -285,11 +285,14 @@ fn events_total(metrics: &str, keep: impl Fn(&str) -> bool) -> usize {
         .sum::<f64>() as usize
 }
 
-/// A running sandbox (fake Harbor and Port), credentials `admin` / `Harbor12345` and
-/// `sandbox-client` / `sandbox-secret`, sending its webhooks to `webhook_url` with [`SECRET`].
+/// A running sandbox (fake Harbor and Port), credentials `admin` / `Harbor12345` (unless its
+/// settings say otherwise) and `sandbox-client` / `sandbox-secret`, sending its webhooks to
+/// `webhook_url` with [`SECRET`].
 pub struct TestSandbox {
     /// `http://127.0.0.1:<port>`
     pub base: String,
+    /// The Harbor account its Harbor API accepts, and its password.
+    harbor_login: (String, String),
     _handle: ServerHandle,
 }
 
@@ -324,22 +327,33 @@ pub async fn start_sandbox(
 /// Starts a sandbox with these settings.
 pub async fn start_sandbox_with(settings: crate::sandbox::Settings) -> TestSandbox {
     init_logs();
+    let harbor_login = (
+        settings.harbor_username.clone(),
+        settings.harbor_password.clone(),
+    );
     let sandbox = crate::sandbox::Sandbox::build(settings).unwrap();
     let base = format!("http://127.0.0.1:{}", sandbox.port());
     let handle = sandbox.handle();
     tokio::spawn(sandbox.run());
     TestSandbox {
         base,
+        harbor_login,
         _handle: handle,
     }
 }
 
 impl TestSandbox {
+    /// The Harbor account its Harbor API accepts, and its password.
+    pub fn harbor_login(&self) -> (&str, &str) {
+        (&self.harbor_login.0, &self.harbor_login.1)
+    }
+
     /// The worker's settings pointed at this sandbox, with its credentials.
     pub fn worker_settings(&self, amqp: &AmqpSettings) -> WorkerSettings {
         let mut settings = worker_settings(amqp, &self.base, &self.base);
-        settings.harbors[0].username = "admin".into();
-        settings.harbors[0].password = "Harbor12345".into();
+        let (username, password) = self.harbor_login();
+        settings.harbors[0].username = username.to_owned();
+        settings.harbors[0].password = password.to_owned().into();
         settings.port.client_id = "sandbox-client".into();
         settings.port.client_secret = "sandbox-secret".into();
         settings
@@ -421,7 +435,7 @@ impl TestSandbox {
                 "{}/api/v2.0/projects/{project}/webhook/policies",
                 self.base
             ))
-            .basic_auth("admin", Some("Harbor12345"))
+            .basic_auth(self.harbor_login().0, Some(self.harbor_login().1))
             .send()
             .await
             .unwrap()

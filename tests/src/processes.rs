@@ -192,20 +192,21 @@ pub fn worker_env(
 }
 
 /// The environment of a `harbor-worker` process on this topology, reading and writing the
-/// sandbox at `sandbox` (its Harbor and its Port) with the test sandbox's credentials.
+/// sandbox (its Harbor and its Port) with its credentials.
 pub fn sandbox_worker_env(
     broker: &crate::rabbit::TestTopology,
-    sandbox: &str,
+    sandbox: &crate::apps::TestSandbox,
     metrics_port: u16,
 ) -> Vec<(&'static str, String)> {
+    let (username, password) = sandbox.harbor_login();
     vec![
         ("AMQP_URL", crate::rabbit::amqp_url()),
         ("AMQP_EXCHANGE", broker.topology().exchange().to_owned()),
         ("AMQP_QUEUE", broker.topology().queue().to_owned()),
-        ("HARBOR_URL", sandbox.to_owned()),
-        ("HARBOR_USERNAME", "admin".to_owned()),
-        ("HARBOR_PASSWORD", "Harbor12345".to_owned()),
-        ("PORT_API_URL", sandbox.to_owned()),
+        ("HARBOR_URL", sandbox.base.clone()),
+        ("HARBOR_USERNAME", username.to_owned()),
+        ("HARBOR_PASSWORD", password.to_owned()),
+        ("PORT_API_URL", sandbox.base.clone()),
         ("PORT_CLIENT_ID", "sandbox-client".to_owned()),
         ("PORT_CLIENT_SECRET", "sandbox-secret".to_owned()),
         ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),

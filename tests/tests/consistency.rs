@@ -213,7 +213,7 @@ impl World {
 
     async fn add_worker(&mut self) {
         let metrics_port = free_port();
-        let env = sandbox_worker_env(&self.broker, &self.sandbox.base, metrics_port);
+        let env = sandbox_worker_env(&self.broker, &self.sandbox, metrics_port);
         let name = format!("worker-{}", self.workers.len());
         self.processes.spawn(&name, "harbor-worker", &env);
         wait_ready_at(&format!("http://127.0.0.1:{metrics_port}/readyz")).await;

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use harbor_shared::broker;
 use harbor_shared::config::AmqpSettings;
-use harbor_sync_tests::apps::{TestSandbox, TestWorker, start_sandbox, wait_ready_at};
+use harbor_sync_tests::apps::{
+    TestSandbox, TestWorker, sandbox_settings, start_sandbox, start_sandbox_with, wait_ready_at,
+};
 use harbor_sync_tests::processes::{Processes, free_port, sandbox_worker_env};
 use harbor_sync_tests::rabbit::TestTopology;
 use harbor_sync_tests::samples;
@@ -20,9 +22,13 @@ use harbor_worker::startup::fleet;
 use serde_json::json;
 
 /// A sandbox whose Harbor holds 105 artifacts in library/nginx (more than one page) and one in
-/// team/app/api, whose webhooks went nowhere, and whose Port holds things Harbor does not.
+/// team/app/api, whose webhooks went nowhere, and whose Port holds things Harbor does not. The
+/// worker reads it with a robot account, as in production: Harbor answers it 403, not 404, for
+/// anything in the ghost project.
 async fn drifted() -> TestSandbox {
-    let sandbox = start_sandbox("http://127.0.0.1:9/webhook", PayloadFormat::Default).await;
+    let mut settings = sandbox_settings("http://127.0.0.1:9/webhook", PayloadFormat::Default);
+    settings.harbor_username = "robot$port-sync".into();
+    let sandbox = start_sandbox_with(settings).await;
     for i in 0..105 {
         sandbox
             .act("push", "library/nginx", &format!("1.{i}"))
@@ -243,7 +249,7 @@ async fn two_workers_with_a_resync_interval_resync_once_per_interval_between_the
     let mut metrics = Vec::new();
     for n in 0..2 {
         let port = free_port();
-        let mut env = sandbox_worker_env(&broker, &sandbox.base, port);
+        let mut env = sandbox_worker_env(&broker, &sandbox, port);
         env.push(("RESYNC_INTERVAL", "5s".to_owned()));
         processes.spawn(&format!("worker-{n}"), "harbor-worker", &env);
         let url = format!("http://127.0.0.1:{port}");

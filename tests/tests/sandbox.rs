@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use harbor_sync_tests::apps::{
-    TestIngest, TestSandbox, TestWorker, ingest_settings, start_sandbox,
+    TestIngest, TestSandbox, TestWorker, ingest_settings, sandbox_settings, start_sandbox,
+    start_sandbox_with,
 };
 use harbor_sync_tests::browser::Browser;
 use harbor_sync_tests::rabbit::TestTopology;
@@ -137,6 +138,53 @@ async fn the_sandbox_harbor_is_strict_like_harbor() {
     assert_eq!(missing.status(), 404);
     let errors: Value = missing.json().await.unwrap();
     assert_eq!(errors["errors"][0]["code"], "NOT_FOUND");
+    // A project that is not there: 404 to the system administrator, as here.
+    let no_project = get("/projects/ghost/repositories/app", "Harbor12345")
+        .await
+        .unwrap();
+    assert_eq!(no_project.status(), 404);
+}
+
+#[tokio::test]
+async fn the_sandbox_harbor_answers_a_robot_account_403_in_a_project_that_is_not_there() {
+    let mut settings = sandbox_settings("http://127.0.0.1:9/webhook", PayloadFormat::Default);
+    settings.harbor_username = "robot$port-sync".into();
+    let sandbox = start_sandbox_with(settings).await;
+    sandbox.act("push", "team/app", "v1").await;
+    let client = reqwest::Client::new();
+    let (username, password) = sandbox.harbor_login();
+    let ask = |method: reqwest::Method, path: &str| {
+        client
+            .request(method, format!("{}/api/v2.0{path}", sandbox.base))
+            .basic_auth(username, Some(password))
+            .header("x-request-id", "ours")
+            .send()
+    };
+    for path in [
+        "/projects/ghost",
+        "/projects/ghost/repositories",
+        "/projects/ghost/repositories/app",
+        "/projects/ghost/webhook/policies",
+    ] {
+        let answer = ask(reqwest::Method::GET, path).await.unwrap();
+        assert_eq!(answer.status(), 403, "{path}");
+        let errors: Value = answer.json().await.unwrap();
+        assert_eq!(errors["errors"][0]["code"], "FORBIDDEN", "{path}");
+    }
+    assert_eq!(
+        ask(reqwest::Method::GET, "/projects/team/repositories/app")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // HEAD /projects tells the two apart, sending the request's id back.
+    for (name, status) in [("team", 200), ("ghost", 404)] {
+        let path = format!("/projects?project_name={name}");
+        let answer = ask(reqwest::Method::HEAD, &path).await.unwrap();
+        assert_eq!(answer.status(), status, "{name}");
+        assert_eq!(answer.headers()["x-request-id"], "ours", "{name}");
+    }
 }
 
 #[tokio::test]

@@ -550,6 +550,12 @@ mod tests {
             .respond_with(ResponseTemplate::new(403).set_body_json(json!({"errors": []})))
             .mount(&harbor)
             .await;
+        // The project exists: the 403 is the account's.
+        Mock::given(method("HEAD"))
+            .and(path(api))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&harbor)
+            .await;
         let client = HarborClient::new(
             crate::clients::Http::new(std::time::Duration::from_secs(5), 1 << 20).unwrap(),
             Url::parse(&harbor.uri()).unwrap(),

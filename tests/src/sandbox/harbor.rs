@@ -12,6 +12,7 @@ use super::{Shared, lock};
 /// Mounts `/api/v2.0/...`.
 pub fn routes(config: &mut web::ServiceConfig) {
     config
+        .route("/api/v2.0/projects", web::head().to(head_project))
         .route("/api/v2.0/{tail:.*}", web::get().to(get))
         .route("/api/v2.0/{tail:.*}", web::post().to(write))
         .route("/api/v2.0/{tail:.*}", web::put().to(write))
@@ -26,6 +27,20 @@ fn errors(status: actix_web::http::StatusCode, code: &str, message: &str) -> Htt
 
 fn not_found(message: &str) -> HttpResponse {
     errors(actix_web::http::StatusCode::NOT_FOUND, "NOT_FOUND", message)
+}
+
+/// What Harbor answers for anything in a project it does not have: 404 to a system
+/// administrator (the account `admin`), 403 to any other account (a robot account): Harbor
+/// checks the account's permission in the project first, and there is none.
+fn no_project(shared: &Shared, project: &str) -> HttpResponse {
+    match shared.settings.harbor_username == "admin" {
+        true => not_found(&format!("project {project} not found")),
+        false => errors(
+            actix_web::http::StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+            "forbidden",
+        ),
+    }
 }
 
 fn unauthorized() -> HttpResponse {
@@ -60,6 +75,31 @@ fn repository_segment(raw: &str) -> Option<String> {
     Some(percent_decode_str(&once).decode_utf8().ok()?.into_owned())
 }
 
+/// `HEAD /projects?project_name=`: whether a project exists, to any account; the request's
+/// `X-Request-ID` comes back (one of Harbor's own when it sent none), as from Harbor.
+async fn head_project(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    let name =
+        web::Query::<std::collections::HashMap<String, String>>::from_query(request.query_string())
+            .ok()
+            .and_then(|query| query.get("project_name").cloned());
+    let status = match name {
+        _ if !authorized(&request, &shared) => actix_web::http::StatusCode::UNAUTHORIZED,
+        None => actix_web::http::StatusCode::BAD_REQUEST,
+        Some(name) if lock(&shared.registry).projects.contains_key(&name) => {
+            actix_web::http::StatusCode::OK
+        }
+        Some(_) => actix_web::http::StatusCode::NOT_FOUND,
+    };
+    HttpResponse::build(status)
+        .insert_header(("x-request-id", id))
+        .finish()
+}
+
 async fn get(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
     let latency = shared.settings.harbor_latency_ms;
     if latency > 0 {
@@ -81,6 +121,12 @@ fn answer(request: &HttpRequest, shared: &Shared) -> HttpResponse {
             .unwrap_or_default();
     let flag = |name: &str| query.get(name).is_some_and(|v| v == "true");
     let registry = lock(&shared.registry);
+    if let ["projects", project, ..] = segments.as_slice() {
+        let project = percent_decode_str(project).decode_utf8_lossy();
+        if !registry.projects.contains_key(project.as_ref()) {
+            return no_project(shared, &project);
+        }
+    }
     let page = |items: Vec<Value>| paginate(items, &query);
     match segments.as_slice() {
         ["projects"] => page(
@@ -119,7 +165,7 @@ fn answer(request: &HttpRequest, shared: &Shared) -> HttpResponse {
             let name = percent_decode_str(name).decode_utf8_lossy();
             match registry.projects.get(name.as_ref()) {
                 Some(project) => HttpResponse::Ok().json(project_json(&registry, project)),
-                None => not_found(&format!("project {name} not found")),
+                None => no_project(shared, &name),
             }
         }
         ["projects", project, "repositories", repo] => {
@@ -160,9 +206,6 @@ fn answer(request: &HttpRequest, shared: &Shared) -> HttpResponse {
         }
         ["projects", project, "webhook", "policies"] => {
             let project = percent_decode_str(project).decode_utf8_lossy();
-            if !registry.projects.contains_key(project.as_ref()) {
-                return not_found(&format!("project {project} not found"));
-            }
             match lock(&shared.policies).list(&project) {
                 Ok(all) => page(all),
                 Err(answer) => reply(answer),
@@ -220,7 +263,7 @@ async fn write(request: HttpRequest, body: web::Bytes, shared: web::Data<Shared>
     };
     let project = percent_decode_str(project).decode_utf8_lossy().into_owned();
     let Some(project_id) = lock(&shared.registry).projects.get(&project).map(|p| p.id) else {
-        return not_found(&format!("project {project} not found"));
+        return no_project(&shared, &project);
     };
     let parsed = || serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null);
     let mut policies = lock(&shared.policies);

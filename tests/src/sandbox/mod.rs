@@ -73,7 +73,9 @@ pub struct Settings {
     #[arg(long, env = "SANDBOX_PAYLOAD_FORMAT", value_enum, default_value_t = PayloadFormat::Default)]
     pub payload_format: PayloadFormat,
 
-    /// The Harbor user the fake Harbor API accepts.
+    /// The Harbor user the fake Harbor API accepts: `admin` is a system administrator; any
+    /// other account (a robot account) is answered 403 for anything in a project that does not
+    /// exist, as by Harbor.
     #[arg(long, env = "HARBOR_USERNAME", default_value = "admin")]
     pub harbor_username: String,
 

@@ -5,6 +5,13 @@
 //! means the thing is gone and is returned as `None`, not as an error; a 404 without it comes
 //! from something in front of Harbor (a proxy, an ingress without its route) and proves
 //! nothing: it is a transient failure.
+//!
+//! A project that is gone is answered 403, not 404, to anyone but a system administrator: Harbor
+//! checks the account's permission in the project before it looks for what is asked, and no
+//! account has any in a project that does not exist. So a 403 to a read in a project is followed
+//! by `HEAD /projects?project_name=`, which asks only for a login: when Harbor answers that the
+//! project does not exist, the read's answer is `None` too; when it exists, the 403 stands (the
+//! account lacks the permission).
 
 use std::collections::BTreeMap;
 
@@ -23,6 +30,18 @@ fn says_not_found(body: &Value) -> bool {
     body["errors"]
         .as_array()
         .is_some_and(|errors| errors.iter().any(|e| e["code"] == "NOT_FOUND"))
+}
+
+/// The header Harbor sends back with the request's own value, set to one of its own when the
+/// request has none.
+const REQUEST_ID: &str = "X-Request-ID";
+
+/// The project a path is in (`projects/{project}/...`), if any.
+fn project_of<'a>(segments: &[&'a str]) -> Option<&'a str> {
+    match segments {
+        ["projects", project, ..] => Some(project),
+        _ => None,
+    }
 }
 
 /// Scan report types the worker reads, in order of preference.
@@ -199,9 +218,10 @@ impl HarborClient {
     async fn get<T: for<'de> Deserialize<'de>>(
         &self,
         what: &str,
+        project: Option<&str>,
         request: reqwest::RequestBuilder,
     ) -> Result<Option<T>, CallError> {
-        let raw = self.get_raw(what, request).await?;
+        let raw = self.get_raw(what, project, request).await?;
         raw.map(|raw| T::deserialize(&raw))
             .transpose()
             .map_err(|error| unreadable(what, &error))
@@ -211,17 +231,21 @@ impl HarborClient {
     async fn get_answer<T: Answer>(
         &self,
         what: &str,
+        project: Option<&str>,
         request: reqwest::RequestBuilder,
     ) -> Result<Option<T>, CallError> {
-        let raw = self.get_raw(what, request).await?;
+        let raw = self.get_raw(what, project, request).await?;
         raw.map(read)
             .transpose()
             .map_err(|error| unreadable(what, &error))
     }
 
+    /// A read's answer, `None` when what it asks for is gone; `project` is the project it is
+    /// in, if any.
     async fn get_raw(
         &self,
         what: &str,
+        project: Option<&str>,
         request: reqwest::RequestBuilder,
     ) -> Result<Option<Value>, CallError> {
         let response = request
@@ -242,8 +266,49 @@ impl HarborClient {
                 }),
             };
         }
+        if let Some(project) = project.filter(|_| response.status() == StatusCode::FORBIDDEN)
+            && !self.project_exists(project).await?
+        {
+            return Ok(None);
+        }
         let response = success(what, response).await?;
         self.http.json(what, response).await.map(Some)
+    }
+
+    /// Whether Harbor has the project (`HEAD /projects?project_name=`). A HEAD answer has no
+    /// body to carry Harbor's error, so a 404 is taken for Harbor's only when it carries back
+    /// this request's `X-Request-ID`, as Harbor's do and a proxy's own do not.
+    async fn project_exists(&self, project: &str) -> Result<bool, CallError> {
+        let what = format!("Harbor HEAD project {project}");
+        let mut url = self.endpoint(&["projects"]);
+        url.query_pairs_mut().append_pair("project_name", project);
+        let id = uuid::Uuid::new_v4().to_string();
+        let response = self
+            .http
+            .client
+            .head(url)
+            .header(REQUEST_ID, &id)
+            .basic_auth(&self.username, Some(self.password.expose_secret()))
+            .send()
+            .await
+            .map_err(|error| transport_error(&what, &error))?;
+        if response.status() == StatusCode::NOT_FOUND {
+            let echoed = response
+                .headers()
+                .get(REQUEST_ID)
+                .is_some_and(|v| v == id.as_str());
+            return match echoed {
+                true => Ok(false),
+                false => Err(CallError::Transient {
+                    reason: format!(
+                        "{what} answered 404 without the request's {REQUEST_ID} (from a proxy \
+                         in front of Harbor?): not taken to mean the project is gone"
+                    ),
+                    retry_after: None,
+                }),
+            };
+        }
+        success(&what, response).await.map(|_| true)
     }
 
     /// Every item of a paginated list (`page_size` 100, Harbor's maximum), page by page; the
@@ -284,7 +349,10 @@ impl HarborClient {
                 .get(url)
                 .header("X-Is-Resource-Name", "true")
                 .header("X-Accept-Vulnerabilities", VULNERABILITY_REPORTS);
-            let items: Vec<Value> = self.get(&what, request).await?.unwrap_or_default();
+            let items: Vec<Value> = self
+                .get(&what, project_of(segments), request)
+                .await?
+                .unwrap_or_default();
             let last = items.len() < PAGE_SIZE;
             all.extend(items);
             if last {
@@ -300,7 +368,7 @@ impl HarborClient {
             .await
     }
 
-    /// Every repository of a project (404 for a project that is gone: none).
+    /// Every repository of a project (none for a project that is gone).
     pub async fn repositories(&self, project: &str) -> Result<Vec<Repository>, CallError> {
         let what = format!("Harbor GET repositories of {project}");
         self.list_all(&what, &["projects", project, "repositories"], &[])
@@ -334,7 +402,7 @@ impl HarborClient {
             .client
             .get(url)
             .header("X-Is-Resource-Name", "true");
-        self.get_answer(&format!("Harbor GET project {name}"), request)
+        self.get_answer(&format!("Harbor GET project {name}"), Some(name), request)
             .await
     }
 
@@ -352,6 +420,7 @@ impl HarborClient {
         ]);
         self.get_answer(
             &format!("Harbor GET repository {repository}"),
+            Some(repository.project()),
             self.http.client.get(url),
         )
         .await
@@ -392,6 +461,7 @@ impl HarborClient {
             .header("X-Accept-Vulnerabilities", VULNERABILITY_REPORTS);
         self.get_answer(
             &format!("Harbor GET artifact {repository}@{reference}"),
+            Some(repository.project()),
             request,
         )
         .await
@@ -457,7 +527,8 @@ impl HarborClient {
             .client
             .get(url)
             .header("X-Is-Resource-Name", "true");
-        Ok(self.get(&what, request).await?.unwrap_or_default())
+        let items = self.get(&what, Some(project), request).await?;
+        Ok(items.unwrap_or_default())
     }
 
     /// The tasks (one per target) of an execution of a project's webhook policy.
@@ -482,5 +553,113 @@ impl HarborClient {
             .await
             .map_err(|error| transport_error(what, &error))?;
         success(what, response).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use wiremock::matchers::{method, path, query_param};
+    use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+    use super::*;
+
+    /// A Harbor, as a robot account sees it, where `kept` exists (the account has no
+    /// permission in it) and `gone` does not: both answer reads in them 403, and only
+    /// `HEAD /projects` tells them apart.
+    async fn harbor() -> (MockServer, HarborClient) {
+        let server = MockServer::start().await;
+        let forbidden = json!({"errors": [{"code": "FORBIDDEN", "message": "forbidden"}]});
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(403).set_body_json(forbidden))
+            .mount(&server)
+            .await;
+        let head = |name: &str| {
+            Mock::given(method("HEAD"))
+                .and(path("/api/v2.0/projects"))
+                .and(query_param("project_name", name))
+        };
+        head("kept")
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&server)
+            .await;
+        head("gone")
+            .respond_with(|request: &Request| {
+                let id = request.headers.get(REQUEST_ID).cloned();
+                let answer = ResponseTemplate::new(404);
+                match id {
+                    Some(id) => answer.insert_header(REQUEST_ID, id),
+                    None => answer,
+                }
+            })
+            .mount(&server)
+            .await;
+        // A proxy's own 404, which names no request.
+        head("proxied")
+            .respond_with(ResponseTemplate::new(404).insert_header(REQUEST_ID, "another"))
+            .mount(&server)
+            .await;
+        let client = HarborClient::new(
+            Http::new(std::time::Duration::from_secs(5), 1 << 20).unwrap(),
+            Url::parse(&server.uri()).unwrap(),
+            "robot$sync".into(),
+            SecretString::from("password"),
+        );
+        (server, client)
+    }
+
+    fn repository(full: &str) -> RepositoryName {
+        RepositoryName::parse(full).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_403_in_a_project_that_is_gone_means_gone() {
+        let (_server, client) = harbor().await;
+        let digest = Digest::parse(&format!("sha256:{}", "a".repeat(64))).unwrap();
+
+        assert_eq!(client.project("gone").await.unwrap(), None);
+        assert_eq!(
+            client.repository(&repository("gone/app")).await.unwrap(),
+            None
+        );
+        let artifact = client.artifact(&repository("gone/app"), &digest).await;
+        assert_eq!(artifact.unwrap(), None);
+        assert!(client.repositories("gone").await.unwrap().is_empty());
+        assert!(
+            client
+                .artifacts(&repository("gone/app"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_403_in_a_project_that_exists_stands_and_an_unproven_404_is_transient() {
+        let (_server, client) = harbor().await;
+
+        match client.repository(&repository("kept/app")).await {
+            Err(CallError::Permanent { reason }) => {
+                assert!(
+                    reason.contains("GET repository kept/app answered 403"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match client.project("proxied").await {
+            Err(CallError::Transient { reason, .. }) => {
+                assert!(
+                    reason.contains("HEAD project proxied answered 404"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Outside a project, a 403 is only a 403.
+        assert!(matches!(
+            client.projects().await,
+            Err(CallError::Permanent { .. })
+        ));
     }
 }
