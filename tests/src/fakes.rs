@@ -46,7 +46,9 @@ pub fn harbor_not_found(what: &str) -> ResponseTemplate {
 }
 
 impl FakeHarbor {
-    /// A Harbor that knows nothing yet: what a test does not mount answers Harbor's 404.
+    /// A Harbor that knows nothing yet: what a test does not mount answers Harbor's 404, as
+    /// Harbor answers for what a project that exists does not hold (in a project that does not
+    /// exist, Harbor answers the robot account 403: the sandbox plays that).
     pub async fn start() -> Self {
         let server = MockServer::start().await;
         Mock::given(method("GET"))
