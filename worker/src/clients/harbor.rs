@@ -266,10 +266,11 @@ impl HarborClient {
                 }),
             };
         }
-        if let Some(project) = project.filter(|_| response.status() == StatusCode::FORBIDDEN)
-            && !self.project_exists(project).await?
-        {
-            return Ok(None);
+        if let Some(project) = project.filter(|_| response.status() == StatusCode::FORBIDDEN) {
+            let exists = self.project_exists(project).await;
+            if !exists.map_err(|error| error.after(&format!("{what} answered 403")))? {
+                return Ok(None);
+            }
         }
         let response = success(what, response).await?;
         self.http.json(what, response).await.map(Some)
@@ -649,10 +650,9 @@ mod tests {
         }
         match client.project("proxied").await {
             Err(CallError::Transient { reason, .. }) => {
-                assert!(
-                    reason.contains("HEAD project proxied answered 404"),
-                    "{reason}"
-                );
+                let expected = "Harbor GET project proxied answered 403; then Harbor HEAD \
+                                project proxied answered 404 without";
+                assert!(reason.starts_with(expected), "{reason}");
             }
             other => panic!("{other:?}"),
         }

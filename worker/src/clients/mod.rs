@@ -37,6 +37,13 @@ impl CallError {
             reason: reason.into(),
         }
     }
+
+    /// The same failure, its reason saying first what led to the failed call.
+    pub fn after(mut self, cause: &str) -> Self {
+        let (Self::Transient { reason, .. } | Self::Permanent { reason }) = &mut self;
+        *reason = format!("{cause}; then {reason}");
+        self
+    }
 }
 
 /// Whether a status is worth retrying.
