@@ -556,12 +556,7 @@ mod tests {
             .respond_with(ResponseTemplate::new(200))
             .mount(&harbor)
             .await;
-        let client = HarborClient::new(
-            crate::clients::Http::new(std::time::Duration::from_secs(5), 1 << 20).unwrap(),
-            Url::parse(&harbor.uri()).unwrap(),
-            "robot$sync".into(),
-            SecretString::from("password"),
-        );
+        let client = crate::clients::harbor::tests::client_of(&harbor);
 
         let all = status(&client, &desired()).await.unwrap();
         let [alpha] = all.as_slice() else {

@@ -83,10 +83,7 @@ async fn head_project(request: HttpRequest, shared: web::Data<Shared>) -> HttpRe
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-    let name =
-        web::Query::<std::collections::HashMap<String, String>>::from_query(request.query_string())
-            .ok()
-            .and_then(|query| query.get("project_name").cloned());
+    let name = query(&request).remove("project_name");
     let status = match name {
         _ if !authorized(&request, &shared) => actix_web::http::StatusCode::UNAUTHORIZED,
         None => actix_web::http::StatusCode::BAD_REQUEST,
@@ -98,6 +95,13 @@ async fn head_project(request: HttpRequest, shared: web::Data<Shared>) -> HttpRe
     HttpResponse::build(status)
         .insert_header(("x-request-id", id))
         .finish()
+}
+
+/// A request's query parameters (none when it cannot be read).
+fn query(request: &HttpRequest) -> std::collections::HashMap<String, String> {
+    web::Query::from_query(request.query_string())
+        .map(web::Query::into_inner)
+        .unwrap_or_default()
 }
 
 async fn get(request: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
@@ -115,10 +119,7 @@ fn answer(request: &HttpRequest, shared: &Shared) -> HttpResponse {
     }
     let raw_path = request.uri().path().trim_start_matches("/api/v2.0/");
     let segments: Vec<&str> = raw_path.split('/').collect();
-    let query =
-        web::Query::<std::collections::HashMap<String, String>>::from_query(request.query_string())
-            .map(web::Query::into_inner)
-            .unwrap_or_default();
+    let query = query(request);
     let flag = |name: &str| query.get(name).is_some_and(|v| v == "true");
     let registry = lock(&shared.registry);
     if let ["projects", project, ..] = segments.as_slice() {
@@ -162,11 +163,9 @@ fn answer(request: &HttpRequest, shared: &Shared) -> HttpResponse {
             )
         }
         ["projects", name] => {
+            // It exists: checked above.
             let name = percent_decode_str(name).decode_utf8_lossy();
-            match registry.projects.get(name.as_ref()) {
-                Some(project) => HttpResponse::Ok().json(project_json(&registry, project)),
-                None => no_project(shared, &name),
-            }
+            HttpResponse::Ok().json(project_json(&registry, &registry.projects[name.as_ref()]))
         }
         ["projects", project, "repositories", repo] => {
             let Some(name) = repository_segment(repo) else {

@@ -32,6 +32,18 @@ fn says_not_found(body: &Value) -> bool {
         .is_some_and(|errors| errors.iter().any(|e| e["code"] == "NOT_FOUND"))
 }
 
+/// A 404 that does not show it is Harbor's (it lacks `proof`), so proves nothing of `subject`:
+/// a transient failure.
+fn unproven_404(what: &str, proof: &str, subject: &str) -> CallError {
+    CallError::Transient {
+        reason: format!(
+            "{what} answered 404 without {proof} (from a proxy in front of Harbor?): not taken \
+             to mean {subject} is gone"
+        ),
+        retry_after: None,
+    }
+}
+
 /// The header Harbor sends back with the request's own value, set to one of its own when the
 /// request has none.
 const REQUEST_ID: &str = "X-Request-ID";
@@ -257,13 +269,7 @@ impl HarborClient {
             let body: Result<Value, _> = self.http.json(what, response).await;
             return match body {
                 Ok(body) if says_not_found(&body) => Ok(None),
-                _ => Err(CallError::Transient {
-                    reason: format!(
-                        "{what} answered 404 without Harbor's NOT_FOUND error (from a proxy in \
-                         front of Harbor?): not taken to mean it is gone"
-                    ),
-                    retry_after: None,
-                }),
+                _ => Err(unproven_404(what, "Harbor's NOT_FOUND error", "it")),
             };
         }
         if let Some(project) = project.filter(|_| response.status() == StatusCode::FORBIDDEN) {
@@ -300,13 +306,11 @@ impl HarborClient {
                 .is_some_and(|v| v == id.as_str());
             return match echoed {
                 true => Ok(false),
-                false => Err(CallError::Transient {
-                    reason: format!(
-                        "{what} answered 404 without the request's {REQUEST_ID} (from a proxy \
-                         in front of Harbor?): not taken to mean the project is gone"
-                    ),
-                    retry_after: None,
-                }),
+                false => Err(unproven_404(
+                    &what,
+                    &format!("the request's {REQUEST_ID}"),
+                    "the project",
+                )),
             };
         }
         success(&what, response).await.map(|_| true)
@@ -558,7 +562,7 @@ impl HarborClient {
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use serde_json::json;
     use wiremock::matchers::{method, path, query_param};
     use wiremock::{Mock, MockServer, Request, ResponseTemplate};
@@ -600,13 +604,18 @@ mod tests {
             .respond_with(ResponseTemplate::new(404).insert_header(REQUEST_ID, "another"))
             .mount(&server)
             .await;
-        let client = HarborClient::new(
+        let client = client_of(&server);
+        (server, client)
+    }
+
+    /// A client of a Harbor faked by `server`, as a robot account.
+    pub fn client_of(server: &MockServer) -> HarborClient {
+        HarborClient::new(
             Http::new(std::time::Duration::from_secs(5), 1 << 20).unwrap(),
             Url::parse(&server.uri()).unwrap(),
             "robot$sync".into(),
             SecretString::from("password"),
-        );
-        (server, client)
+        )
     }
 
     fn repository(full: &str) -> RepositoryName {
