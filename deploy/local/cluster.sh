@@ -2,12 +2,13 @@
 # A three-node RabbitMQ cluster on this machine, from the installed rabbitmq-server, for tests
 # and for trying failover: `cluster.sh start|stop|status|urls`.
 #
-#   node          AMQP   management  distribution
-#   hsync1@localhost  5701   15701       25701
-#   hsync2@localhost  5702   15702       25702
-#   hsync3@localhost  5703   15703       25703
+#   node              AMQP   management  prometheus  distribution
+#   hsync1@localhost  5701   15701       15791       25701
+#   hsync2@localhost  5702   15702       15792       25702
+#   hsync3@localhost  5703   15703       15793       25703
 #
-# (CLUSTER_PORT_BASE=5700 moves them all.) Everything lives under CLUSTER_DIR (default
+# (CLUSTER_PORT_BASE=5700 moves them all; CLUSTER_SIZE=1 starts the first node alone, a throwaway
+# broker for tests.) Everything lives under CLUSTER_DIR (default
 # /tmp/harbor-rabbitmq-cluster): one Erlang cookie, and per node its config, data and logs;
 # `stop` stops the three nodes and removes it. The default broker on 5672 is left untouched.
 # `urls` prints the AMQP_URL that lists the three nodes.
@@ -16,11 +17,12 @@ set -euo pipefail
 DIR=${CLUSTER_DIR:-/tmp/harbor-rabbitmq-cluster}
 BASE=${CLUSTER_PORT_BASE:-5700}
 SBIN=${RABBITMQ_SBIN:-/usr/lib/rabbitmq/bin}
-NODES=(1 2 3)
+mapfile -t NODES < <(seq "${CLUSTER_SIZE:-3}")
 
 node_name() { echo "hsync$1@localhost"; }
 amqp_port() { echo $((BASE + $1)); }
 mgmt_port() { echo $((BASE + 10000 + $1)); }
+prometheus_port() { echo $((BASE + 10090 + $1)); }
 dist_port() { echo $((BASE + 20000 + $1)); }
 
 # rabbitmqctl for node $1, with the cluster's cookie.
@@ -39,9 +41,11 @@ start_node() {
 listeners.tcp.default = 127.0.0.1:$(amqp_port "$n")
 management.tcp.port = $(mgmt_port "$n")
 management.tcp.ip = 127.0.0.1
+prometheus.tcp.port = $(prometheus_port "$n")
+prometheus.tcp.ip = 127.0.0.1
 loopback_users = none
 EOF
-  echo '[rabbitmq_management,rabbitmq_consistent_hash_exchange].' >"$dir/enabled_plugins"
+  echo '[rabbitmq_management,rabbitmq_consistent_hash_exchange,rabbitmq_prometheus].' >"$dir/enabled_plugins"
   : >"$dir/rabbitmq-env.conf"
   HOME="$DIR/home" \
     RABBITMQ_NODENAME="$(node_name "$n")" \

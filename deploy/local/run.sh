@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-deploy/local/ensure-rabbitmq.sh
+deploy/local/setup.sh rabbitmq
 
 : "${SANDBOX_LISTEN_ADDR:=127.0.0.1:8090}"
 : "${WEBHOOK_SECRET:=change-me-to-a-long-secret}"

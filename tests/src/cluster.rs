@@ -1,5 +1,6 @@
-//! A three-node RabbitMQ cluster for tests and the soak program: `deploy/local/cluster.sh`
-//! on ports of its own, in a folder of its own, stopped and removed when dropped.
+//! A three-node RabbitMQ cluster for tests and the soak program, or one node alone:
+//! `deploy/local/cluster.sh` on ports of its own, in a folder of its own, stopped and removed when
+//! dropped.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -11,20 +12,46 @@ use serde_json::Value;
 pub struct Cluster {
     folder: PathBuf,
     port_base: u16,
+    size: u16,
 }
 
 impl Cluster {
     /// Starts one whose nodes listen on `port_base` + 1 to 3 (AMQP), + 10,001 to 10,003
-    /// (management) and + 20,001 to 20,003 (distribution).
+    /// (management), + 10,091 to 10,093 (Prometheus) and + 20,001 to 20,003 (distribution).
     pub fn start(port_base: u16) -> Self {
+        Self::of_size(port_base, 3)
+    }
+
+    /// Starts node 1 alone, on the ports `start` gives it: a throwaway broker.
+    pub fn single(port_base: u16) -> Self {
+        Self::of_size(port_base, 1)
+    }
+
+    fn of_size(port_base: u16, size: u16) -> Self {
         let folder =
             std::env::temp_dir().join(format!("harbor-cluster-{port_base}-{}", std::process::id()));
-        let cluster = Self { folder, port_base };
+        let cluster = Self {
+            folder,
+            port_base,
+            size,
+        };
         assert!(
             cluster.script(&["start"]),
             "deploy/local/cluster.sh start failed"
         );
         cluster
+    }
+
+    /// The environment RabbitMQ's command-line tools need to act on node `n`: the HOME that
+    /// holds the nodes' `.erlang.cookie`, and the node's enabled-plugins file.
+    pub fn cli_env(&self, n: u16) -> [(&'static str, PathBuf); 2] {
+        [
+            ("HOME", self.folder.join("home")),
+            (
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                self.folder.join(format!("node{n}/enabled_plugins")),
+            ),
+        ]
     }
 
     /// Runs the script on this cluster; whether it succeeded.
@@ -34,6 +61,7 @@ impl Cluster {
             .args(args)
             .env("CLUSTER_DIR", &self.folder)
             .env("CLUSTER_PORT_BASE", self.port_base.to_string())
+            .env("CLUSTER_SIZE", self.size.to_string())
             .status()
             .is_ok_and(|s| s.success())
     }
@@ -48,9 +76,9 @@ impl Cluster {
         self.script(&["start-node", &n.to_string()])
     }
 
-    /// The AMQP_URL listing the three nodes.
+    /// The AMQP_URL listing the nodes.
     pub fn url(&self) -> String {
-        (1..=3)
+        (1..=self.size)
             .map(|n| format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port_base + n))
             .collect::<Vec<_>>()
             .join(",")
@@ -65,7 +93,7 @@ impl Cluster {
 
     /// A management API answer, from the first node that answers.
     pub async fn management(&self, path: &str) -> Value {
-        for n in 1..=3 {
+        for n in 1..=self.size {
             let url = format!("http://127.0.0.1:{}/api{path}", self.port_base + 10_000 + n);
             let answer = reqwest::Client::new()
                 .get(url)

@@ -36,20 +36,30 @@ impl TestTopology {
 
     /// Declares a fresh topology on the broker(s) of this AMQP_URL.
     pub async fn on(url: &str) -> Self {
+        let test = Self::named(url).await;
+        // Declared once it exists, so that what a failed declaration made is deleted on drop.
+        let declared = test.amqp.topology.declare(&test.link.lock().await.0).await;
+        declared.unwrap();
+        test
+    }
+
+    /// Fresh names on the default broker, nothing declared yet (a broker where neither binary
+    /// has run); whatever gets declared under them is deleted on drop.
+    pub async fn undeclared() -> Self {
+        Self::named(&amqp_url()).await
+    }
+
+    async fn named(url: &str) -> Self {
         let name = format!("test.{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let amqp = AmqpSettings {
             url: BrokerUrl::parse(url).unwrap(),
             topology: Topology::new(&name, &name).unwrap(),
         };
         let link = open(&amqp).await;
-        // Declared once it exists, so that what a failed declaration made is deleted on drop.
-        let test = Self {
+        Self {
             amqp,
             link: tokio::sync::Mutex::new(link),
-        };
-        let declared = test.amqp.topology.declare(&test.link.lock().await.0).await;
-        declared.unwrap();
-        test
+        }
     }
 
     /// The test's channel, on a new connection if the old one died (after a broker restart).

@@ -1,8 +1,8 @@
 //! The README's commands keep working. Its `sh` blocks are run here, as a newcomer would run
 //! them: `deploy/local/run.sh` (on free ports, with this test's queues and binaries), the sandbox walk-through
 //! and the payload example against it, `harbor-worker blueprints` against the sandbox's Port.
-//! The ones that need Docker or a cluster are run by CI in the form that works here (this test
-//! checks that CI still does). Every `harbor-worker ...` command the README names must exist
+//! The ones that need Docker or a cluster, and the test command itself, are run by CI in the form
+//! that works here (this test checks that CI still does). Every `harbor-worker ...` command the README names must exist
 //! with the flags it shows.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -196,9 +196,7 @@ fn assert_run_by_ci(command: &str) {
     let (file, proof) = match command {
         "docker compose up --build" => ("deploy/validate.sh", "-f docker-compose.yml config"),
         "deploy/local/run.sh" => ("tests/tests/readme.rs", "deploy/local/run.sh"),
-        "cargo nextest run --workspace --locked" => {
-            (".ci/run", "cargo nextest run --workspace --locked")
-        }
+        "deploy/local/test.sh" => (".ci/run", "\ndeploy/local/test.sh\n"),
         "kubectl apply -k deploy/k8s" => ("deploy/validate.sh", "kustomize \"$dir\""),
         "kubectl -n harbor-port-sync apply -f deploy/k8s/blueprints-job.yaml" => {
             ("deploy/validate.sh", "deploy/k8s/blueprints-job.yaml")

@@ -9,7 +9,7 @@ use harbor_shared::config::AmqpSettings;
 use harbor_sync_tests::apps::{
     TestSandbox, TestWorker, sandbox_settings, start_sandbox, start_sandbox_with, wait_ready_at,
 };
-use harbor_sync_tests::processes::{Processes, free_port, sandbox_worker_env};
+use harbor_sync_tests::processes::{Processes, binary, free_port, sandbox_worker_env, stdout_of};
 use harbor_sync_tests::rabbit::TestTopology;
 use harbor_sync_tests::samples;
 use harbor_sync_tests::sandbox::PayloadFormat;
@@ -294,4 +294,32 @@ async fn two_workers_with_a_resync_interval_resync_once_per_interval_between_the
     )
     .await;
     processes.terminate_all();
+}
+
+#[tokio::test]
+async fn the_resync_command_on_a_broker_where_nothing_ran_yet_leaves_its_requests_for_the_first_worker()
+ {
+    // The usual first install: blueprints, a resync to fill Port, then the deployments.
+    let sandbox = drifted().await;
+    let broker = TestTopology::undeclared().await;
+    let output = stdout_of(
+        std::process::Command::new(binary("harbor-worker"))
+            .arg("resync")
+            .envs(sandbox_worker_env(&broker, &sandbox, free_port())),
+    );
+    assert!(output.contains("refreshes requested: 6"), "{output}");
+    assert_eq!(
+        broker.work_ready().await,
+        6,
+        "the requests wait in the work queues"
+    );
+
+    let worker = TestWorker::start(sandbox.worker_settings(&broker.amqp)).await;
+    wait_until(
+        "Port to hold Harbor's artifacts",
+        Duration::from_secs(30),
+        || async { sandbox.ids("harborArtifact").await.len() == 106 },
+    )
+    .await;
+    worker.stop().await;
 }

@@ -58,6 +58,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 run.worker_concurrency,
             );
             let connection = broker::connect(&amqp.url, "harbor-worker resync").await?;
+            if !dry_run {
+                // The usual first install runs a resync before any worker: its requests wait in
+                // the work queues, which must exist for the publish to be routed.
+                amqp.topology.declare(&connection).await?;
+            }
             let (mut refused, mut failed) = (Vec::new(), Vec::new());
             for index in chosen {
                 let member = &fleet.members()[index];
