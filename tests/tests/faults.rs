@@ -398,8 +398,54 @@ async fn a_429_retry_after_is_waited_out_before_the_next_attempt() {
     );
 }
 
-/// A handler whose every refresh panics.
-struct Panics;
+#[tokio::test]
+async fn a_server_asking_to_wait_for_ever_has_the_event_parked_and_the_worker_goes_on() {
+    // `Retry-After: 10000000000000000000` from a proxy in front of Harbor, then from Port: no
+    // clock can add that wait. Each event is parked at once, and the worker goes on.
+    const FOREVER: &str = "10000000000000000000";
+    let stack = Stack::start().await;
+    stack
+        .harbor
+        .holds_any_artifact(REPOSITORY, Duration::ZERO)
+        .await;
+    let (at_harbor, at_port, fine) = (samples::digest(1), samples::digest(2), samples::digest(3));
+    Mock::given(method("GET"))
+        .and(wiremock::matchers::path_regex(format!("{at_harbor}$")))
+        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", FOREVER))
+        .with_priority(1)
+        .mount(&stack.harbor.server)
+        .await;
+    answer_upserts_of(&stack.port, &format!("{REPOSITORY}@{at_port}"), |_, _| {
+        (429, Some(Duration::from_secs(u64::MAX)))
+    })
+    .await;
+
+    for (parked, digest) in [(1, &at_harbor), (2, &at_port)] {
+        stack.webhook(&samples::push(REPOSITORY, digest)).await;
+        stack.wait_for_outcome("parked", parked).await;
+        let reason = failure_reason(&stack.broker.take_parked().await.unwrap());
+        assert!(
+            reason.contains("answered 429") && reason.contains("past the retry budget"),
+            "{reason}"
+        );
+    }
+    stack.webhook(&samples::push(REPOSITORY, &fine)).await;
+    stack.wait_for_outcome("synced", 1).await;
+    assert!(
+        stack
+            .port
+            .identifiers_written("harborArtifact")
+            .await
+            .contains(&format!("{REPOSITORY}@{fine}"))
+    );
+}
+
+/// A handler whose every refresh panics, or whose judging of a refresh does (a bug inside the
+/// scheduler's own task).
+enum Panics {
+    InRefresh,
+    InJudge,
+}
 
 impl Reconcile for Panics {
     type Key = Key;
@@ -407,10 +453,15 @@ impl Reconcile for Panics {
     type Report = ();
 
     async fn run(&self, _key: &Key, _work: &Work) {
-        panic!("a bug in the handler");
+        if let Panics::InRefresh = self {
+            panic!("a bug in the handler");
+        }
     }
 
     fn judge(&self, _report: &(), _asked: &Work) -> Judgement<Key, Work> {
+        if let Panics::InJudge = self {
+            panic!("a bug in the judge");
+        }
         Judgement::Done
     }
 }
@@ -451,7 +502,7 @@ async fn an_event_whose_handler_panics_is_parked_and_the_worker_keeps_consuming(
     } = stack;
     worker.stop().await;
     let settings = worker_settings(&broker.amqp, &harbor.url(), &port.url());
-    let panics = Arc::new(Panics);
+    let panics = Arc::new(Panics::InRefresh);
     let scheduler = scheduler(Arc::clone(&panics), &settings);
     let panicking = Worker::start(settings, panics, scheduler).await.unwrap();
     let metrics = format!("http://127.0.0.1:{}", panicking.metrics_port());
@@ -481,6 +532,52 @@ async fn an_event_whose_handler_panics_is_parked_and_the_worker_keeps_consuming(
     shutdown.cancel();
     running.await.unwrap().unwrap();
     assert_eq!(broker.work_ready().await, 0);
+}
+
+#[tokio::test]
+async fn a_worker_whose_scheduler_panics_stops_with_an_error_and_its_event_goes_back_to_the_queue()
+{
+    let stack = Stack::start().await;
+    let Stack {
+        worker,
+        ingest,
+        harbor,
+        port,
+        broker,
+    } = stack;
+    worker.stop().await;
+    let settings = worker_settings(&broker.amqp, &harbor.url(), &port.url());
+    let panics = Arc::new(Panics::InJudge);
+    let scheduler = scheduler(Arc::clone(&panics), &settings);
+    let broken = Worker::start(settings, panics, scheduler).await.unwrap();
+    let metrics = format!("http://127.0.0.1:{}", broken.metrics_port());
+    let running = tokio::spawn(broken.run_until_stopped());
+    harbor_sync_tests::apps::wait_ready_at(&format!("{metrics}/readyz")).await;
+
+    let response = ingest
+        .post(
+            &samples::push(REPOSITORY, &samples::digest(1)),
+            Some(SECRET),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    let stopped = tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the worker kept running without its scheduler")
+        .unwrap();
+    let error = stopped.unwrap_err().to_string();
+    assert!(error.contains("scheduler panicked"), "{error}");
+    wait_until(
+        "the event back in its work queue",
+        Duration::from_secs(15),
+        || async { broker.work_ready().await == 1 },
+    )
+    .await;
+    assert_eq!(
+        broker.parked_ready().await,
+        0,
+        "nothing parked for a bug of ours"
+    );
 }
 
 #[tokio::test]

@@ -8,9 +8,10 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backoff::ExponentialBackoffBuilder;
+use tokio::time::Instant;
 use tracing::warn;
 
 use crate::clients::CallError;
@@ -37,6 +38,13 @@ impl RetryPolicy {
     }
 }
 
+/// The instant `wait` after `now`, or a year after it when `wait` is longer: deadlines computed
+/// from what servers and options ask for never overflow the clock.
+pub fn later(now: Instant, wait: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    now.checked_add(wait.min(FAR)).unwrap_or(now)
+}
+
 /// One event's budget, and the count of calls made under it.
 pub struct Budget {
     policy: RetryPolicy,
@@ -49,7 +57,7 @@ impl Budget {
     pub fn start(policy: RetryPolicy) -> Self {
         Self {
             policy,
-            deadline: Instant::now() + policy.max_elapsed,
+            deadline: later(Instant::now(), policy.max_elapsed),
             attempts: AtomicU32::new(0),
         }
     }
@@ -87,7 +95,7 @@ impl Budget {
                             reason,
                             retry_after,
                         }) => {
-                            let wait_ends = Instant::now() + retry_after.unwrap_or_default();
+                            let wait_ends = later(Instant::now(), retry_after.unwrap_or_default());
                             if retry_after.is_some() && wait_ends > self.deadline {
                                 return Err(backoff::Error::Permanent(CallError::Transient {
                                     reason: format!(

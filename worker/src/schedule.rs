@@ -38,8 +38,9 @@ use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::retry::RetryPolicy;
+use crate::retry::{RetryPolicy, later};
 
 /// How many delays a delayed request may wait in all, however many follow it.
 const MAX_DELAYS: u32 = 5;
@@ -132,12 +133,14 @@ pub struct Limits {
 /// Runs refreshes for requests; cheap to clone, every clone drives the same driver task.
 pub struct Scheduler<R: Reconcile> {
     commands: mpsc::UnboundedSender<Command<R::Key, R::Work>>,
+    died: CancellationToken,
 }
 
 impl<R: Reconcile> Clone for Scheduler<R> {
     fn clone(&self) -> Self {
         Self {
             commands: self.commands.clone(),
+            died: self.died.clone(),
         }
     }
 }
@@ -163,8 +166,25 @@ impl<R: Reconcile> Scheduler<R> {
             deadlines: BTreeSet::new(),
             tasks: JoinSet::new(),
         };
-        tokio::spawn(driver.drive(received));
-        Self { commands }
+        let died = CancellationToken::new();
+        let on_panic = died.clone();
+        tokio::spawn(async move {
+            // A panic here would leave every later request unanswered while the process looks
+            // alive: say so, so that its owner can stop (its deliveries go back to the queue).
+            if let Err(panic) = AssertUnwindSafe(driver.drive(received))
+                .catch_unwind()
+                .await
+            {
+                tracing::error!(panic = %panic_message(&*panic), "The refresh scheduler panicked");
+                on_panic.cancel();
+            }
+        });
+        Self { commands, died }
+    }
+
+    /// Cancelled when the driver task panicked: no request will be answered any more.
+    pub fn died(&self) -> CancellationToken {
+        self.died.clone()
     }
 
     /// Asks for a refresh; resolves once one has done what `request` asks, or it failed.
@@ -313,7 +333,7 @@ impl<R: Reconcile> Driver<R> {
                     && !w.delay.is_zero()
                     && let Some(due) = w.due
                 {
-                    let pushed = (now + w.delay).min(w.arrival + w.delay * MAX_DELAYS);
+                    let pushed = later(now, w.delay).min(later(w.arrival, w.delay * MAX_DELAYS));
                     w.due = Some(due.max(pushed));
                 }
             }
@@ -330,8 +350,9 @@ impl<R: Reconcile> Driver<R> {
             }),
             false => None,
         };
-        let due = retry_due.unwrap_or(now).max(now + request.delay);
-        self.deadlines.insert((now + self.limits.max_hold, id));
+        let due = retry_due.unwrap_or(now).max(later(now, request.delay));
+        self.deadlines
+            .insert((later(now, self.limits.max_hold), id));
         self.waiters.insert(
             id,
             Waiter {
@@ -438,7 +459,7 @@ impl<R: Reconcile> Driver<R> {
                     w.running = true;
                     w.attempts += 1;
                     w.retry_until
-                        .get_or_insert(now + self.limits.retry.max_elapsed);
+                        .get_or_insert(later(now, self.limits.retry.max_elapsed));
                     match &mut work {
                         Some(merged) => merged.merge(&w.work),
                         None => work = Some(w.work.clone()),
@@ -485,7 +506,8 @@ impl<R: Reconcile> Driver<R> {
                 Judgement::Retry { reason, after } => {
                     let backoff = w.backoff.next_backoff().unwrap_or_default();
                     let wait = after.map_or(backoff, |after| after.max(backoff));
-                    if w.retry_until.is_some_and(|until| now + wait > until) {
+                    let due = later(now, wait);
+                    if w.retry_until.is_some_and(|until| due > until) {
                         let attempts = w.attempts;
                         let reason = match after {
                             Some(after) => {
@@ -498,7 +520,7 @@ impl<R: Reconcile> Driver<R> {
                         tracing::warn!(key = ?w.key, %reason, wait_ms = wait.as_millis() as u64, "Refresh failed; refreshing again");
                         metrics::counter!("harbor_worker_refresh_retries_total").increment(1);
                         w.running = false;
-                        w.due = Some(now + wait);
+                        w.due = Some(due);
                         self.requeue(id);
                     }
                 }
@@ -553,7 +575,7 @@ impl<R: Reconcile> Driver<R> {
             state.again.retain(|other| *other != id);
         }
         self.deadlines
-            .remove(&(w.arrival + self.limits.max_hold, id));
+            .remove(&(later(w.arrival, self.limits.max_hold), id));
         if !w.running {
             self.look_at(&w.key, now);
         }
@@ -996,6 +1018,69 @@ mod tests {
         let (_, _, at) = h.next_start().await;
         assert!(at - start >= 3 * SECOND, "{:?}", at - start);
         assert_eq!(request.await.unwrap(), Settled::Done);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_asking_to_wait_for_ever_fails_the_request_and_the_scheduler_goes_on() {
+        let mut h = harness(4, true);
+        h.script(
+            "repo",
+            vec![Judgement::Retry {
+                reason: "Port answered 429".into(),
+                after: Some(Duration::MAX),
+            }],
+        );
+        let request = h.submit("repo", &[1], Duration::ZERO);
+        let Settled::Failed(failure) = request.await.unwrap() else {
+            panic!("not failed")
+        };
+        assert!(
+            failure.reason.contains("past the retry budget"),
+            "{}",
+            failure.reason
+        );
+        assert!(!h.scheduler.died().is_cancelled());
+        let next = h.submit("other", &[1], Duration::ZERO);
+        h.next_start().await;
+        h.next_start().await;
+        assert_eq!(next.await.unwrap(), Settled::Done);
+    }
+
+    /// A reconciler whose judging panics: a bug inside the driver task.
+    struct JudgePanics;
+
+    impl Reconcile for JudgePanics {
+        type Key = String;
+        type Work = Items;
+        type Report = ();
+
+        async fn run(&self, _key: &String, _work: &Items) {}
+
+        fn judge(&self, _report: &(), _asked: &Items) -> Judgement<String, Items> {
+            panic!("a bug in the judge")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_driver_is_told_and_every_request_ends_aborted() {
+        let limits = Limits {
+            concurrency: 2,
+            retry: RetryPolicy::with_budget(60 * SECOND),
+            max_hold: 600 * SECOND,
+        };
+        let scheduler = Scheduler::start(Arc::new(JudgePanics), limits);
+        let died = scheduler.died();
+        let request = |key: &str| Request {
+            key: key.to_owned(),
+            work: items(&[1]),
+            delay: Duration::ZERO,
+            group: 0,
+        };
+        assert_eq!(scheduler.submit(request("a")).await, Settled::Aborted);
+        tokio::time::timeout(10 * SECOND, died.cancelled())
+            .await
+            .expect("the scheduler's death was not told");
+        assert_eq!(scheduler.submit(request("b")).await, Settled::Aborted);
     }
 
     #[tokio::test(start_paused = true)]

@@ -255,19 +255,19 @@ pub struct RunArgs {
     /// A pull is refreshed this long after the last pull of the same artifacts, so that the
     /// pull count written is Harbor's (it counts pulls about every 10 s); the pulls in between
     /// are folded into that one refresh. `0s` refreshes at once.
-    #[arg(long, env = "PULL_COALESCE_WINDOW", default_value = "11s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PULL_COALESCE_WINDOW", default_value = "11s", value_parser = duration)]
     pub pull_coalesce_window: Duration,
 
     /// Time budget for refreshing one event again after failed calls before the event is
     /// parked, counted from its first refresh.
-    #[arg(long, env = "RETRY_MAX_ELAPSED", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RETRY_MAX_ELAPSED", default_value = "60s", value_parser = duration)]
     pub retry_max_elapsed: Duration,
 
     /// The broker's consumer timeout (RabbitMQ's `consumer_timeout`, 30 minutes unless the
     /// broker is configured otherwise): a delivery held longer is taken back and the channel
     /// closed. Every delivery is settled at least a minute before it; set this if the broker's
     /// differs.
-    #[arg(long, env = "CONSUMER_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CONSUMER_TIMEOUT", default_value = "30m", value_parser = duration)]
     pub consumer_timeout: Duration,
 
     /// Address to serve `/healthz`, `/readyz` and `/metrics` on.
@@ -275,7 +275,7 @@ pub struct RunArgs {
     pub metrics_addr: SocketAddr,
 
     /// Timeout of one HTTP call to Harbor or Port.
-    #[arg(long, env = "HTTP_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "HTTP_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub http_timeout: Duration,
 
     /// The most a Harbor or Port answer may hold; a larger one fails the call (and parks the
@@ -285,7 +285,7 @@ pub struct RunArgs {
 
     /// Also resync (see `resync`) this often, e.g. `6h`, at least `5s`; off by default. One
     /// worker of the fleet at a time does it (the holder of the resync lock on the broker).
-    #[arg(long, env = "RESYNC_INTERVAL", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RESYNC_INTERVAL", value_parser = duration)]
     pub resync_interval: Option<Duration>,
 
     /// A resync that would delete more than this share (0 to 1) of this integration's entities
@@ -296,7 +296,7 @@ pub struct RunArgs {
 
     /// On SIGTERM, how long events in flight may take to finish before the worker exits anyway
     /// (they are then redelivered).
-    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub shutdown_timeout: Duration,
 }
 
@@ -628,6 +628,17 @@ impl RunArgs {
     }
 }
 
+/// A duration option (`30s`, `10m`), at most a week: the worker adds them to clock readings
+/// and to each other, which a value of centuries would overflow.
+fn duration(value: &str) -> Result<Duration, String> {
+    const LONGEST: Duration = Duration::from_secs(7 * 24 * 3600);
+    let parsed = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if parsed > LONGEST {
+        return Err("at most 7days".into());
+    }
+    Ok(parsed)
+}
+
 /// How long a delivery may be held: the consumer timeout less a minute for parking and acking.
 /// Refused when an event's normal course does not fit in it: five pull windows of waiting, the
 /// retry budget, and one last refresh of two calls.
@@ -693,6 +704,23 @@ mod tests {
         assert!(
             err.contains("HTTP_MAX_RESPONSE_BYTES must be at least 1024"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_duration_past_a_week_is_refused_with_its_variable() {
+        let mut args = COMPLETE.to_vec();
+        args.extend(["--consumer-timeout", "1000000000years"]);
+        let err = parse(&args).unwrap_err().to_string();
+        assert!(
+            err.contains("consumer-timeout") && err.contains("at most 7days"),
+            "{err}"
+        );
+        let mut args = COMPLETE.to_vec();
+        args.extend(["--retry-max-elapsed", "7days"]);
+        assert!(
+            parse(&args).is_err(),
+            "past the consumer timeout, not a week"
         );
     }
 

@@ -92,6 +92,7 @@ pub struct Worker {
     server: Server,
     consumer: JoinHandle<()>,
     shutdown: CancellationToken,
+    scheduler_died: CancellationToken,
 }
 
 impl Worker {
@@ -142,6 +143,7 @@ impl Worker {
 
         let readiness = Readiness::default();
         let shutdown = CancellationToken::new();
+        let scheduler_died = scheduler.died();
         let consumer = tokio::spawn(consumer::run(
             ConsumerSettings {
                 amqp: settings.amqp,
@@ -169,6 +171,7 @@ impl Worker {
             server,
             consumer,
             shutdown,
+            scheduler_died,
         })
     }
 
@@ -183,13 +186,17 @@ impl Worker {
     }
 
     /// Runs until SIGTERM/SIGINT or the shutdown token: then stops consuming, lets events in
-    /// flight finish (at most `SHUTDOWN_TIMEOUT`), closes the broker connection and exits.
+    /// flight finish (at most `SHUTDOWN_TIMEOUT`), closes the broker connection and exits. Ends
+    /// with an error, the same way, when the refresh scheduler died: a worker that can no longer
+    /// refresh must not stay ready (its orchestrator restarts it).
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let server = self.server.handle();
         let serving = tokio::spawn(self.server);
+        let mut failed = false;
         tokio::select! {
             () = terminated() => info!("Stop signal received"),
             () = self.shutdown.cancelled() => {}
+            () = self.scheduler_died.cancelled() => failed = true,
         }
         self.shutdown.cancel();
         let _ = self.consumer.await;
@@ -197,6 +204,9 @@ impl Worker {
         // graceful stop would wait for idle keep-alive connections).
         server.stop(false).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
+        if failed {
+            anyhow::bail!("the refresh scheduler panicked; the worker stopped");
+        }
         info!("harbor-worker stopped");
         Ok(())
     }

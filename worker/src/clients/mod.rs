@@ -186,8 +186,15 @@ async fn excerpt(mut response: Response) -> String {
 /// How much of an error answer's body a reason quotes.
 pub const EXCERPT_CHARS: usize = 300;
 
-/// How long the server asked us to wait: `Retry-After` (seconds or an HTTP date), else
-/// `x-ratelimit-reset` (seconds to wait, or a Unix time when it is that large).
+/// The longest wait a server may ask for. A delivery held past RabbitMQ's consumer timeout
+/// (30 minutes) closes its channel, so no wait is worth more; a larger ask (a proxy's typo, or
+/// an attack: `Retry-After: 10000000000000000000`) is read as this, which is past any retry
+/// budget, so the event is parked instead of the deadline arithmetic overflowing.
+pub const MAX_SERVER_WAIT: Duration = Duration::from_secs(30 * 60);
+
+/// How long the server asked us to wait, at most [`MAX_SERVER_WAIT`]: `Retry-After` (seconds or
+/// an HTTP date), else `x-ratelimit-reset` (seconds to wait, or a Unix time when it is that
+/// large).
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let header = |name| {
         headers
@@ -195,25 +202,34 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    if let Some(value) = header(RETRY_AFTER.as_str()) {
-        if let Ok(seconds) = value.parse::<u64>() {
-            return Some(Duration::from_secs(seconds));
+    let until = |at: SystemTime| at.duration_since(now).unwrap_or_default();
+    let asked = 'asked: {
+        if let Some(value) = header(RETRY_AFTER.as_str()) {
+            if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+                // Digits beyond u64 are still a number of seconds: a very long one.
+                break 'asked Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
+            }
+            if let Ok(at) = httpdate(value) {
+                break 'asked Some(until(at));
+            }
         }
-        if let Ok(at) = httpdate(value) {
-            return Some(at.duration_since(now).unwrap_or_default());
+        let reset = header("x-ratelimit-reset")?.parse::<f64>().ok()?;
+        if !reset.is_finite() || reset < 0.0 {
+            return None;
         }
-    }
-    let reset = header("x-ratelimit-reset")?.parse::<f64>().ok()?;
-    if !reset.is_finite() || reset < 0.0 {
-        return None;
-    }
-    const UNIX_TIME_THRESHOLD: f64 = 1_000_000_000.0;
-    if reset >= UNIX_TIME_THRESHOLD {
-        let at = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(reset);
-        Some(at.duration_since(now).unwrap_or_default())
-    } else {
-        Some(Duration::from_secs_f64(reset))
-    }
+        const UNIX_TIME_THRESHOLD: f64 = 1_000_000_000.0;
+        let seconds = Duration::try_from_secs_f64(reset).unwrap_or(Duration::MAX);
+        if reset >= UNIX_TIME_THRESHOLD {
+            Some(
+                SystemTime::UNIX_EPOCH
+                    .checked_add(seconds)
+                    .map_or(Duration::MAX, until),
+            )
+        } else {
+            Some(seconds)
+        }
+    };
+    asked.map(|wait| wait.min(MAX_SERVER_WAIT))
 }
 
 fn httpdate(value: &str) -> Result<SystemTime, humantime::TimestampError> {
@@ -274,5 +290,32 @@ mod tests {
         );
         assert_eq!(retry_after(&headers("retry-after", "soon"), now), None);
         assert_eq!(retry_after(&HeaderMap::new(), now), None);
+    }
+
+    #[test]
+    fn a_wait_asked_past_the_consumer_timeout_is_read_as_the_longest_wait() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_000);
+        for (name, value) in [
+            ("retry-after", "10000000000000000000"),
+            ("retry-after", "99999999999999999999999999999"),
+            ("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT"),
+            ("x-ratelimit-reset", "1e300"),
+            ("x-ratelimit-reset", "999999999"),
+            ("x-ratelimit-reset", "18446744073709551616"),
+        ] {
+            assert_eq!(
+                retry_after(&headers(name, value), now),
+                Some(MAX_SERVER_WAIT),
+                "{name}: {value}"
+            );
+        }
+        assert_eq!(
+            retry_after(&headers("retry-after", "1800"), now),
+            Some(MAX_SERVER_WAIT)
+        );
+        assert_eq!(
+            retry_after(&headers("retry-after", "1799"), now),
+            Some(Duration::from_secs(1799))
+        );
     }
 }
