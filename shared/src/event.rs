@@ -50,6 +50,11 @@ impl PayloadFormat {
     }
 }
 
+/// The largest body of an event that names one resource (every type but those that
+/// [`EventType::lists_artifacts`]): Harbor's largest, a scan result in CloudEvents, is about
+/// 1.5 KiB. A larger one is padding, and a worker may hold thousands of such events at once.
+pub const SINGLE_EVENT_MAX_BYTES: usize = 16 * 1024;
+
 /// An event type, named as Harbor's default format names it (`PUSH_ARTIFACT`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum EventType {
@@ -166,6 +171,13 @@ impl EventType {
                 .find(|(event_type, _, _)| event_type == known)
                 .map_or("", |(_, name, _)| name),
         }
+    }
+
+    /// Whether its payload lists artifacts, as many as the operation touched (`TAG_RETENTION`,
+    /// `REPLICATION`: about 100 bytes each, so 1 MiB holds a retention of 10,000). Every other
+    /// type names one resource and fits in [`SINGLE_EVENT_MAX_BYTES`].
+    pub fn lists_artifacts(&self) -> bool {
+        matches!(self, Self::TagRetention | Self::Replication)
     }
 
     /// A bounded label for metrics: the name of a known type, `other` for the rest.

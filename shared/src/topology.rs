@@ -45,6 +45,17 @@ pub const QUORUM_GROUP_SIZE: i64 = 7;
 /// the members it has, and is declared without it.
 const GROUP_SIZE_ARG: &str = "x-quorum-initial-group-size";
 
+/// The most bytes of message bodies a work queue holds: past it the broker refuses publishes
+/// (`x-overflow: reject-publish`), the ingest answers 503 and Harbor tries again later, instead
+/// of a flood filling the broker's disk. 16 queues of 256 MiB: 4 GiB at most, about four
+/// million real events of backlog (docs/deploying.md sizes it; a policy with a lower
+/// `max-length-bytes` lowers it, RabbitMQ applying the smaller of the two).
+pub const WORK_QUEUE_MAX_BYTES: i64 = 256 * 1024 * 1024;
+
+/// The argument [`WORK_QUEUE_MAX_BYTES`] is given as; like [`GROUP_SIZE_ARG`], a queue declared
+/// by a version before it has none, and is declared without it.
+const MAX_BYTES_ARG: &str = "x-max-length-bytes";
+
 /// Names of the exchanges and queues.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
@@ -139,6 +150,15 @@ impl Topology {
         args
     }
 
+    /// What [`Topology::declare`] adds to [`Topology::work_queue_arguments`] where the queue
+    /// allows it.
+    fn work_queue_additions() -> Vec<(&'static str, AMQPValue)> {
+        vec![
+            (GROUP_SIZE_ARG, AMQPValue::LongLongInt(QUORUM_GROUP_SIZE)),
+            (MAX_BYTES_ARG, AMQPValue::LongLongInt(WORK_QUEUE_MAX_BYTES)),
+        ]
+    }
+
     /// Declares everything; a no-op when it already exists with the same arguments.
     pub async fn declare(&self, connection: &Connection) -> anyhow::Result<()> {
         let mut channel = connection
@@ -175,7 +195,7 @@ impl Topology {
         let mut parked_args = FieldTable::default();
         // Quorum: replicated, so parked events survive the loss of a broker node.
         parked_args.insert("x-queue-type".into(), string("quorum"));
-        declare_queue(connection, &mut channel, &parked, parked_args).await?;
+        declare_queue(connection, &mut channel, &parked, parked_args, &[]).await?;
         bind(&channel, &parked, &dlx, "").await?;
 
         let hash = self.hash_exchange();
@@ -209,7 +229,8 @@ impl Topology {
 
         for queue in self.work_queues() {
             let args = self.work_queue_arguments();
-            declare_queue(connection, &mut channel, &queue, args).await?;
+            let additions = Self::work_queue_additions();
+            declare_queue(connection, &mut channel, &queue, args, &additions).await?;
             // The weight of each queue on the hash ring: all equal.
             bind(&channel, &queue, &hash, "1").await?;
         }
@@ -222,6 +243,7 @@ impl Topology {
             &mut channel,
             &self.workers_queue(),
             workers_args,
+            &[],
         )
         .await?;
         let _ = channel.close(200, "topology declared".into()).await;
@@ -233,49 +255,59 @@ fn string(value: &str) -> AMQPValue {
     AMQPValue::LongString(value.into())
 }
 
-/// Declares a durable quorum queue replicated on [`QUORUM_GROUP_SIZE`] nodes at most; an
-/// existing one declared without that size keeps its members (a warning says how to add the
-/// missing ones), and is checked against the other arguments.
+/// Declares a durable quorum queue with `args` and `additions` (arguments a queue declared by an
+/// earlier version lacks: replication on [`QUORUM_GROUP_SIZE`] nodes, [`WORK_QUEUE_MAX_BYTES`]).
+/// An existing queue the broker refuses an addition for is declared without it, with a warning
+/// that says what to do instead, and is checked against the other arguments.
 async fn declare_queue(
     connection: &Connection,
     channel: &mut Channel,
     name: &str,
-    mut args: FieldTable,
+    args: FieldTable,
+    additions: &[(&'static str, AMQPValue)],
 ) -> anyhow::Result<()> {
     let options = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    let plain = args.clone();
-    args.insert(
-        GROUP_SIZE_ARG.into(),
-        AMQPValue::LongLongInt(QUORUM_GROUP_SIZE),
-    );
-    let refused = match channel
-        .queue_declare(ShortString::from(name), options, args)
-        .await
-    {
-        Ok(_) => return Ok(()),
-        Err(error) if error.to_string().contains(GROUP_SIZE_ARG) => error,
-        Err(error) => return Err(error).with_context(|| format!("Failed to declare queue {name}")),
-    };
-    // The refusal closed the channel: the rest of the declaration goes on a new one.
-    *channel = connection
-        .create_channel()
-        .await
-        .context("Failed to open a channel")?;
-    channel
-        .queue_declare(ShortString::from(name), options, plain)
-        .await
-        .with_context(|| format!("Failed to declare queue {name}"))?;
-    warn!(
-        queue = name,
-        refused = %refused,
+    let mut kept: Vec<&(&str, AMQPValue)> = additions.iter().collect();
+    loop {
+        let mut declared = args.clone();
+        for (key, value) in &kept {
+            declared.insert((*key).into(), value.clone());
+        }
+        let error = match channel
+            .queue_declare(ShortString::from(name), options, declared)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(error) => error,
+        };
+        let message = error.to_string();
+        let Some(at) = kept.iter().position(|(key, _)| message.contains(*key)) else {
+            return Err(error).with_context(|| format!("Failed to declare queue {name}"));
+        };
+        let (refused, _) = kept.remove(at);
+        warn!(queue = name, refused = %message, "{}", without(refused));
+        // The refusal closed the channel: the rest of the declaration goes on a new one.
+        *channel = connection
+            .create_channel()
+            .await
+            .context("Failed to open a channel")?;
+    }
+}
+
+/// What an operator does about a queue declared by an earlier version without `argument`.
+fn without(argument: &str) -> &'static str {
+    if argument == MAX_BYTES_ARG {
+        "The queue was created by an earlier version, without a size limit: a flood can fill the \
+         broker's disk. Set one with a policy (`max-length-bytes`, `overflow: reject-publish`; \
+         see docs/deploying.md)"
+    } else {
         "The queue was created by an earlier version, on the nodes RabbitMQ chose then: it keeps \
          them. To replicate it on every node, run `rabbitmq-queues grow <node> all` for each \
          node that lacks it (see the README, Deploying)"
-    );
-    Ok(())
+    }
 }
 
 async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> anyhow::Result<()> {

@@ -112,6 +112,7 @@ pub fn worker_settings(amqp: &AmqpSettings, harbor_url: &str, port_url: &str) ->
         },
         concurrency: 8,
         prefetch: 100,
+        max_held_bytes: 64 * 1024 * 1024,
         pull_window: Duration::ZERO,
         retry: RetryPolicy {
             max_elapsed: Duration::from_secs(5),

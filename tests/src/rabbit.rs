@@ -197,20 +197,11 @@ impl TestTopology {
         );
         // Policies apply asynchronously; wait until every queue reports it.
         for queue in self.topology().work_queues() {
-            let (url, user, password) = management(&format!("/api/queues/%2f/{queue}"));
             crate::wait_until(
                 "the policy on the queue",
                 Duration::from_secs(10),
                 || async {
-                    let queue: serde_json::Value = reqwest::Client::new()
-                        .get(&url)
-                        .basic_auth(&user, Some(&password))
-                        .send()
-                        .await
-                        .unwrap()
-                        .json()
-                        .await
-                        .unwrap();
+                    let queue = queue_info(&queue).await;
                     queue["effective_policy_definition"]["max-length"] == max_length
                 },
             )
@@ -363,6 +354,28 @@ async fn open(amqp: &AmqpSettings) -> (Connection, Channel) {
 
 /// The management API (`RABBITMQ_MANAGEMENT_URL`, default `http://127.0.0.1:15672`), with the
 /// credentials of `AMQP_URL`.
+impl TestTopology {
+    /// A queue's arguments, as the management API shows them.
+    pub async fn queue_arguments(&self, queue: &str) -> serde_json::Map<String, serde_json::Value> {
+        let answer = queue_info(queue).await;
+        answer["arguments"].as_object().cloned().unwrap_or_default()
+    }
+}
+
+/// What the management API says of a queue of the default vhost.
+async fn queue_info(queue: &str) -> serde_json::Value {
+    let (url, user, password) = management(&format!("/api/queues/%2f/{queue}"));
+    reqwest::Client::new()
+        .get(url)
+        .basic_auth(user, Some(password))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn management(path: &str) -> (String, String, String) {
     let base = std::env::var("RABBITMQ_MANAGEMENT_URL")
         .unwrap_or_else(|_| "http://127.0.0.1:15672".into());

@@ -55,3 +55,14 @@ pub fn digest(n: u64) -> String {
     use sha2::{Digest as _, Sha256};
     format!("sha256:{}", hex::encode(Sha256::digest(n.to_be_bytes())))
 }
+
+/// `event` with its `operator` padded so that it is `bytes` long in all.
+pub fn padded(event: &[u8], bytes: usize) -> Vec<u8> {
+    let mut value: serde_json::Value = serde_json::from_slice(event).unwrap();
+    let len = serde_json::to_vec(&value).unwrap().len();
+    let operator = value["operator"].as_str().unwrap().len();
+    value["operator"] = serde_json::Value::String("x".repeat(bytes - len + operator));
+    let padded = serde_json::to_vec(&value).unwrap();
+    assert_eq!(padded.len(), bytes);
+    padded
+}

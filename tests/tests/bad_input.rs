@@ -45,7 +45,7 @@ fn body(rng: &mut StdRng, events: &[Vec<u8>]) -> (Vec<u8>, bool, &'static str) {
             // Valid JSON however deep: skipped without recursion, so it cannot overflow a stack.
             let depth = rng.random_range(200..50_000);
             let nested = format!(
-                r#"{{"type":"PUSH_ARTIFACT","x":{}{}}}"#,
+                r#"{{"type":"REPLICATION","x":{}{}}}"#,
                 "[".repeat(depth),
                 "]".repeat(depth)
             );
@@ -81,11 +81,13 @@ fn body(rng: &mut StdRng, events: &[Vec<u8>]) -> (Vec<u8>, bool, &'static str) {
         ),
         7 => {
             let huge = "x".repeat(rng.random_range(100_000..900_000));
-            let event = json!({"type": "PUSH_ARTIFACT", "operator": huge, "event_data": {}});
+            // Only an event that lists artifacts may be this long (one naming a single resource
+            // is refused past 16 KiB).
+            let event = json!({"type": "TAG_RETENTION", "operator": huge, "event_data": {}});
             (
                 serde_json::to_vec(&event).unwrap(),
                 true,
-                "a huge string in an event",
+                "a huge string in a retention event",
             )
         }
         8 => (
@@ -157,7 +159,7 @@ fn corpus(count: usize) -> Vec<Case> {
         .collect();
     for depth in [400_000, 500_000] {
         let nested = format!(
-            r#"{{"type":"PUSH_ARTIFACT","x":{}{}}}"#,
+            r#"{{"type":"TAG_RETENTION","x":{}{}}}"#,
             "[".repeat(depth),
             "]".repeat(depth)
         );

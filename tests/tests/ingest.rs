@@ -145,6 +145,34 @@ async fn refused_webhooks_publish_nothing_and_say_why_in_json() {
 }
 
 #[tokio::test]
+async fn an_event_naming_one_resource_is_refused_past_16_kib_and_a_retention_list_is_not() {
+    let broker = TestTopology::new().await;
+    let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;
+    let pull = samples::load("pull_artifact.default.docs.json");
+    let retention = samples::load("tag_retention.default.docs.json");
+    let limit = harbor_shared::event::SINGLE_EVENT_MAX_BYTES;
+
+    let answer = ingest
+        .post(&samples::padded(&pull, limit + 1), Some(SECRET))
+        .await;
+    assert_eq!(answer.status(), 413);
+    let answer: Value = answer.json().await.unwrap();
+    assert_eq!(answer["error"], "payload_too_large");
+    assert_eq!(broker.work_ready().await, 0);
+
+    let at_limit = ingest
+        .post(&samples::padded(&pull, limit), Some(SECRET))
+        .await;
+    assert_eq!(at_limit.status(), 202);
+    // A retention of a few thousand artifacts is that long, and real.
+    let long = ingest
+        .post(&samples::padded(&retention, 500_000), Some(SECRET))
+        .await;
+    assert_eq!(long.status(), 202);
+    assert_eq!(broker.work_ready().await, 2);
+}
+
+#[tokio::test]
 async fn an_unroutable_event_is_answered_503_never_202() {
     let broker = TestTopology::new().await;
     let ingest = TestIngest::start(ingest_settings(&broker.amqp), true).await;

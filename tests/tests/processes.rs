@@ -165,12 +165,7 @@ async fn sandbox_ingest_and_worker_as_processes_carry_a_push_to_port_and_stop_cl
 
 /// The resident set of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    harbor_sync_tests::processes::status_kib(pid, "VmRSS:")
 }
 
 /// Sends one signed push on `stream` (kept alive) and returns the answer's status line.

@@ -57,6 +57,8 @@ pub struct ConsumerSettings {
     /// Deliveries held at once (the consumer's prefetch): handled, or waiting to be folded
     /// into a refresh of the same subject.
     pub prefetch: u16,
+    /// Bytes of deliveries held past which nothing waits for a window (`WORKER_MAX_HELD_BYTES`).
+    pub max_held_bytes: usize,
     /// On shutdown, how long events in flight may take to finish.
     pub drain_timeout: Duration,
 }
@@ -237,6 +239,8 @@ async fn session<H: HandleEvent>(
         topology: topology.clone(),
         held: (0..count).map(|_| AtomicUsize::new(0)).collect(),
         flush_at: (usize::from(prefetch) * 9 / 10).max(1),
+        held_bytes: AtomicUsize::new(0),
+        max_held_bytes: settings.max_held_bytes,
     });
     let in_flight = TaskTracker::new();
     let closed = broker::closed(connection);
@@ -411,6 +415,37 @@ struct Shared<H: HandleEvent> {
     /// At this many held (nine tenths of the prefetch), pulls waiting for their window are
     /// refreshed at once: a flood of pulls must not stop the consumer for a window.
     flush_at: usize,
+    /// Bytes of the bodies held, over all work queues.
+    held_bytes: AtomicUsize,
+    /// Past this many held bytes, nothing waits for a window: the prefetch bounds what is held
+    /// in count, this in bytes, so that padded events cannot pile up for a window.
+    max_held_bytes: usize,
+}
+
+impl<H: HandleEvent> Shared<H> {
+    /// Counts a delivery of `bytes` as held; whether the bytes held are now past the budget. On
+    /// the crossing, what waits for a window is refreshed at once.
+    fn hold_bytes(&self, bytes: usize) -> bool {
+        let before = self.held_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let now = before + bytes;
+        metrics::gauge!("harbor_worker_held_bytes").set(now as f64);
+        if before <= self.max_held_bytes && now > self.max_held_bytes {
+            warn!(
+                held_bytes = now,
+                max_held_bytes = self.max_held_bytes,
+                "Deliveries held past WORKER_MAX_HELD_BYTES: nothing waits for its window until \
+                 they are settled"
+            );
+            self.scheduler.hurry(None);
+        }
+        now > self.max_held_bytes
+    }
+
+    /// Counts a delivery of `bytes` as settled.
+    fn release_bytes(&self, bytes: usize) {
+        let now = self.held_bytes.fetch_sub(bytes, Ordering::Relaxed) - bytes;
+        metrics::gauge!("harbor_worker_held_bytes").set(now as f64);
+    }
 }
 
 /// Asks for the refreshes a delivery needs (at once, so that each refresh that serves it reads
@@ -425,6 +460,7 @@ fn dispatch<H: HandleEvent>(
     if shared.held[queue].fetch_add(1, Ordering::Relaxed) + 1 == shared.flush_at {
         shared.scheduler.hurry(Some(queue));
     }
+    let over_budget = shared.hold_bytes(delivery.data.len());
     let instance = header(&delivery.properties, INSTANCE_HEADER);
     let plan = shared.handler.plan(&delivery.data, instance.as_deref());
     let own_subject = header(&delivery.properties, SUBJECT_HEADER);
@@ -443,6 +479,11 @@ fn dispatch<H: HandleEvent>(
                 }
                 _ => requests.push(shared.scheduler.submit(Request {
                     group: queue,
+                    delay: if over_budget {
+                        Duration::ZERO
+                    } else {
+                        refresh.delay
+                    },
                     ..refresh.clone()
                 })),
             }
@@ -519,6 +560,7 @@ async fn process<H: HandleEvent>(
     forwards: Vec<impl Future<Output = Result<(), String>>>,
     shared: Arc<Shared<H>>,
 ) {
+    let bytes = delivery.data.len();
     let message_id = delivery
         .properties
         .message_id()
@@ -592,6 +634,7 @@ async fn process<H: HandleEvent>(
                 .record(started.elapsed().as_secs_f64());
         }
         shared.held[queue].fetch_sub(1, Ordering::Relaxed);
+        shared.release_bytes(bytes);
     }
     .instrument(span)
     .await;

@@ -252,6 +252,12 @@ pub struct RunArgs {
     #[arg(long, env = "WORKER_PREFETCH", default_value_t = 5000)]
     pub worker_prefetch: u16,
 
+    /// Bytes of event bodies held at once, past which nothing waits: pulls waiting for their
+    /// window are refreshed at once, and so is every event that arrives, until the deliveries
+    /// held are back under it (at least 1 MiB).
+    #[arg(long, env = "WORKER_MAX_HELD_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub worker_max_held_bytes: usize,
+
     /// A pull is refreshed this long after the last pull of the same artifacts, so that the
     /// pull count written is Harbor's (it counts pulls about every 10 s); the pulls in between
     /// are folded into that one refresh. `0s` refreshes at once.
@@ -380,6 +386,8 @@ pub struct Settings {
     pub concurrency: u16,
     /// Deliveries held at once.
     pub prefetch: u16,
+    /// Bytes of deliveries held past which nothing waits.
+    pub max_held_bytes: usize,
     /// How long pulls wait to be folded.
     pub pull_window: Duration,
     /// Retry budget per event and spacing.
@@ -569,6 +577,9 @@ impl Cli {
         if !(1..=1000).contains(&run.worker_concurrency) {
             bail!("WORKER_CONCURRENCY must be between 1 and 1000");
         }
+        if run.worker_max_held_bytes < 1024 * 1024 {
+            bail!("WORKER_MAX_HELD_BYTES must be at least 1048576 (1 MiB)");
+        }
         if run.worker_prefetch < run.worker_concurrency {
             bail!("WORKER_PREFETCH must be at least WORKER_CONCURRENCY");
         }
@@ -590,6 +601,7 @@ impl Cli {
             port,
             concurrency: run.worker_concurrency,
             prefetch: run.worker_prefetch,
+            max_held_bytes: run.worker_max_held_bytes,
             pull_window: run.pull_coalesce_window,
             retry: RetryPolicy::with_budget(run.retry_max_elapsed),
             metrics_addr: run.metrics_addr,

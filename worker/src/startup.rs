@@ -148,6 +148,7 @@ impl Worker {
             ConsumerSettings {
                 amqp: settings.amqp,
                 prefetch: settings.prefetch,
+                max_held_bytes: settings.max_held_bytes,
                 drain_timeout: settings.shutdown_timeout,
             },
             handler,
@@ -238,6 +239,7 @@ fn register_metrics() {
     metrics::gauge!("harbor_worker_broker_connected").increment(0.0);
     metrics::gauge!("harbor_worker_work_queues_active").increment(0.0);
     metrics::gauge!("harbor_worker_refreshes_in_flight").increment(0.0);
+    metrics::gauge!("harbor_worker_held_bytes").increment(0.0);
     for name in [
         "harbor_worker_events_coalesced_total",
         "harbor_worker_refresh_retries_total",

@@ -7,7 +7,9 @@
 //! | no such endpoint (an instance not in the file)    | 404                    |
 //! | missing or wrong `Authorization`                  | 401                    |
 //! | not JSON, or no string `type`                     | 400                    |
-//! | body over `MAX_BODY_BYTES`                        | 413                    |
+//! | body over `MAX_BODY_BYTES`, or over 16 KiB for an | 413                    |
+//! | event that names one resource (all but           |                        |
+//! | `TAG_RETENTION` and `REPLICATION`)               |                        |
 //! | body not received within `REQUEST_TIMEOUT`        | 408                    |
 //! | broker down, nack, unroutable, no confirm in 5 s  | 503 + `Retry-After: 5` |
 //!
@@ -25,7 +27,7 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use bytes::BytesMut;
 use futures_util::StreamExt;
-use harbor_shared::event::{Envelope, EventError};
+use harbor_shared::event::{Envelope, EventError, SINGLE_EVENT_MAX_BYTES};
 use harbor_shared::instances::{self, INSTANCE_HEADER};
 use harbor_shared::publisher::{Outgoing, PublishError};
 use harbor_shared::quote::{cut, quoted};
@@ -64,7 +66,8 @@ pub enum WebhookError {
     /// when it serves several.
     #[error("{0}")]
     NoEndpoint(String),
-    /// 413
+    /// 413: over `MAX_BODY_BYTES`, or over [`SINGLE_EVENT_MAX_BYTES`] for an event that names
+    /// one resource.
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
     /// 400: the body could not be read (client went away, broken chunked encoding).
@@ -267,6 +270,9 @@ async fn accept(
     }
     let envelope =
         Envelope::parse(&body).map_err(|error| refused(WebhookError::NotAnEvent(error)))?;
+    if !envelope.event_type.lists_artifacts() && body.len() > SINGLE_EVENT_MAX_BYTES {
+        return Err(refused(WebhookError::TooLarge(SINGLE_EVENT_MAX_BYTES)));
+    }
 
     let publisher = state.publisher.borrow().clone();
     let started = Instant::now();
