@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::link;
-use crate::routes::webhook::{OUTCOMES, WebhookState, instance_webhook, webhook};
+use crate::routes::webhook::{
+    OUTCOMES, SIGNED_READS_AT_ONCE, WebhookState, instance_webhook, webhook,
+};
 use crate::settings::{Endpoint, Settings};
 
 /// A bound, not yet running ingest.
@@ -54,6 +56,7 @@ impl Application {
             topology: settings.amqp.topology,
             max_body_bytes: settings.max_body_bytes,
             request_timeout: settings.request_timeout,
+            signed_reads: tokio::sync::Semaphore::new(SIGNED_READS_AT_ONCE),
         });
         let ops = ops::configure(readiness, telemetry::metrics());
         register_metrics(&state.endpoints);

@@ -251,3 +251,91 @@ async fn idle_connections_past_the_cap_wait_in_the_backlog_while_the_ingest_answ
     assert_eq!(broker.work_ready().await, 3);
     assert_eq!(processes.signal("harbor-ingest", "TERM"), Some(0));
 }
+
+#[tokio::test]
+async fn slow_senders_of_fake_signatures_cannot_make_the_ingest_hold_their_bodies() {
+    const SENDERS: usize = 100;
+    const BODY: usize = 1_048_576;
+    let broker = TestTopology::new().await;
+    let port = free_port();
+    let mut processes = Processes::new(&format!("{}-hmac", broker.topology().queue()));
+    processes.spawn(
+        "harbor-ingest",
+        "harbor-ingest",
+        &[
+            ("AMQP_URL", amqp_url()),
+            ("AMQP_EXCHANGE", broker.topology().exchange().to_owned()),
+            ("AMQP_QUEUE", broker.topology().queue().to_owned()),
+            ("WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+            ("LISTEN_ADDR", format!("127.0.0.1:{port}")),
+            // Shorter than the default, so that the places to read a signed body turn over
+            // within the test.
+            ("REQUEST_TIMEOUT", "2s".to_owned()),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ready_within(&format!("{base}/readyz"), Duration::from_secs(20)).await;
+    let address = format!("127.0.0.1:{port}");
+    let pid = processes.pid("harbor-ingest").unwrap();
+    let before = rss_kib(pid);
+
+    // Each claims an HMAC signature (the default `auto` mode must read the body to check it),
+    // sends all of a 1 MiB body but its last bytes, and stalls.
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|_| {
+            let address = address.clone();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut stream = std::net::TcpStream::connect(&address).unwrap();
+                stream
+                    .set_write_timeout(Some(Duration::from_secs(2)))
+                    .unwrap();
+                let head = format!(
+                    "POST /webhook HTTP/1.1\r\nHost: ingest\r\nAuthorization: sha256={}\r\nContent-Type: application/json\r\nContent-Length: {BODY}\r\n\r\n{{",
+                    "ab".repeat(32)
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&vec![b' '; BODY - 100]);
+                stream
+            })
+        })
+        .collect();
+    let streams: Vec<_> = senders.into_iter().map(|s| s.join().unwrap()).collect();
+
+    // Meanwhile Harbor's webhooks, with the token, are answered.
+    let accepted = tokio::task::spawn_blocking(move || {
+        post_push(&mut std::net::TcpStream::connect(&address).unwrap())
+    })
+    .await
+    .unwrap();
+    assert_eq!(accepted, "HTTP/1.1 202 Accepted");
+
+    // Every sender answered: timed out reading (408) or told to come back (503).
+    let metrics = format!("{base}/metrics");
+    let outcome = |text: &str, outcome: &str| -> usize {
+        text.lines()
+            .filter(|l| l.contains(&format!("outcome=\"{outcome}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as usize
+    };
+    wait_until(
+        "every slow sender answered",
+        Duration::from_secs(30),
+        || async {
+            let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+            outcome(&text, "request_timeout") + outcome(&text, "busy") == SENDERS
+        },
+    )
+    .await;
+    let grew_kib = harbor_sync_tests::processes::status_kib(pid, "VmHWM:").saturating_sub(before);
+    println!("peak RSS growth with {SENDERS} slow signed senders: {grew_kib} KiB");
+    drop(streams);
+    // Without the bound the ingest reads all 100 bodies at once: it grew by 135 MB here. With
+    // it, 16 at a time (and the allocator keeps what each HTTP worker's thread freed): 49 MB.
+    assert!(
+        grew_kib < 64 * 1024,
+        "peak RSS grew {grew_kib} KiB with {SENDERS} slow signed senders"
+    );
+    assert_eq!(broker.work_ready().await, 1);
+    assert_eq!(processes.signal("harbor-ingest", "TERM"), Some(0));
+}

@@ -57,7 +57,17 @@ pub struct WebhookState {
     pub max_body_bytes: usize,
     /// Time for the body to arrive.
     pub request_timeout: std::time::Duration,
+    /// Bodies being read to check a signature, at most [`SIGNED_READS_AT_ONCE`].
+    pub signed_reads: tokio::sync::Semaphore,
 }
+
+/// How many bodies may be read at once to check an HMAC signature. Anyone can send a header
+/// shaped like a signature, and only the whole body proves it wrong: without a bound, slow
+/// senders of fake signatures on every connection (`MAX_CONNECTIONS`, 512 per HTTP worker)
+/// could make the ingest hold that many bodies of up to `MAX_BODY_BYTES`. With it, at most
+/// 16 MiB; the others wait without being read (up to `REQUEST_TIMEOUT`, then 503). Harbor itself
+/// only ever sends a token, which is checked from the header alone.
+pub const SIGNED_READS_AT_ONCE: usize = 16;
 
 /// Why a webhook was not accepted; each variant is one status code.
 #[derive(thiserror::Error, Debug)]
@@ -85,11 +95,14 @@ pub enum WebhookError {
     /// 503
     #[error("the event could not be handed to the broker; retry later")]
     Unavailable(PublishError),
+    /// 503: too many signed bodies are being read; retry later.
+    #[error("too many signed webhooks are being read at once; retry later")]
+    Busy,
 }
 
 /// Every outcome `harbor_ingest_requests_total` counts: `accepted`, and each
 /// [`WebhookError::code`].
-pub const OUTCOMES: [&str; 9] = [
+pub const OUTCOMES: [&str; 10] = [
     "accepted",
     "unauthorized",
     "unknown_instance",
@@ -99,6 +112,7 @@ pub const OUTCOMES: [&str; 9] = [
     "request_timeout",
     "unreadable_body",
     "broker_unavailable",
+    "busy",
 ];
 
 impl WebhookError {
@@ -112,6 +126,7 @@ impl WebhookError {
             Self::NotAnEvent(EventError::NotJson(_)) => "invalid_json",
             Self::NotAnEvent(_) => "invalid_event",
             Self::Unavailable(_) => "broker_unavailable",
+            Self::Busy => "busy",
         }
     }
 }
@@ -124,14 +139,14 @@ impl ResponseError for WebhookError {
             Self::Unreadable | Self::NotAnEvent(_) => StatusCode::BAD_REQUEST,
             Self::Timeout => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Busy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
         match self {
-            Self::Unavailable(_) => {
+            Self::Unavailable(_) | Self::Busy => {
                 response.insert_header((header::RETRY_AFTER, HeaderValue::from_static("5")));
             }
             Self::Unauthorized(_) => {
@@ -256,6 +271,20 @@ async fn accept(
             return Err(refused(WebhookError::Unauthorized(error)));
         }
     };
+    // A claimed signature: its body is read only when one of the few places is free.
+    let signed_read = match verdict {
+        Verdict::Signed(_) => {
+            let place = tokio::time::timeout(state.request_timeout, state.signed_reads.acquire());
+            match place.await {
+                Ok(Ok(permit)) => Some(permit),
+                _ => {
+                    discard_small_body(request, payload, state.request_timeout).await;
+                    return Err(refused(WebhookError::Busy));
+                }
+            }
+        }
+        Verdict::Authorized => None,
+    };
     // The body must arrive within REQUEST_TIMEOUT too (actix times the headers only).
     let read = read_body(request, payload, state.max_body_bytes);
     let body = tokio::time::timeout(state.request_timeout, read)
@@ -268,6 +297,7 @@ async fn accept(
             .check_signature(&signature, &body)
             .map_err(|error| refused(WebhookError::Unauthorized(error)))?;
     }
+    drop(signed_read);
     let envelope =
         Envelope::parse(&body).map_err(|error| refused(WebhookError::NotAnEvent(error)))?;
     if !envelope.event_type.lists_artifacts() && body.len() > SINGLE_EVENT_MAX_BYTES {
@@ -452,6 +482,7 @@ mod tests {
             WebhookError::NotAnEvent(EventError::NotJson(String::new())),
             WebhookError::NotAnEvent(EventError::BadType),
             WebhookError::Unavailable(PublishError::NotConnected),
+            WebhookError::Busy,
         ];
         let mut codes: Vec<&str> = errors.iter().map(WebhookError::code).collect();
         codes.push("accepted");
