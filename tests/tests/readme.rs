@@ -194,7 +194,6 @@ async fn the_readme_commands_run_as_written() {
 /// runs in the form that works here.
 fn assert_run_by_ci(command: &str) {
     let (file, proof) = match command {
-        "docker compose up --build" => ("deploy/validate.sh", "-f docker-compose.yml config"),
         "deploy/local/run.sh" => ("tests/tests/readme.rs", "deploy/local/run.sh"),
         "deploy/local/test.sh" => (".ci/run", "\ndeploy/local/test.sh\n"),
         "kubectl apply -k deploy/k8s" => ("deploy/validate.sh", "kustomize \"$dir\""),
