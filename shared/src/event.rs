@@ -316,7 +316,11 @@ impl Envelope {
         let cloudevents_id = raw
             .id
             .and_then(|id| serde_json::from_str::<Cow<'_, str>>(id.get()).ok())
-            .filter(|id| !id.is_empty() && id.len() <= 255);
+            // Printable ASCII only: the id is the message id every log line and `parked list`
+            // show, and control characters or look-alikes there would forge lines.
+            .filter(|id| {
+                !id.is_empty() && id.len() <= 255 && id.bytes().all(|b| b.is_ascii_graphic())
+            });
         let message_id = match cloudevents_id {
             Some(id) if format == PayloadFormat::CloudEvents => id.into_owned(),
             _ => hex::encode(Sha256::digest(body)),
@@ -547,6 +551,22 @@ mod tests {
         // A non-string id is not refused; the hash stands in.
         let body = br#"{"specversion":"1.0","id":7,"type":"harbor.scan.failed"}"#;
         assert_eq!(Envelope::parse(body).unwrap().message_id.len(), 64);
+        // An id that would forge a log line is not taken.
+        for id in [
+            r"a\nlevel=ERROR forged",
+            r"a\u001b[31mred",
+            "a b",
+            r"\u202eevil",
+        ] {
+            let body =
+                format!(r#"{{"specversion":"1.0","id":"{id}","type":"harbor.scan.failed"}}"#);
+            let envelope = Envelope::parse(body.as_bytes()).unwrap();
+            assert_eq!(
+                envelope.message_id,
+                hex::encode(Sha256::digest(&body)),
+                "{id}"
+            );
+        }
     }
 
     #[test]

@@ -28,9 +28,34 @@ pub fn cut(message: impl Display) -> String {
     }
 }
 
+/// `text` with its control characters (line breaks, terminal escapes, bidirectional marks)
+/// written as escapes, for a line a person reads: a value from a message cannot start a line of
+/// its own or restyle the terminal.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escape = c.is_control() || matches!(c, '\u{200e}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            let shown: Vec<char> = match escape {
+                true => c.escape_unicode().collect(),
+                false => vec![c],
+            };
+            shown
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_shown_as_escapes() {
+        assert_eq!(printable("library/nginx é"), "library/nginx é");
+        assert_eq!(
+            printable("a\nb\u{1b}[31m\u{202e}"),
+            "a\\u{a}b\\u{1b}[31m\\u{202e}"
+        );
+    }
 
     #[test]
     fn short_strings_are_quoted_whole_and_long_ones_cut_with_their_length() {

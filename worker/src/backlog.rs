@@ -82,13 +82,21 @@ async fn unacked(base: &Url, amqp: &AmqpSettings, queue: &str) -> anyhow::Result
         .map_err(|()| anyhow::anyhow!("RABBITMQ_MANAGEMENT_URL cannot have a path"))?
         .pop_if_empty()
         .extend(["api", "queues", &vhost, queue]);
-    let answer: serde_json::Value = reqwest::Client::new()
+    // No redirects (reqwest would follow them with the credentials); errors without the URL,
+    // which may carry them.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .context("Failed to build an HTTP client")?;
+    let answer: serde_json::Value = client
         .get(url)
         .basic_auth(user, Some(password))
         .send()
         .await
+        .map_err(reqwest::Error::without_url)
         .context("Failed to reach the management API")?
         .error_for_status()
+        .map_err(reqwest::Error::without_url)
         .context("The management API refused the request")?
         .json()
         .await

@@ -1226,22 +1226,33 @@ fn plan(
 fn whole_repositories(
     full_names: impl Iterator<Item = String>,
 ) -> Result<(String, Vec<Refresh>), Action<Key, Work>> {
+    // A retention may list 10,000 artifacts of a few repositories: each distinct name is parsed
+    // once, and the invalid ones are told in one line, not one each.
+    let distinct: BTreeSet<String> = full_names.collect();
     let mut names: Vec<RepositoryName> = Vec::new();
-    for full in full_names {
-        match RepositoryName::parse(&full) {
-            Ok(name) if !names.contains(&name) => names.push(name),
-            Ok(_) => {}
-            Err(error) => warn!(%error, "Ignoring a repository the event names"),
+    let mut invalid = Vec::new();
+    for full in &distinct {
+        match RepositoryName::parse(full) {
+            Ok(name) => names.push(name),
+            Err(error) => invalid.push(error.to_string()),
         }
+    }
+    if let Some(first) = invalid.first() {
+        warn!(count = invalid.len(), first = %first, "Ignoring repositories the event names");
     }
     if names.is_empty() {
         return Err(Action::Skip("the event names no repository".into()));
     }
-    let shown = names
+    const SHOWN: usize = 5;
+    let mut shown = names
         .iter()
+        .take(SHOWN)
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ");
+    if names.len() > SHOWN {
+        shown.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
     let mut refreshes: Vec<Refresh> = names
         .iter()
         .map(|name| Refresh {
@@ -1255,10 +1266,10 @@ fn whole_repositories(
             group: 0,
         })
         .collect();
+    let mut projects = BTreeSet::new();
     for name in &names {
-        let project = project_of(name);
-        if !refreshes.contains(&project) {
-            refreshes.push(project);
+        if projects.insert(name.project()) {
+            refreshes.push(project_of(name));
         }
     }
     Ok((shown, refreshes))
@@ -1328,6 +1339,31 @@ mod tests {
         let scan = planned("SCANNING_COMPLETED");
         assert_eq!(scan.len(), 1);
         assert!(!scan[0].work.repository && scan[0].work.artifacts.len() == 1);
+    }
+
+    #[test]
+    fn a_retention_of_100_000_artifacts_names_each_repository_and_project_once() {
+        let deleted: Vec<Value> = (0..100_000)
+            .map(|i| {
+                let repository = match i % 3 {
+                    0 => format!("app{}", i % 7),
+                    1 => format!("BAD NAME {i}"),
+                    _ => "web".to_owned(),
+                };
+                json!({"type": "image", "status": "SUCCESS", "name_tag": format!("{repository}:{i}")})
+            })
+            .collect();
+        let retention = event(json!({
+            "type": "TAG_RETENTION",
+            "event_data": {"retention": {"project_name": "harbor", "deleted_artifact": deleted}}
+        }));
+        let (shown, refreshes) = plan(&retention, Duration::ZERO).unwrap();
+        // Seven apps and web, and their project once.
+        assert_eq!(refreshes.len(), 9);
+        assert_eq!(
+            shown,
+            "harbor/app0, harbor/app1, harbor/app2, harbor/app3, harbor/app4 and 3 more"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use harbor_shared::instances::DEFAULT_INSTANCE;
+use harbor_shared::quote::printable;
 use harbor_shared::{broker, config, ops, telemetry};
 use harbor_worker::mapping::Kind;
 use harbor_worker::parked::{self, Selection};
@@ -141,12 +142,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::json!({ "parked": events }));
             } else {
                 for e in &events {
-                    let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                    // Each from a message: printable, so that one cannot forge a line.
+                    let show =
+                        |v: &Option<String>| v.as_deref().map_or_else(|| "-".into(), printable);
                     let attempts = e.attempts.map_or_else(|| "-".into(), |n| n.to_string());
                     let event_type = match &e.instance {
                         Some(instance) => format!("{instance}: {}", e.event_type),
                         None => e.event_type.clone(),
                     };
+                    let event_type = printable(&event_type);
                     println!(
                         "{}  {}  {}  attempts={}  {}",
                         show(&e.failed_at),

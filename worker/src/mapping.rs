@@ -146,7 +146,9 @@ impl fmt::Debug for Mapping {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct FileFormat {
-    #[serde(default = "yes")]
+    // Off unless asked for, unlike Ocean: on, Port deletes every entity that relates to one
+    // deleted here, in any blueprint, whoever made it.
+    #[serde(default)]
     delete_dependent_entities: bool,
     #[serde(default = "yes")]
     create_missing_related_entities: bool,
@@ -349,6 +351,12 @@ impl Mapping {
                 properties,
                 relations,
             });
+        }
+        if format.delete_dependent_entities {
+            tracing::warn!(
+                "The mapping turns deleteDependentEntities on: when this integration deletes an \
+                 entity, Port also deletes every entity related to it, in any blueprint"
+            );
         }
         Ok(Self {
             resources,
@@ -621,6 +629,13 @@ mod tests {
                 },
             }]
         );
+    }
+
+    #[test]
+    fn deleting_dependents_is_off_unless_the_file_turns_it_on() {
+        assert!(!mapping(ARTIFACT).unwrap().delete_dependents);
+        let on = format!("deleteDependentEntities: true\nresources:\n{ARTIFACT}");
+        assert!(Mapping::parse(&on, "on.yaml").unwrap().delete_dependents);
     }
 
     #[test]

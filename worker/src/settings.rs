@@ -79,7 +79,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         /// The RabbitMQ management API (e.g. `http://rabbitmq:15672`), for the unacked counts.
-        #[arg(long, env = "RABBITMQ_MANAGEMENT_URL")]
+        /// It may carry credentials, so it comes from the environment only.
+        #[arg(long, env = "RABBITMQ_MANAGEMENT_URL", hide_env_values = true)]
         management_url: Option<Url>,
     },
     /// List or replay the parked events.
@@ -334,7 +335,8 @@ impl WebhookArgs {
         let Some(raw) = self.webhook_public_url.as_deref().filter(|u| !u.is_empty()) else {
             return Ok(None);
         };
-        let url = base_url(raw, "WEBHOOK_PUBLIC_URL")?;
+        // Harbor sends the webhook secret there with every event.
+        let url = credentials_url(raw, "WEBHOOK_PUBLIC_URL")?;
         let cloudevents = match self.webhook_payload_format.as_str() {
             "Default" => false,
             "CloudEvents" => true,
@@ -696,6 +698,12 @@ mod tests {
                 "pw",
                 "webhooks",
                 "sync",
+            ],
+            &[
+                "harbor-worker",
+                "backlog",
+                "--management-url",
+                "http://admin:pw@rabbitmq:15672",
             ],
         ] {
             let err = harbor_shared::config::try_parse_cli::<Cli>(args).unwrap_err();

@@ -75,6 +75,9 @@ impl Http {
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_idle_timeout(Duration::from_secs(90))
+            // A redirect is answered, not followed: reqwest would send the body again (Port's
+            // client secret, a webhook policy's auth header) to wherever a 307 or 308 points.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {
             client,
@@ -290,6 +293,33 @@ mod tests {
         );
         assert_eq!(retry_after(&headers("retry-after", "soon"), now), None);
         assert_eq!(retry_after(&HeaderMap::new(), now), None);
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed_so_a_body_never_goes_to_another_host() {
+        use wiremock::matchers::any;
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let elsewhere = MockServer::start().await;
+        let server = MockServer::start().await;
+        let to = format!("{}/collect", elsewhere.uri());
+        Mock::given(any())
+            .respond_with(ResponseTemplate::new(307).insert_header("location", to.as_str()))
+            .mount(&server)
+            .await;
+        let http = Http::new(Duration::from_secs(5), 1 << 20).unwrap();
+        let answer = http
+            .client
+            .post(format!("{}/v1/auth/access_token", server.uri()))
+            .body(r#"{"clientSecret":"s3cret"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 307);
+        assert!(matches!(
+            success("Port token", answer).await,
+            Err(CallError::Permanent { .. })
+        ));
+        assert!(elsewhere.received_requests().await.unwrap().is_empty());
     }
 
     #[test]
