@@ -1,8 +1,9 @@
 //! The mapping from Harbor's objects to Port entities, in Port Ocean's port-app-config format:
 //! per kind (`project`, `repository`, `artifact`), a JQ `selector.query` and JQ
 //! `port.entity.mappings`, evaluated by jaq. Every expression is compiled once, when the file is
-//! read; a file that does not parse or an expression that does not compile is refused then,
-//! with a message naming the file, the resource (index and kind), the field and the error.
+//! read; a file that does not parse, an expression that does not compile, or one that may run
+//! without end (recursion, `repeat`, `until`...: see `bounded`) is refused then, with a message
+//! naming the file, the resource (index and kind), the field and the error.
 //!
 //! The object a kind's expressions see is what Harbor's API answers for it, with `.__project` on
 //! repositories and artifacts and `.__repository` on artifacts (each as Harbor answers it), and
@@ -21,6 +22,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::entities::Entity;
+
+mod bounded;
 
 /// The mapping used without `MAPPING_FILE`: today's entities, property for property.
 pub const DEFAULT: &str = include_str!("../../deploy/port/mapping.yaml");
@@ -305,6 +308,11 @@ impl Mapping {
                 )));
             };
             let expression = |field: &str, code: &str| {
+                if let Some(reason) = bounded::unbounded(code) {
+                    return Err(refuse(format!(
+                        "resource {index} ({kind}), {field}: `{code}` {reason}"
+                    )));
+                }
                 compile(code)
                     .map(|filter| Expression { filter })
                     .map_err(|e| {
@@ -628,6 +636,21 @@ mod tests {
                         .clone(),
                 },
             }]
+        );
+    }
+
+    #[test]
+    fn an_expression_that_may_run_for_ever_is_refused_naming_where() {
+        let looping = ARTIFACT.replace(
+            "query: '.__project.name | startswith(\"sandbox-\") | not'",
+            "query: 'def f: f; f'",
+        );
+        assert_ne!(looping, ARTIFACT);
+        let error = mapping(&looping).unwrap_err().to_string();
+        assert!(
+            error.contains("resource 0 (artifact), selector.query")
+                && error.contains("calls itself"),
+            "{error}"
         );
     }
 

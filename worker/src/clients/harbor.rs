@@ -48,6 +48,11 @@ fn unproven_404(what: &str, proof: &str, subject: &str) -> CallError {
 /// request has none.
 const REQUEST_ID: &str = "X-Request-ID";
 
+/// The longest list read whole (projects, a project's repositories, a repository's artifacts):
+/// past it a read fails for good instead of holding without bound what a misbehaving server
+/// keeps sending (an artifact is a few KiB: 100,000 of them about 300 MB).
+pub const MAX_LIST_ITEMS: usize = 100_000;
+
 /// The project a path is in (`projects/{project}/...`), if any.
 fn project_of<'a>(segments: &[&'a str]) -> Option<&'a str> {
     match segments {
@@ -331,7 +336,7 @@ impl HarborClient {
             .collect()
     }
 
-    /// Every item of a paginated list, as sent.
+    /// Every item of a paginated list, as sent, at most [`MAX_LIST_ITEMS`].
     async fn list_values(
         &self,
         what: &str,
@@ -359,9 +364,21 @@ impl HarborClient {
                 .await?
                 .unwrap_or_default();
             let last = items.len() < PAGE_SIZE;
+            // A proxy that drops the query answers the first page again and again.
+            if page > 1 && !items.is_empty() && all[all.len() - PAGE_SIZE..] == items[..] {
+                return Err(CallError::permanent(format!(
+                    "{what}: the same page as the one before (does a proxy in front of Harbor \
+                     drop the query?)"
+                )));
+            }
             all.extend(items);
             if last {
                 break;
+            }
+            if all.len() >= MAX_LIST_ITEMS {
+                return Err(CallError::permanent(format!(
+                    "{what}: more than {MAX_LIST_ITEMS} items; this worker holds no longer list"
+                )));
             }
         }
         Ok(all)
@@ -620,6 +637,49 @@ pub mod tests {
 
     fn repository(full: &str) -> RepositoryName {
         RepositoryName::parse(full).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_list_whose_pages_never_end_fails_instead_of_growing() {
+        let server = MockServer::start().await;
+        let page: Vec<Value> = (0..100)
+            .map(|i| json!({"name": format!("p{i}"), "project_id": i}))
+            .collect();
+        // A proxy that drops the query: the first page, whatever page is asked.
+        Mock::given(method("GET"))
+            .and(path("/api/v2.0/projects"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(&page))
+            .mount(&server)
+            .await;
+        let error = client_of(&server).projects().await.unwrap_err();
+        assert!(
+            matches!(&error, CallError::Permanent { reason } if reason.contains("(page 2): the same page")),
+            "{error:?}"
+        );
+
+        // A server that sends new items on every page.
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/api/v2.0/projects"))
+            .respond_with(|request: &wiremock::Request| {
+                let page: usize = request
+                    .url
+                    .query_pairs()
+                    .find(|(k, _)| k == "page")
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(1);
+                let items: Vec<Value> = (0..100)
+                    .map(|i| json!({"name": format!("p{page}-{i}"), "project_id": page * 100 + i}))
+                    .collect();
+                ResponseTemplate::new(200).set_body_json(items)
+            })
+            .mount(&server)
+            .await;
+        let error = client_of(&server).projects().await.unwrap_err();
+        assert!(
+            matches!(&error, CallError::Permanent { reason } if reason.contains("more than 100000 items")),
+            "{error:?}"
+        );
     }
 
     #[tokio::test]
