@@ -16,7 +16,7 @@ use harbor_sync_tests::processes::{Processes, free_port, worker_env};
 use harbor_sync_tests::proxy::StallingProxy;
 use harbor_sync_tests::rabbit::{TestTopology, close_connections, failure_reason};
 use harbor_sync_tests::{samples, wait_until};
-use harbor_worker::handler::{Action, HandleEvent, Key, Plan, Work};
+use harbor_worker::plan::{Action, HandleEvent, Key, Plan, Work};
 use harbor_worker::schedule::{self, Judgement, Reconcile};
 use harbor_worker::startup::{Worker, scheduler};
 use lapin::BasicProperties;

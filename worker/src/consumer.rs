@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::balance;
-use crate::handler::{Action, HandleEvent, Plan};
+use crate::plan::{Action, HandleEvent, Plan};
 use crate::schedule::{Failure, Request, Scheduler, Settled};
 
 /// Marks a copy of an event forwarded to another project's work queue: the project it came

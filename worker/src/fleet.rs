@@ -7,7 +7,8 @@
 
 use harbor_shared::instances;
 
-use crate::handler::{Action, HandleEvent, Handler, Key, Plan, Report, Work};
+use crate::handler::{Handler, Report};
+use crate::plan::{Action, HandleEvent, Key, Plan, Work};
 use crate::schedule::{Judgement, Reconcile, Request};
 use crate::webhooks::Desired;
 

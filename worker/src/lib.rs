@@ -17,6 +17,7 @@ pub mod handler;
 pub mod mapping;
 pub mod names;
 pub mod parked;
+pub mod plan;
 pub mod resync;
 pub mod retry;
 pub mod schedule;

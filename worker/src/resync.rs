@@ -30,7 +30,7 @@ use harbor_shared::topology::{SUBJECT_HEADER, Topology};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
@@ -42,51 +42,12 @@ use crate::handler::{
 };
 use crate::mapping::{Kind, Rendered};
 use crate::names::{Digest, RepositoryName};
+use crate::plan::{REQUEST_TYPE, ResyncRequest, Target};
 use crate::retry::{Budget, RetryPolicy};
 use crate::webhooks;
 
-/// The `type` of a resync request on the work queues (and its routing key).
-pub const REQUEST_TYPE: &str = "harbor-port-sync.resync";
-
 /// How long a resync's requests may take to be confirmed by the broker, each.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A request, on a work queue, to refresh one project or one repository with every artifact.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResyncRequest {
-    /// Always [`REQUEST_TYPE`].
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// What to refresh.
-    pub resync: Target,
-}
-
-/// What one resync request refreshes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Target {
-    /// A project's entity.
-    Project(String),
-    /// A repository's entity and every artifact's.
-    Repository(String),
-}
-
-impl ResyncRequest {
-    /// Reads a resync request; `None` for anything else.
-    pub fn parse(body: &[u8]) -> Option<Self> {
-        serde_json::from_slice::<Self>(body)
-            .ok()
-            .filter(|r| r.kind == REQUEST_TYPE)
-    }
-
-    /// The project whose work queue it goes to.
-    pub fn project(&self) -> &str {
-        match &self.resync {
-            Target::Project(name) => name,
-            Target::Repository(name) => name.split_once('/').map_or(name.as_str(), |(p, _)| p),
-        }
-    }
-}
 
 /// How a resync runs.
 #[derive(Debug, Clone, Copy)]
