@@ -7,7 +7,8 @@ use std::time::Duration;
 use harbor_shared::broker;
 use harbor_shared::config::AmqpSettings;
 use harbor_sync_tests::apps::{
-    TestSandbox, TestWorker, sandbox_settings, start_sandbox, start_sandbox_with, wait_ready_at,
+    TestSandbox, TestWorker, outcome_count, sandbox_settings, start_sandbox, start_sandbox_with,
+    wait_ready_at,
 };
 use harbor_sync_tests::processes::{Processes, binary, free_port, sandbox_worker_env, stdout_of};
 use harbor_sync_tests::rabbit::TestTopology;
@@ -321,5 +322,38 @@ async fn the_resync_command_on_a_broker_where_nothing_ran_yet_leaves_its_request
         || async { sandbox.ids("harborArtifact").await.len() == 106 },
     )
     .await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn an_entity_whose_reference_this_version_cannot_read_is_kept() {
+    // One of this integration's, under the prefix of a repository's artifacts, whose harborRef
+    // names no digest this version reads (a later version's, say): not to be taken for an
+    // artifact Harbor no longer has.
+    let sandbox = start_sandbox("http://127.0.0.1:9/webhook", PayloadFormat::Default).await;
+    sandbox.act("push", "library/nginx", "1.27").await;
+    let odd = "library/nginx@by-a-later-version";
+    sandbox
+        .put_entity(
+            "harborArtifact",
+            json!({"identifier": odd, "title": odd,
+                   "properties": {"harborInstance": "default", "harborRef": "artifact:library/nginx@sha512:later"},
+                   "relations": {}}),
+        )
+        .await;
+    let broker = TestTopology::new().await;
+    let worker = TestWorker::start(sandbox.worker_settings(&broker.amqp)).await;
+    // Forced: the odd entity is all this integration has in Port, and Harbor lacks it.
+    let summary = Resyncs::new(&sandbox, &broker).await.run(true).await;
+    assert!(summary.requested > 0, "{summary:?}");
+    wait_until(
+        "the resync's refreshes done",
+        Duration::from_secs(30),
+        || async { outcome_count(&worker.metrics().await, "synced") == summary.requested },
+    )
+    .await;
+    let artifacts = sandbox.ids("harborArtifact").await;
+    assert_eq!(artifacts.len(), 2, "{artifacts:?}");
+    assert!(artifacts.contains(&odd.to_owned()), "{artifacts:?}");
     worker.stop().await;
 }

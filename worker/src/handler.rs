@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use harbor_shared::instances::{self, DEFAULT_INSTANCE};
+use harbor_shared::quote::quoted;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
@@ -25,6 +26,7 @@ use crate::clients::CallError;
 use crate::clients::harbor::{Artifact, HarborClient};
 use crate::clients::port::{BULK_LIMIT, PortClient};
 use crate::entities::Entity;
+use crate::harbor_ref::HarborRef;
 use crate::mapping::{Kind, Mapped, Mapping, Rendered};
 use crate::names::{Digest, RepositoryName};
 use crate::plan::{self, Key, Plan, Work};
@@ -223,7 +225,7 @@ impl Handler {
                 Kind::Project,
                 &project_raw,
                 Context::default(),
-                &project_ref(project),
+                &HarborRef::project(project).to_string(),
                 None,
             ),
             (Kind::Repository, Some(name)) => {
@@ -234,7 +236,7 @@ impl Handler {
                     project: Some(&project_raw),
                     repository: None,
                 };
-                let reference = repository_ref(&name);
+                let reference = HarborRef::Repository(name.clone()).to_string();
                 self.render(Kind::Repository, &repository.raw, context, &reference, None)
             }
             (Kind::Artifact, Some(name)) => {
@@ -252,7 +254,7 @@ impl Handler {
                     repository: Some(&repository.raw),
                 };
                 let tags = Some(tag_names(&artifact).collect());
-                let reference = artifact_ref(&name, &digest);
+                let reference = HarborRef::Artifact(name.clone(), digest.clone()).to_string();
                 self.render(Kind::Artifact, &artifact.raw, context, &reference, tags)
             }
         };
@@ -381,22 +383,24 @@ impl Handler {
                     Kind::Project,
                     &project.raw,
                     Context::default(),
-                    &project_ref(name),
+                    &HarborRef::project(name).to_string(),
                     None,
                 );
-                batch.add(Part::Main, project_ref(name), rendered);
+                batch.add(Part::Main, HarborRef::project(name).to_string(), rendered);
                 self.execute(batch, &mut report).await;
             }
             Ok(None) => {
                 // Gone: its repositories go first (each through its own refresh), then it.
-                let repositories = format!("repository:{name}/");
+                let repositories = HarborRef::repositories_of(name);
                 match self.find_under(&repositories, Vec::new()).await {
                     Err(error) => report.main = Status::of::<()>(&Err(error)),
                     Ok(repositories) if !repositories.is_empty() => {
                         let names: BTreeSet<RepositoryName> = repositories
                             .iter()
-                            .filter_map(|r| r.reference.strip_prefix("repository:"))
-                            .filter_map(|r| RepositoryName::parse(r).ok())
+                            .filter_map(|r| match HarborRef::parse(&r.reference) {
+                                Some(HarborRef::Repository(name)) => Some(name),
+                                _ => None,
+                            })
                             .collect();
                         report.first = names
                             .into_iter()
@@ -411,7 +415,9 @@ impl Handler {
                     }
                     Ok(_) => {
                         let mut batch = Batch::default();
-                        batch.clear.push((Part::Main, project_ref(name)));
+                        batch
+                            .clear
+                            .push((Part::Main, HarborRef::project(name).to_string()));
                         self.execute(batch, &mut report).await;
                     }
                 }
@@ -486,7 +492,7 @@ impl Handler {
 
         let mut batch = Batch::default();
         if let Some(repository) = repository.as_ref().filter(|_| work.repository) {
-            let reference = repository_ref(name);
+            let reference = HarborRef::Repository(name.clone()).to_string();
             let rendered = self.render(
                 Kind::Repository,
                 &repository.raw,
@@ -509,7 +515,10 @@ impl Handler {
                     written.insert(digest.clone());
                     self.add_artifact(&mut batch, part, name, &digest, &artifact, context);
                 }
-                Ok(None) => batch.clear.push((part, artifact_ref(name, &digest))),
+                Ok(None) => batch.clear.push((
+                    part,
+                    HarborRef::Artifact(name.clone(), digest.clone()).to_string(),
+                )),
                 Err(error) => batch.failed.push((part, Status::of::<()>(&Err(error)))),
             }
         }
@@ -537,7 +546,7 @@ impl Handler {
         artifact: &Artifact,
         context: Context<'_>,
     ) {
-        let reference = artifact_ref(name, digest);
+        let reference = HarborRef::Artifact(name.clone(), digest.clone()).to_string();
         let tags = Some(tag_names(artifact).collect());
         let rendered = self.render(Kind::Artifact, &artifact.raw, context, &reference, tags);
         batch.add(part, reference, rendered);
@@ -624,9 +633,9 @@ impl Handler {
     /// own are deleted, the artifacts' first.
     async fn repository_gone(&self, name: &RepositoryName, work: &Work) -> Report {
         let mut report = Report::default();
-        let prefix = artifacts_ref_prefix(name);
+        let prefix = HarborRef::artifacts_of(name);
         let own = self.owned_query(
-            json!({"property": REF_PROPERTY, "operator": "=", "value": repository_ref(name)}),
+            json!({"property": REF_PROPERTY, "operator": "=", "value": HarborRef::Repository(name.clone()).to_string()}),
             Vec::new(),
         );
         let searches = tokio::join!(self.find_under(&prefix, Vec::new()), self.find(&own));
@@ -676,7 +685,7 @@ impl Handler {
                     .push((Part::Every, Status::of::<()>(&Err(error))));
             }
         };
-        let prefix = artifacts_ref_prefix(name);
+        let prefix = HarborRef::artifacts_of(name);
         let in_port = match self.find_under(&prefix, Vec::new()).await {
             Ok(found) => found,
             Err(error) => {
@@ -691,7 +700,7 @@ impl Handler {
                 warn!(repository = %name, digest = %artifact.digest, "Skipping an artifact with an unexpected digest");
                 continue;
             };
-            kept.insert(artifact_ref(name, &digest));
+            kept.insert(HarborRef::Artifact(name.clone(), digest.clone()).to_string());
             // Once: an artifact pushed while the list is read can come on two pages.
             if written.insert(digest.clone()) {
                 self.add_artifact(batch, Part::Every, name, &digest, artifact, context);
@@ -709,16 +718,18 @@ impl Handler {
             .collect();
         let mut unlisted_digests = Vec::new();
         for reference in unlisted {
-            match reference
-                .strip_prefix(&prefix)
-                .and_then(|digest| Digest::parse(digest).ok())
-            {
-                Some(digest) => {
+            match HarborRef::parse(&reference) {
+                Some(HarborRef::Artifact(repository, digest)) if repository == *name => {
                     if written.insert(digest.clone()) {
                         unlisted_digests.push(digest);
                     }
                 }
-                None => batch.clear.push((Part::Every, reference)),
+                // Not an artifact's reference this version can read: kept, not taken for gone.
+                _ => warn!(
+                    repository = %name,
+                    reference = %quoted(&reference),
+                    "Keeping an entity whose harborRef this version cannot read"
+                ),
             }
         }
         self.read_alone(batch, Part::Every, name, unlisted_digests, context)
@@ -737,13 +748,15 @@ impl Handler {
     ) {
         let rule = json!({"property": TAGS_PROPERTY, "operator": "containsAny", "value": tags});
         let stale: BTreeSet<Digest> = match self
-            .find_under(&artifacts_ref_prefix(name), vec![rule])
+            .find_under(&HarborRef::artifacts_of(name), vec![rule])
             .await
         {
             Ok(found) => found
                 .iter()
-                .filter_map(|f| f.reference.rsplit_once('@'))
-                .filter_map(|(_, d)| Digest::parse(d).ok())
+                .filter_map(|f| match HarborRef::parse(&f.reference) {
+                    Some(HarborRef::Artifact(_, digest)) => Some(digest),
+                    _ => None,
+                })
                 .filter(|d| !written.contains(d))
                 .collect(),
             Err(error) => {
@@ -780,35 +793,16 @@ impl Handler {
                 Ok(Some(artifact)) => {
                     self.add_artifact(batch, part.clone(), name, &digest, &artifact, context);
                 }
-                Ok(None) => batch
-                    .clear
-                    .push((part.clone(), artifact_ref(name, &digest))),
+                Ok(None) => batch.clear.push((
+                    part.clone(),
+                    HarborRef::Artifact(name.clone(), digest.clone()).to_string(),
+                )),
                 Err(error) => batch
                     .failed
                     .push((part.clone(), Status::of::<()>(&Err(error)))),
             }
         }
     }
-}
-
-/// The `harborRef` of a project's entities.
-pub fn project_ref(name: &str) -> String {
-    format!("project:{name}")
-}
-
-/// The `harborRef` of a repository's entities.
-pub fn repository_ref(name: &RepositoryName) -> String {
-    format!("repository:{name}")
-}
-
-/// The `harborRef` of an artifact's entities.
-pub fn artifact_ref(name: &RepositoryName, digest: &Digest) -> String {
-    format!("{}{digest}", artifacts_ref_prefix(name))
-}
-
-/// What the `harborRef` of every artifact of a repository starts with.
-fn artifacts_ref_prefix(name: &RepositoryName) -> String {
-    format!("artifact:{name}@")
 }
 
 /// What an object's expressions see besides the object: its project and repository, as Harbor

@@ -14,6 +14,7 @@ pub mod consumer;
 pub mod entities;
 pub mod fleet;
 pub mod handler;
+pub mod harbor_ref;
 pub mod mapping;
 pub mod names;
 pub mod parked;

@@ -37,9 +37,8 @@ use tracing::{Instrument, error, info, warn};
 
 use crate::clients::CallError;
 use crate::fleet::Fleet;
-use crate::handler::{
-    Handler, INSTANCE_PROPERTY, REF_PROPERTY, artifact_ref, project_ref, repository_ref,
-};
+use crate::handler::{Handler, INSTANCE_PROPERTY, REF_PROPERTY};
+use crate::harbor_ref::HarborRef;
 use crate::mapping::{Kind, Rendered};
 use crate::names::{Digest, RepositoryName};
 use crate::plan::{REQUEST_TYPE, ResyncRequest, Target};
@@ -187,7 +186,7 @@ async fn take_stock(handler: &Handler, retry: RetryPolicy) -> Result<Stock, Call
         .await?;
     for project in &projects {
         stock.projects.insert(project.name.clone());
-        let reference = project_ref(&project.name);
+        let reference = HarborRef::project(&project.name).to_string();
         let rendered =
             handler.render_object(Kind::Project, &project.raw, None, None, &reference, None);
         stock.expect(reference, rendered);
@@ -199,7 +198,7 @@ async fn take_stock(handler: &Handler, retry: RetryPolicy) -> Result<Stock, Call
                 warn!(repository = %repository.name, "Resync: skipping a repository with an unexpected name");
                 continue;
             };
-            let reference = repository_ref(&name);
+            let reference = HarborRef::Repository(name.clone()).to_string();
             let rendered = handler.render_object(
                 Kind::Repository,
                 &repository.raw,
@@ -216,7 +215,7 @@ async fn take_stock(handler: &Handler, retry: RetryPolicy) -> Result<Stock, Call
                 let Ok(digest) = Digest::parse(&artifact.digest) else {
                     continue;
                 };
-                let reference = artifact_ref(&name, &digest);
+                let reference = HarborRef::Artifact(name.clone(), digest.clone()).to_string();
                 let tags = artifact
                     .tags
                     .iter()
@@ -270,15 +269,14 @@ fn requests(stock: &Stock) -> Vec<ResyncRequest> {
     let mut projects = stock.projects.clone();
     let mut repositories = stock.repositories.clone();
     for reference in stock.ours.iter().filter_map(|(_, _, r)| r.as_deref()) {
-        if let Some(project) = reference.strip_prefix("project:") {
-            projects.insert(project.to_owned());
-        } else if let Some(repository) = reference.strip_prefix("repository:") {
-            repositories.insert(repository.to_owned());
-        } else if let Some((repository, _)) = reference
-            .strip_prefix("artifact:")
-            .and_then(|a| a.rsplit_once('@'))
-        {
-            repositories.insert(repository.to_owned());
+        match HarborRef::parse(reference) {
+            Some(HarborRef::Project(project)) => {
+                projects.insert(project);
+            }
+            Some(HarborRef::Repository(name) | HarborRef::Artifact(name, _)) => {
+                repositories.insert(name.to_string());
+            }
+            None => {}
         }
     }
     let request = |resync| ResyncRequest {
