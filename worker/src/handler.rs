@@ -22,9 +22,9 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
+use crate::catalog::{Catalog, Found, PortCatalog, Search};
 use crate::clients::CallError;
 use crate::clients::harbor::{Artifact, HarborClient};
-use crate::clients::port::{BULK_LIMIT, PortClient};
 use crate::entities::Entity;
 use crate::harbor_ref::HarborRef;
 use crate::mapping::{Kind, Mapped, Mapping, Rendered};
@@ -32,18 +32,7 @@ use crate::names::{Digest, RepositoryName};
 use crate::plan::{self, Key, Plan, Work};
 use crate::schedule::{Judgement, Reconcile};
 
-/// The property every entity this integration writes carries: which Harbor it came from. It is
-/// how the worker tells its entities from others when it deletes what Harbor no longer has.
-pub const INSTANCE_PROPERTY: &str = "harborInstance";
-
-/// The property that says which Harbor object an entity comes from (`project:<name>`,
-/// `repository:<project/repo>`, `artifact:<project/repo>@<digest>`), whatever the mapping makes
-/// its identifier: it is how the worker finds the entities of an object, or of a repository's
-/// artifacts, to delete what Harbor no longer has.
-pub const REF_PROPERTY: &str = "harborRef";
-
-/// The property that holds an artifact's tags, for finding the artifacts a pushed tag moved off.
-pub const TAGS_PROPERTY: &str = "harborTags";
+pub use crate::catalog::{INSTANCE_PROPERTY, REF_PROPERTY, TAGS_PROPERTY};
 
 /// What a part of a refresh came to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -116,9 +105,9 @@ pub struct Identity {
 }
 
 /// Turns events into refreshes, and refreshes into Port writes.
-pub struct Handler {
+pub struct Handler<C = PortCatalog> {
     harbor: HarborClient,
-    port: PortClient,
+    catalog: C,
     mapping: Arc<Mapping>,
     /// Its name in events, if named.
     name: Option<String>,
@@ -134,11 +123,12 @@ pub struct Handler {
     calls: Arc<Semaphore>,
 }
 
-impl Handler {
-    /// A handler with its clients; a call to Harbor or Port takes one of `calls`' permits.
+impl<C: Catalog> Handler<C> {
+    /// A handler with its clients; a call to Harbor or the catalog takes one of `calls`'
+    /// permits.
     pub fn new(
         harbor: HarborClient,
-        port: PortClient,
+        catalog: C,
         mapping: Arc<Mapping>,
         identity: Identity,
         pull_window: Duration,
@@ -155,7 +145,7 @@ impl Handler {
             },
             name: identity.name,
             harbor,
-            port,
+            catalog,
             mapping,
             pull_window,
             calls,
@@ -167,9 +157,9 @@ impl Handler {
         &self.harbor
     }
 
-    /// The Port client, for commands that read Port directly.
-    pub fn port(&self) -> &PortClient {
-        &self.port
+    /// The catalog it writes to.
+    pub fn catalog(&self) -> &C {
+        &self.catalog
     }
 
     /// The mapping.
@@ -315,62 +305,36 @@ impl Handler {
         Ok(rendered)
     }
 
-    /// A search query for this integration's entities whose `harborRef` matches `rule`, and the
-    /// rules given.
-    fn owned_query(&self, rule: Value, more: Vec<Value>) -> Value {
-        let mut all = vec![
-            json!({"property": INSTANCE_PROPERTY, "operator": "=", "value": self.instance}),
-            rule,
-        ];
-        all.extend(more);
-        json!({"combinator": "and", "rules": all})
-    }
-
-    /// Upserts entities of one blueprint: alone, or through the bulk endpoint in batches.
-    /// Returns what became of each, in order.
+    /// Upserts entities of one blueprint; what became of each, in order.
     async fn upsert_all(&self, blueprint: &str, entities: Vec<Entity>) -> Vec<Status> {
-        if let [entity] = entities.as_slice() {
-            return vec![Status::of(
-                &self.call(self.port.upsert(blueprint, entity)).await,
-            )];
-        }
-        let batches = entities.chunks(BULK_LIMIT).map(|batch| async move {
-            match self.call(self.port.upsert_bulk(blueprint, batch)).await {
-                Ok(each) => each.iter().map(Status::of).collect(),
-                Err(error) => vec![Status::of::<()>(&Err(error)); batch.len()],
-            }
-        });
-        join_all(batches).await.into_iter().flatten().collect()
+        let done = self.call(self.catalog.upsert(blueprint, &entities)).await;
+        done.iter().map(Status::of).collect()
     }
 
     async fn delete(&self, found: &Found) -> Status {
         Status::of(
             &self
-                .call(self.port.delete(&found.blueprint, &found.identifier))
+                .call(self.catalog.delete(&found.blueprint, &found.identifier))
                 .await,
         )
     }
 
-    /// This integration's entities a query finds.
-    async fn find(&self, query: &Value) -> Result<Vec<Found>, CallError> {
-        let include = ["identifier", "blueprint", "properties.harborRef"];
-        let found = self.call(self.port.search(query, &include)).await?;
+    /// This integration's entities a search finds, with the reference each was found by.
+    async fn find(&self, search: Search<'_>) -> Result<Vec<(String, Found)>, CallError> {
+        let found = self.call(self.catalog.find(search)).await?;
         Ok(found
-            .iter()
-            .filter_map(|entity| {
-                Some(Found {
-                    identifier: entity["identifier"].as_str()?.to_owned(),
-                    blueprint: entity["blueprint"].as_str()?.to_owned(),
-                    reference: entity["properties"][REF_PROPERTY].as_str()?.to_owned(),
-                })
-            })
+            .into_iter()
+            .filter_map(|f| Some((f.reference.clone()?, f)))
             .collect())
     }
 
     /// This integration's entities of the objects whose `harborRef` starts with `prefix`.
-    async fn find_under(&self, prefix: &str, more: Vec<Value>) -> Result<Vec<Found>, CallError> {
-        let rule = json!({"property": REF_PROPERTY, "operator": "beginsWith", "value": prefix});
-        self.find(&self.owned_query(rule, more)).await
+    async fn find_under(&self, prefix: &str) -> Result<Vec<(String, Found)>, CallError> {
+        self.find(Search {
+            under: Some(prefix),
+            ..Search::default()
+        })
+        .await
     }
 
     async fn refresh_project(&self, name: &str) -> Report {
@@ -392,12 +356,12 @@ impl Handler {
             Ok(None) => {
                 // Gone: its repositories go first (each through its own refresh), then it.
                 let repositories = HarborRef::repositories_of(name);
-                match self.find_under(&repositories, Vec::new()).await {
+                match self.find_under(&repositories).await {
                     Err(error) => report.main = Status::of::<()>(&Err(error)),
                     Ok(repositories) if !repositories.is_empty() => {
                         let names: BTreeSet<RepositoryName> = repositories
                             .iter()
-                            .filter_map(|r| match HarborRef::parse(&r.reference) {
+                            .filter_map(|(reference, _)| match HarborRef::parse(reference) {
                                 Some(HarborRef::Repository(name)) => Some(name),
                                 _ => None,
                             })
@@ -570,9 +534,12 @@ impl Handler {
             if clear.is_empty() {
                 return Vec::new();
             }
-            let references: Vec<&String> = clear.iter().map(|(_, r)| r).collect();
-            let rule = json!({"property": REF_PROPERTY, "operator": "in", "value": references});
-            match self.find(&self.owned_query(rule, Vec::new())).await {
+            let references: Vec<&str> = clear.iter().map(|(_, r)| r.as_str()).collect();
+            let search = Search {
+                references: Some(&references),
+                ..Search::default()
+            };
+            match self.find(search).await {
                 Err(error) => {
                     let status = Status::of::<()>(&Err(error));
                     clear
@@ -583,11 +550,11 @@ impl Handler {
                 Ok(found) => {
                     let found: Vec<(Part, Found)> = found
                         .into_iter()
-                        .filter(|f| {
+                        .filter(|(_, f)| {
                             !upserted.contains(&(f.blueprint.clone(), f.identifier.clone()))
                         })
-                        .filter_map(|f| {
-                            let part = clear.iter().find(|(_, r)| *r == f.reference)?.0.clone();
+                        .filter_map(|(reference, f)| {
+                            let part = clear.iter().find(|(_, r)| *r == reference)?.0.clone();
                             Some((part, f))
                         })
                         .collect();
@@ -634,20 +601,22 @@ impl Handler {
     async fn repository_gone(&self, name: &RepositoryName, work: &Work) -> Report {
         let mut report = Report::default();
         let prefix = HarborRef::artifacts_of(name);
-        let own = self.owned_query(
-            json!({"property": REF_PROPERTY, "operator": "=", "value": HarborRef::Repository(name.clone()).to_string()}),
-            Vec::new(),
-        );
-        let searches = tokio::join!(self.find_under(&prefix, Vec::new()), self.find(&own));
+        let own = HarborRef::Repository(name.clone()).to_string();
+        let own = [own.as_str()];
+        let own = Search {
+            references: Some(&own),
+            ..Search::default()
+        };
+        let searches = tokio::join!(self.find_under(&prefix), self.find(own));
         let status = match searches {
             (Err(error), _) | (_, Err(error)) => Status::of::<()>(&Err(error)),
             (Ok(artifacts), Ok(own)) => {
-                let deletes = join_all(artifacts.iter().map(|a| self.delete(a))).await;
+                let deletes = join_all(artifacts.iter().map(|(_, a)| self.delete(a))).await;
                 report.deleted = deletes.len();
                 // The repository's entities last, once nothing of it is left to relate to them.
                 match Status::all(&deletes) {
                     Status::Done => {
-                        let own = join_all(own.iter().map(|r| self.delete(r))).await;
+                        let own = join_all(own.iter().map(|(_, r)| self.delete(r))).await;
                         report.deleted += own.len();
                         Status::all(&own)
                     }
@@ -686,7 +655,7 @@ impl Handler {
             }
         };
         let prefix = HarborRef::artifacts_of(name);
-        let in_port = match self.find_under(&prefix, Vec::new()).await {
+        let in_port = match self.find_under(&prefix).await {
             Ok(found) => found,
             Err(error) => {
                 return batch
@@ -713,7 +682,7 @@ impl Handler {
         // are in the batch, excluded.)
         let unlisted: BTreeSet<String> = in_port
             .into_iter()
-            .map(|found| found.reference)
+            .map(|(reference, _)| reference)
             .filter(|reference| !kept.contains(reference))
             .collect();
         let mut unlisted_digests = Vec::new();
@@ -746,14 +715,16 @@ impl Handler {
         written: &BTreeSet<Digest>,
         context: Context<'_>,
     ) {
-        let rule = json!({"property": TAGS_PROPERTY, "operator": "containsAny", "value": tags});
-        let stale: BTreeSet<Digest> = match self
-            .find_under(&HarborRef::artifacts_of(name), vec![rule])
-            .await
-        {
+        let prefix = HarborRef::artifacts_of(name);
+        let search = Search {
+            under: Some(&prefix),
+            tagged: Some(tags),
+            ..Search::default()
+        };
+        let stale: BTreeSet<Digest> = match self.find(search).await {
             Ok(found) => found
                 .iter()
-                .filter_map(|f| match HarborRef::parse(&f.reference) {
+                .filter_map(|(reference, _)| match HarborRef::parse(reference) {
                     Some(HarborRef::Artifact(_, digest)) => Some(digest),
                     _ => None,
                 })
@@ -848,19 +819,11 @@ impl Batch {
     }
 }
 
-/// An entity of this integration's a search found.
-struct Found {
-    identifier: String,
-    blueprint: String,
-    /// Its `harborRef`.
-    reference: String,
-}
-
 fn tag_names(artifact: &Artifact) -> impl Iterator<Item = String> + '_ {
     artifact.tags.iter().flatten().map(|t| t.name.clone())
 }
 
-impl Reconcile for Handler {
+impl<C: Catalog> Reconcile for Handler<C> {
     type Key = Key;
     type Work = Work;
     type Report = Report;
@@ -911,7 +874,7 @@ fn verdict(report: &Report, asked: &Work) -> Judgement<Key, Work> {
     }
 }
 
-impl Handler {
+impl<C: Catalog> Handler<C> {
     /// The subject whose work queue refreshes `key`.
     pub fn subject_of(&self, key: &Key) -> String {
         match key {

@@ -9,6 +9,7 @@
 pub mod backlog;
 pub mod balance;
 pub mod blueprints;
+pub mod catalog;
 pub mod clients;
 pub mod consumer;
 pub mod entities;

@@ -31,13 +31,13 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use serde::Serialize;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
 
+use crate::catalog::{Catalog, Search};
 use crate::clients::CallError;
 use crate::fleet::Fleet;
-use crate::handler::{Handler, INSTANCE_PROPERTY, REF_PROPERTY};
+use crate::handler::Handler;
 use crate::harbor_ref::HarborRef;
 use crate::mapping::{Kind, Rendered};
 use crate::names::{Digest, RepositoryName};
@@ -235,21 +235,12 @@ async fn take_stock(handler: &Handler, retry: RetryPolicy) -> Result<Stock, Call
             stock.repositories.insert(name.full().to_owned());
         }
     }
-    let query = json!({"combinator": "and", "rules": [
-        {"property": INSTANCE_PROPERTY, "operator": "=", "value": handler.instance()},
-    ]});
-    let include = ["identifier", "blueprint", "properties.harborRef"];
     let found = Budget::start(retry)
-        .run("port", || handler.port().search(&query, &include))
+        .run("port", || handler.catalog().find(Search::default()))
         .await?;
     stock.ours = found
-        .iter()
-        .filter_map(|e| {
-            let identifier = e["identifier"].as_str()?.to_owned();
-            let blueprint = e["blueprint"].as_str()?.to_owned();
-            let reference = e["properties"][REF_PROPERTY].as_str().map(str::to_owned);
-            Some((blueprint, identifier, reference))
-        })
+        .into_iter()
+        .map(|f| (f.blueprint, f.identifier, f.reference))
         .collect();
     let unreferenced = stock.ours.iter().filter(|(_, _, r)| r.is_none()).count();
     if unreferenced > 0 {

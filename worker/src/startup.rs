@@ -7,6 +7,7 @@ use std::time::Duration;
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer};
 use anyhow::Context;
+use harbor_shared::instances::DEFAULT_INSTANCE;
 use harbor_shared::ops::{self, Readiness};
 use harbor_shared::telemetry;
 use tokio::sync::Semaphore;
@@ -14,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::catalog::PortCatalog;
 use crate::clients::Http;
 use crate::clients::harbor::HarborClient;
 use crate::clients::port::PortClient;
@@ -39,7 +41,10 @@ pub fn fleet(
     let members = harbors.iter().map(|harbor| Member {
         handler: Handler::new(
             harbor_client(harbor, http.clone()),
-            port_client(port, http.clone()),
+            PortCatalog::new(
+                port_client(port, http.clone()),
+                harbor.name.as_deref().unwrap_or(DEFAULT_INSTANCE),
+            ),
             Arc::clone(&port.mapping),
             Identity {
                 name: harbor.name.clone(),

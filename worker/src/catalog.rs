@@ -1,0 +1,182 @@
+//! The destination the refreshes write to, as the worker needs it: find this integration's
+//! entities by the Harbor object they come from (a `harborRef` prefix, optionally with a tag),
+//! upsert a set of one blueprint, delete one. [`PortCatalog`] is Port's: its search language
+//! and its bulk limit live here and nowhere else. Every entity this integration writes carries
+//! [`INSTANCE_PROPERTY`], and only those are ever found.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+
+use crate::clients::CallError;
+use crate::clients::port::{BULK_LIMIT, PortClient};
+use crate::entities::Entity;
+
+/// The property every entity this integration writes carries: which Harbor it came from. It is
+/// how the worker tells its entities from others when it deletes what Harbor no longer has.
+pub const INSTANCE_PROPERTY: &str = "harborInstance";
+
+/// The property that says which Harbor object an entity comes from ([`crate::harbor_ref`]),
+/// whatever the mapping makes its identifier.
+pub const REF_PROPERTY: &str = "harborRef";
+
+/// The property that holds an artifact's tags, for finding the artifacts a pushed tag moved off.
+pub const TAGS_PROPERTY: &str = "harborTags";
+
+/// One of this integration's entities, as a search finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// Its identifier.
+    pub identifier: String,
+    /// Its blueprint.
+    pub blueprint: String,
+    /// Its `harborRef`; `None` on entities written before references existed.
+    pub reference: Option<String>,
+}
+
+/// Which of this integration's entities to find: all of them, narrowed by each part given.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Search<'a> {
+    /// Those whose `harborRef` is one of these.
+    pub references: Option<&'a [&'a str]>,
+    /// Those whose `harborRef` starts with this.
+    pub under: Option<&'a str>,
+    /// Those carrying any of these tags.
+    pub tagged: Option<&'a BTreeSet<String>>,
+}
+
+/// What the worker needs of the catalog it writes to.
+pub trait Catalog: Send + Sync + 'static {
+    /// This integration's entities (of this Harbor) that `search` names.
+    fn find(
+        &self,
+        search: Search<'_>,
+    ) -> impl Future<Output = Result<Vec<Found>, CallError>> + Send;
+
+    /// Upserts entities of one blueprint; what became of each, in order.
+    fn upsert(
+        &self,
+        blueprint: &str,
+        entities: &[Entity],
+    ) -> impl Future<Output = Vec<Result<(), CallError>>> + Send;
+
+    /// Deletes one entity; one already gone is deleted.
+    fn delete(
+        &self,
+        blueprint: &str,
+        identifier: &str,
+    ) -> impl Future<Output = Result<(), CallError>> + Send;
+}
+
+/// Port, for one Harbor's entities.
+pub struct PortCatalog {
+    port: PortClient,
+    /// The value of [`INSTANCE_PROPERTY`] this Harbor's entities carry.
+    instance: String,
+}
+
+impl PortCatalog {
+    /// Port's catalog of the entities of the Harbor named `instance`.
+    pub fn new(port: PortClient, instance: &str) -> Self {
+        Self {
+            port,
+            instance: instance.to_owned(),
+        }
+    }
+
+    /// The Port client, for commands that talk to Port directly (blueprints).
+    pub fn port(&self) -> &PortClient {
+        &self.port
+    }
+
+    /// Port's search query for `search`.
+    fn query(&self, search: Search<'_>) -> Value {
+        let mut rules =
+            vec![json!({"property": INSTANCE_PROPERTY, "operator": "=", "value": self.instance})];
+        if let Some(references) = search.references {
+            rules.push(json!({"property": REF_PROPERTY, "operator": "in", "value": references}));
+        }
+        if let Some(prefix) = search.under {
+            rules
+                .push(json!({"property": REF_PROPERTY, "operator": "beginsWith", "value": prefix}));
+        }
+        if let Some(tags) = search.tagged {
+            rules
+                .push(json!({"property": TAGS_PROPERTY, "operator": "containsAny", "value": tags}));
+        }
+        json!({"combinator": "and", "rules": rules})
+    }
+}
+
+impl Catalog for PortCatalog {
+    async fn find(&self, search: Search<'_>) -> Result<Vec<Found>, CallError> {
+        let include = ["identifier", "blueprint", "properties.harborRef"];
+        let found = self.port.search(&self.query(search), &include).await?;
+        Ok(found
+            .iter()
+            .filter_map(|entity| {
+                Some(Found {
+                    identifier: entity["identifier"].as_str()?.to_owned(),
+                    blueprint: entity["blueprint"].as_str()?.to_owned(),
+                    reference: entity["properties"][REF_PROPERTY]
+                        .as_str()
+                        .map(str::to_owned),
+                })
+            })
+            .collect())
+    }
+
+    /// Alone, or through the bulk endpoint in batches of [`BULK_LIMIT`].
+    async fn upsert(&self, blueprint: &str, entities: &[Entity]) -> Vec<Result<(), CallError>> {
+        if let [entity] = entities {
+            return vec![self.port.upsert(blueprint, entity).await];
+        }
+        let batches = entities.chunks(BULK_LIMIT).map(|batch| async move {
+            match self.port.upsert_bulk(blueprint, batch).await {
+                Ok(each) => each,
+                Err(error) => vec![Err(error); batch.len()],
+            }
+        });
+        join_all(batches).await.into_iter().flatten().collect()
+    }
+
+    async fn delete(&self, blueprint: &str, identifier: &str) -> Result<(), CallError> {
+        self.port.delete(blueprint, identifier).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_search_is_this_harbors_entities_narrowed_by_reference_and_tags() {
+        let http = crate::clients::Http::new(std::time::Duration::from_secs(1), 1024).unwrap();
+        let port = PortClient::new(
+            http,
+            url::Url::parse("http://127.0.0.1:9").unwrap(),
+            "id".into(),
+            secrecy::SecretString::from("secret"),
+        );
+        let catalog = PortCatalog::new(port, "eu");
+        let tags: BTreeSet<String> = ["v1".to_owned()].into();
+        assert_eq!(
+            catalog.query(Search::default()),
+            json!({"combinator": "and", "rules": [
+                {"property": "harborInstance", "operator": "=", "value": "eu"}]})
+        );
+        assert_eq!(
+            catalog.query(Search {
+                under: Some("artifact:a/b@"),
+                tagged: Some(&tags),
+                ..Search::default()
+            }),
+            json!({"combinator": "and", "rules": [
+                {"property": "harborInstance", "operator": "=", "value": "eu"},
+                {"property": "harborRef", "operator": "beginsWith", "value": "artifact:a/b@"},
+                {"property": "harborTags", "operator": "containsAny", "value": ["v1"]}]})
+        );
+    }
+}
