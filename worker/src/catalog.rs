@@ -147,6 +147,70 @@ impl Catalog for PortCatalog {
     }
 }
 
+/// A catalog in memory, for the refreshes' unit tests: it holds what is upserted and finds as
+/// Port's search does (by `harborRef` and `harborTags`).
+#[cfg(test)]
+#[derive(Default)]
+pub struct MemoryCatalog {
+    /// By blueprint and identifier.
+    pub entities: std::sync::Mutex<std::collections::BTreeMap<(String, String), Entity>>,
+}
+
+#[cfg(test)]
+impl Catalog for MemoryCatalog {
+    async fn find(&self, search: Search<'_>) -> Result<Vec<Found>, CallError> {
+        #[allow(clippy::unwrap_used)] // a test's lock, never poisoned
+        let entities = self.entities.lock().unwrap();
+        Ok(entities
+            .iter()
+            .filter(|(_, e)| {
+                let reference = e.properties.get(REF_PROPERTY).and_then(Value::as_str);
+                let tags = e.properties.get(TAGS_PROPERTY).and_then(Value::as_array);
+                search
+                    .references
+                    .is_none_or(|refs| reference.is_some_and(|r| refs.contains(&r)))
+                    && search
+                        .under
+                        .is_none_or(|prefix| reference.is_some_and(|r| r.starts_with(prefix)))
+                    && search.tagged.is_none_or(|wanted| {
+                        tags.into_iter()
+                            .flatten()
+                            .filter_map(Value::as_str)
+                            .any(|t| wanted.contains(t))
+                    })
+            })
+            .map(|((blueprint, identifier), e)| Found {
+                identifier: identifier.clone(),
+                blueprint: blueprint.clone(),
+                reference: e
+                    .properties
+                    .get(REF_PROPERTY)
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+            })
+            .collect())
+    }
+
+    async fn upsert(&self, blueprint: &str, entities: &[Entity]) -> Vec<Result<(), CallError>> {
+        #[allow(clippy::unwrap_used)] // a test's lock, never poisoned
+        let mut held = self.entities.lock().unwrap();
+        for entity in entities {
+            held.insert(
+                (blueprint.to_owned(), entity.identifier.clone()),
+                entity.clone(),
+            );
+        }
+        vec![Ok(()); entities.len()]
+    }
+
+    async fn delete(&self, blueprint: &str, identifier: &str) -> Result<(), CallError> {
+        #[allow(clippy::unwrap_used)] // a test's lock, never poisoned
+        let mut held = self.entities.lock().unwrap();
+        held.remove(&(blueprint.to_owned(), identifier.to_owned()));
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

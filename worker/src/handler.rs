@@ -895,6 +895,80 @@ mod tests {
 
     const D1: &str = "sha256:0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
 
+    /// A handler of the default mapping, reading the Harbor at `harbor`, writing to memory.
+    fn in_memory(harbor: &wiremock::MockServer) -> Handler<crate::catalog::MemoryCatalog> {
+        let http = crate::clients::Http::new(Duration::from_secs(5), 1 << 20).unwrap();
+        Handler::new(
+            HarborClient::new(
+                http,
+                url::Url::parse(&harbor.uri()).unwrap(),
+                "robot$sync".into(),
+                secrecy::SecretString::from("password"),
+            ),
+            crate::catalog::MemoryCatalog::default(),
+            Arc::new(Mapping::default_mapping()),
+            Identity {
+                name: None,
+                prefixed: false,
+            },
+            Duration::ZERO,
+            Arc::new(Semaphore::new(4)),
+        )
+    }
+
+    fn ours(reference: &str) -> Entity {
+        Entity {
+            identifier: reference.to_owned(),
+            title: reference.to_owned(),
+            properties: json!({INSTANCE_PROPERTY: "default", REF_PROPERTY: reference})
+                .as_object()
+                .unwrap()
+                .clone(),
+            relations: serde_json::Map::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_repository_harbor_no_longer_has_takes_its_artifacts_entities_with_it() {
+        use wiremock::matchers::method;
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let harbor = MockServer::start().await;
+        let not_found = json!({"errors": [{"code": "NOT_FOUND", "message": "not found"}]});
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(404).set_body_json(not_found))
+            .mount(&harbor)
+            .await;
+        let handler = in_memory(&harbor);
+        let d2 = D1.replace("0a1b", "ffff");
+        for (blueprint, reference) in [
+            ("harborRepository", "repository:library/nginx".to_owned()),
+            ("harborArtifact", format!("artifact:library/nginx@{D1}")),
+            ("harborArtifact", format!("artifact:library/nginx@{d2}")),
+            ("harborArtifact", format!("artifact:library/redis@{D1}")),
+        ] {
+            handler.catalog.upsert(blueprint, &[ours(&reference)]).await;
+        }
+
+        let name = RepositoryName::parse("library/nginx").unwrap();
+        let work = Work {
+            repository: true,
+            ..Work::default()
+        };
+        let report = handler.run(&Key::Repository(name), &work).await;
+
+        assert_eq!(verdict(&report, &work), Judgement::Done);
+        assert_eq!(report.deleted, 3);
+        let left: Vec<String> = handler
+            .catalog
+            .entities
+            .lock()
+            .unwrap()
+            .keys()
+            .map(|(_, id)| id.clone())
+            .collect();
+        assert_eq!(left, [format!("artifact:library/redis@{D1}")]);
+    }
+
     #[test]
     fn a_request_is_told_about_the_parts_it_asked_for_only() {
         let d1 = Digest::parse(D1).unwrap();
