@@ -162,11 +162,6 @@ impl<C: Catalog> Handler<C> {
         &self.catalog
     }
 
-    /// The mapping.
-    pub fn mapping(&self) -> &Mapping {
-        &self.mapping
-    }
-
     /// Which Harbor this is (the value of [`INSTANCE_PROPERTY`]).
     pub fn instance(&self) -> &str {
         self.instance.as_str().unwrap_or(DEFAULT_INSTANCE)

@@ -1,10 +1,11 @@
-//! Retries with exponential backoff and jitter inside one budget per event.
+//! Retry policies, and the retrying of a command's calls within one budget.
 //!
-//! Every call an event makes shares the event's budget (`RETRY_MAX_ELAPSED`): a call is retried
-//! while it fails transiently and the budget lasts, waiting what the server asked
-//! (`Retry-After`) or else an exponentially growing, jittered interval. A permanent failure, or
-//! a wait that would end past the budget, ends the event's attempts: it is then parked. (So an
-//! event may be parked up to one interval before its budget is spent: no retry could fit.)
+//! Events are not retried here: the scheduler refreshes a failed key again, a whole refresh at a
+//! time, with the [`RetryPolicy`]'s spacing and budget (`RETRY_MAX_ELAPSED`). The commands
+//! (`resync` taking stock, `blueprints`) retry each call with a [`Budget`]: while it fails
+//! transiently and the budget lasts, waiting what the server asked (`Retry-After`) or else an
+//! exponentially growing, jittered interval. A permanent failure, or a wait that would end past
+//! the budget, ends it.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -63,6 +64,7 @@ impl Budget {
     }
 
     /// How many calls were made, retries included.
+    #[cfg(test)]
     pub fn attempts(&self) -> u32 {
         self.attempts.load(Ordering::Relaxed)
     }

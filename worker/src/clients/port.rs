@@ -327,34 +327,6 @@ impl PortClient {
         success(&what, response).await.map(drop)
     }
 
-    /// The identifiers of every entity of a blueprint.
-    #[instrument(skip_all, fields(blueprint = blueprint))]
-    pub async fn identifiers(&self, blueprint: &str) -> Result<Vec<String>, CallError> {
-        let mut url = self.endpoint(&["blueprints", blueprint, "entities"]);
-        url.query_pairs_mut()
-            .append_pair("exclude_calculated_properties", "true")
-            .append_pair("include", "identifier");
-        let what = format!("Port list {blueprint} entities");
-        let response = self
-            .send(&what, |token| {
-                self.http.client.get(url.clone()).bearer_auth(token)
-            })
-            .await?;
-        #[derive(Deserialize)]
-        struct Listed {
-            entities: Vec<Identified>,
-        }
-        #[derive(Deserialize)]
-        struct Identified {
-            identifier: String,
-        }
-        let listed: Listed = self
-            .http
-            .json(&what, success(&what, response).await?)
-            .await?;
-        Ok(listed.entities.into_iter().map(|e| e.identifier).collect())
-    }
-
     /// Updates a blueprint (`PATCH`, which merges and keeps fields added in Port's UI), or
     /// creates it when it does not exist yet.
     #[instrument(skip_all, fields(blueprint = identifier))]
