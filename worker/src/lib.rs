@@ -11,6 +11,7 @@ pub mod balance;
 pub mod blueprints;
 pub mod catalog;
 pub mod clients;
+pub mod commands;
 pub mod consumer;
 pub mod entities;
 pub mod fleet;
