@@ -2,7 +2,7 @@
 //! single-Harbor variables (`HARBOR_URL`, `WEBHOOK_SECRET`, ...): its webhooks come to
 //! `/webhook` and its events carry no instance. With the file, each instance has a name, its
 //! webhooks come to `/webhook/<name>` with its own secrets, and its events carry the name in
-//! the [`INSTANCE_HEADER`] and in their subject.
+//! the [`crate::message::INSTANCE_HEADER`] and in their subject.
 //!
 //! ```yaml
 //! instances:
@@ -24,9 +24,6 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::config::{secret_from, secrets_from};
-
-/// The header that names the instance an event came from (absent for a single Harbor).
-pub const INSTANCE_HEADER: &str = "x-harbor-instance";
 
 /// The `harborInstance` of a single Harbor's entities (set without `HARBOR_INSTANCES_FILE`).
 pub const DEFAULT_INSTANCE: &str = "default";

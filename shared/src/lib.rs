@@ -7,6 +7,7 @@ pub mod broker;
 pub mod config;
 pub mod event;
 pub mod instances;
+pub mod message;
 pub mod ops;
 pub mod publisher;
 pub mod quote;

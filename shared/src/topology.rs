@@ -24,6 +24,8 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ExchangeKind};
 use tracing::warn;
 
+use crate::message::SUBJECT_HEADER;
+
 /// How often the broker redelivers a message before dead-lettering it to the parked queue. The
 /// worker parks failures itself; this limit only catches crash loops (a message that kills the
 /// worker every time it is delivered).
@@ -32,9 +34,6 @@ pub const DELIVERY_LIMIT: i64 = 10;
 /// How many work queues the events are spread over: the most workers that can share the work.
 /// Both binaries must agree, so it is fixed.
 pub const PARTITIONS: usize = 16;
-
-/// The header that names an event's subject; the consistent-hash exchange routes on it.
-pub const SUBJECT_HEADER: &str = "x-subject";
 
 /// Members of each quorum queue when it is created: every node of a cluster of up to this many
 /// (RabbitMQ takes all nodes of a smaller one). Quorum queues gain little beyond seven.

@@ -15,7 +15,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use futures_util::StreamExt;
@@ -23,17 +23,18 @@ use futures_util::future::join_all;
 use futures_util::stream::BoxStream;
 use harbor_shared::broker;
 use harbor_shared::config::AmqpSettings;
-use harbor_shared::instances::{INSTANCE_HEADER, NO_INSTANCE};
+use harbor_shared::instances::NO_INSTANCE;
+use harbor_shared::message::{self, FORWARDED_HEADER, INSTANCE_HEADER, SUBJECT_HEADER, header};
 use harbor_shared::ops::Readiness;
 use harbor_shared::publisher::{Outgoing, Publisher};
-use harbor_shared::topology::{SUBJECT_HEADER, Topology};
+use harbor_shared::topology::Topology;
+use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection};
+use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -41,10 +42,6 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::balance;
 use crate::plan::{Action, HandleEvent, Plan};
 use crate::schedule::{Failure, Request, Scheduler, Settled};
-
-/// Marks a copy of an event forwarded to another project's work queue: the project it came
-/// from.
-const FORWARDED_HEADER: &str = "x-forwarded-from";
 
 /// How long parking may wait for the broker's confirm.
 const PARK_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -511,15 +508,6 @@ fn dispatch<H: HandleEvent>(
     ));
 }
 
-/// A header's text.
-fn header(properties: &BasicProperties, name: &str) -> Option<String> {
-    match properties.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongString(value) => Some(value.to_string()),
-        AMQPValue::ShortString(value) => Some(value.to_string()),
-        _ => None,
-    }
-}
-
 /// Publishes (confirmed) a copy of the delivery for `subject`'s work queue, marked so that it
 /// is not forwarded again: an event that names two projects (a replication between two of this
 /// Harbor's) is refreshed in each by the worker that owns it.
@@ -529,14 +517,7 @@ fn forward(
     publisher: Arc<Publisher>,
     topology: Topology,
 ) -> impl Future<Output = Result<(), String>> + Send + 'static {
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    let from = header(&delivery.properties, SUBJECT_HEADER).unwrap_or_default();
-    headers.insert(
-        SUBJECT_HEADER.into(),
-        AMQPValue::LongString(subject.as_str().into()),
-    );
-    headers.insert(FORWARDED_HEADER.into(), AMQPValue::LongString(from.into()));
-    let properties = delivery.properties.clone().with_headers(headers);
+    let properties = message::forwarded(&delivery.properties, &subject);
     let (body, routing_key) = (delivery.data.clone(), delivery.routing_key.to_string());
     async move {
         publisher
@@ -648,7 +629,7 @@ async fn settle(delivery: Delivery, verdict: Verdict, parker: &Publisher, topolo
                 exchange: &topology.dead_letter_exchange(),
                 routing_key: delivery.routing_key.as_str(),
                 body: &delivery.data,
-                properties: parked_properties(&delivery.properties, &reason, attempts),
+                properties: message::parked(&delivery.properties, &reason, attempts),
             })
             .await;
         if let Err(error) = parked {
@@ -682,26 +663,3 @@ async fn settle(delivery: Delivery, verdict: Verdict, parker: &Publisher, topolo
 
 /// How long an ack or a nack may take to be sent.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The original properties plus the failure headers.
-fn parked_properties(original: &BasicProperties, reason: &str, attempts: u32) -> BasicProperties {
-    let mut headers = original.headers().clone().unwrap_or_default();
-    let reason: String = reason.chars().take(2000).collect();
-    headers.insert(
-        "x-failure-reason".into(),
-        AMQPValue::LongString(reason.into()),
-    );
-    headers.insert(
-        "x-failed-at".into(),
-        AMQPValue::LongString(
-            humantime::format_rfc3339_millis(SystemTime::now())
-                .to_string()
-                .into(),
-        ),
-    );
-    headers.insert(
-        "x-attempts".into(),
-        AMQPValue::LongLongInt(i64::from(attempts)),
-    );
-    original.clone().with_delivery_mode(2).with_headers(headers)
-}

@@ -9,7 +9,10 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use harbor_shared::broker;
 use harbor_shared::config::AmqpSettings;
-use harbor_shared::instances::INSTANCE_HEADER;
+use harbor_shared::message::{
+    self, ATTEMPTS_HEADER, FAILED_AT_HEADER, FAILURE_REASON_HEADER, INSTANCE_HEADER,
+    REQUEST_ID_HEADER, headers_text,
+};
 use harbor_shared::publisher::{Outgoing, Publisher};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -55,37 +58,29 @@ pub struct Replayed {
     pub not_found: Vec<String>,
 }
 
-fn header_string(headers: &FieldTable, key: &str) -> Option<String> {
-    match headers.inner().get(key) {
-        Some(AMQPValue::LongString(value)) => Some(value.to_string()),
-        Some(AMQPValue::ShortString(value)) => Some(value.to_string()),
-        _ => None,
-    }
-}
-
 fn describe(routing_key: &str, properties: &BasicProperties) -> ParkedEvent {
     let headers = properties.headers().clone().unwrap_or_default();
     ParkedEvent {
         message_id: properties.message_id().as_ref().map(ToString::to_string),
         event_type: routing_key.to_owned(),
-        failed_at: header_string(&headers, "x-failed-at").or_else(|| dead_lettered_at(&headers)),
-        attempts: match headers.inner().get("x-attempts") {
+        failed_at: headers_text(&headers, FAILED_AT_HEADER).or_else(|| dead_lettered_at(&headers)),
+        attempts: match headers.inner().get(ATTEMPTS_HEADER) {
             Some(AMQPValue::LongLongInt(n)) => Some(*n),
             Some(AMQPValue::LongInt(n)) => Some(i64::from(*n)),
             _ => None,
         },
-        reason: header_string(&headers, "x-failure-reason")
+        reason: headers_text(&headers, FAILURE_REASON_HEADER)
             .or_else(|| dead_lettered_because(&headers)),
-        request_id: header_string(&headers, "x-request-id"),
-        instance: header_string(&headers, INSTANCE_HEADER),
+        request_id: headers_text(&headers, REQUEST_ID_HEADER),
+        instance: headers_text(&headers, INSTANCE_HEADER),
     }
 }
 
 /// Why the broker itself dead-lettered a message (the worker parks with `x-failure-reason`; the
 /// broker's own dead-lettering says only `x-first-death-reason`).
 fn dead_lettered_because(headers: &FieldTable) -> Option<String> {
-    let why = header_string(headers, "x-first-death-reason")?;
-    let queue = header_string(headers, "x-first-death-queue").unwrap_or_else(|| "?".into());
+    let why = headers_text(headers, "x-first-death-reason")?;
+    let queue = headers_text(headers, "x-first-death-queue").unwrap_or_else(|| "?".into());
     Some(match why.as_str() {
         "delivery_limit" => format!(
             "the broker dead-lettered it from {queue}: it was delivered more times than the \
@@ -190,7 +185,7 @@ pub async fn replay(
                 exchange: amqp.topology.exchange(),
                 routing_key: delivery.routing_key.as_str(),
                 body: &delivery.data,
-                properties: replay_properties(&delivery.properties),
+                properties: message::replayed(&delivery.properties),
             })
             .await
             .context("Failed to republish a parked event; it stays parked")?;
@@ -217,30 +212,4 @@ pub async fn replay(
         );
     }
     Ok(summary)
-}
-
-/// The original properties without the failure headers, marked as replayed.
-fn replay_properties(parked: &BasicProperties) -> BasicProperties {
-    let mut headers = parked.headers().clone().unwrap_or_default();
-    let mut kept = FieldTable::default();
-    for (key, value) in headers.inner() {
-        if !matches!(
-            key.as_str(),
-            "x-failure-reason" | "x-failed-at" | "x-attempts" | "x-death"
-        ) && !key.as_str().starts_with("x-first-death")
-            && !key.as_str().starts_with("x-last-death")
-        {
-            kept.insert(key.clone(), value.clone());
-        }
-    }
-    headers = kept;
-    headers.insert(
-        "x-replayed-at".into(),
-        AMQPValue::LongString(
-            humantime::format_rfc3339_millis(SystemTime::now())
-                .to_string()
-                .into(),
-        ),
-    );
-    parked.clone().with_delivery_mode(2).with_headers(headers)
 }

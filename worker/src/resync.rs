@@ -24,12 +24,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use harbor_shared::broker;
 use harbor_shared::config::AmqpSettings;
-use harbor_shared::instances::INSTANCE_HEADER;
+use harbor_shared::message;
 use harbor_shared::publisher::{Outgoing, Publisher};
-use harbor_shared::topology::{SUBJECT_HEADER, Topology};
+use harbor_shared::topology::Topology;
+use lapin::Connection;
 use lapin::options::QueueDeclareOptions;
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection};
+use lapin::types::FieldTable;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
@@ -299,21 +299,11 @@ async fn publish(
         let publisher = &publisher;
         async move {
             let body = serde_json::to_vec(request).context("Failed to encode a resync request")?;
-            let mut headers = FieldTable::default();
-            let subject = handler.subject(request.project());
-            headers.insert(SUBJECT_HEADER.into(), AMQPValue::LongString(subject.into()));
-            if let Some(instance) = handler.name() {
-                headers.insert(
-                    INSTANCE_HEADER.into(),
-                    AMQPValue::LongString(instance.into()),
-                );
-            }
-            let properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(uuid::Uuid::new_v4().to_string().into())
-                .with_app_id("harbor-worker resync".into())
-                .with_headers(headers);
+            let properties = message::resync_request(
+                &handler.subject(request.project()),
+                handler.name(),
+                &uuid::Uuid::new_v4().to_string(),
+            );
             publisher
                 .publish(Outgoing {
                     exchange: topology.exchange(),

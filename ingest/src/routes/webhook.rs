@@ -17,10 +17,10 @@
 //! endpoint's own secrets: one Harbor's secret is refused at another's endpoint) and the size
 //! (from `Content-Length`), all before the body is read; then an HMAC against the body, then
 //! parsing; nothing is published unless all pass. An instance's events carry its name
-//! ([`INSTANCE_HEADER`]) and have it in their subject.
+//! ([`message::INSTANCE_HEADER`]) and have it in their subject.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
@@ -28,12 +28,11 @@ use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use harbor_shared::event::{Envelope, EventError, SINGLE_EVENT_MAX_BYTES};
-use harbor_shared::instances::{self, INSTANCE_HEADER};
+use harbor_shared::instances;
+use harbor_shared::message;
 use harbor_shared::publisher::{Outgoing, PublishError};
 use harbor_shared::quote::{cut, quoted};
-use harbor_shared::topology::{SUBJECT_HEADER, Topology};
-use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable};
+use harbor_shared::topology::Topology;
 use serde_json::json;
 use tracing::{debug, error, warn};
 
@@ -319,7 +318,11 @@ async fn accept(
                     exchange: state.topology.exchange(),
                     routing_key: envelope.event_type.as_str(),
                     body: &body,
-                    properties: properties(&envelope, endpoint.instance.as_deref(), request_id),
+                    properties: message::webhook(
+                        &envelope,
+                        endpoint.instance.as_deref(),
+                        request_id,
+                    ),
                 })
                 .await
         }
@@ -423,48 +426,6 @@ fn request_id(request: &HttpRequest) -> String {
         .and_then(|value| value.to_str().ok())
         .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
-}
-
-/// The AMQP properties an accepted event is published with: persistent, its message id, when
-/// and in which format it was received, the request it came with, its instance (if named) and
-/// its subject.
-pub fn properties(
-    envelope: &Envelope,
-    instance: Option<&str>,
-    request_id: &str,
-) -> BasicProperties {
-    let now = SystemTime::now();
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "x-payload-format".into(),
-        AMQPValue::LongString(envelope.format.as_str().into()),
-    );
-    headers.insert(
-        "x-received-at".into(),
-        AMQPValue::LongString(humantime::format_rfc3339_millis(now).to_string().into()),
-    );
-    headers.insert(
-        "x-request-id".into(),
-        AMQPValue::LongString(request_id.into()),
-    );
-    // The work queue is chosen by this header, so that one worker at a time handles a project.
-    if let Some(instance) = instance {
-        headers.insert(
-            INSTANCE_HEADER.into(),
-            AMQPValue::LongString(instance.into()),
-        );
-    }
-    if let Some(project) = &envelope.subject {
-        let subject = instances::subject(instance, project);
-        headers.insert(SUBJECT_HEADER.into(), AMQPValue::LongString(subject.into()));
-    }
-    BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-        .with_message_id(envelope.message_id.as_str().into())
-        .with_timestamp(now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
-        .with_app_id("harbor-ingest".into())
-        .with_headers(headers)
 }
 
 #[cfg(test)]

@@ -22,12 +22,11 @@ use std::time::{Duration, Instant};
 use clap::ValueEnum;
 use futures_util::StreamExt;
 use harbor_ingest::auth::{AuthMode, Authenticator};
-use harbor_ingest::routes::webhook;
 use harbor_ingest::settings::{CONFIRM_TIMEOUT, PUBLISHER_CHANNELS};
 use harbor_shared::broker::BrokerUrl;
 use harbor_shared::event::Envelope;
+use harbor_shared::message::SUBJECT_HEADER;
 use harbor_shared::publisher::{Outgoing, PublishError, Publisher};
-use harbor_shared::topology::SUBJECT_HEADER;
 use harbor_sync_tests::apps::SECRET;
 use harbor_sync_tests::processes::{Processes, free_port};
 use harbor_sync_tests::rabbit::{TestTopology, amqp_url};
@@ -69,7 +68,11 @@ impl Direct {
             connection,
             publisher,
             exchange: exchange.to_owned(),
-            properties: webhook::properties(&envelope, None, &uuid::Uuid::new_v4().to_string()),
+            properties: harbor_shared::message::webhook(
+                &envelope,
+                None,
+                &uuid::Uuid::new_v4().to_string(),
+            ),
             body,
         })
     }
@@ -313,7 +316,11 @@ impl Naive {
             routing_key = envelope.event_type.to_string();
             if contract.contains(&Step::Properties) {
                 let request_id = uuid::Uuid::new_v4().to_string();
-                properties = Some(webhook::properties(&envelope, None, &request_id));
+                properties = Some(harbor_shared::message::webhook(
+                    &envelope,
+                    None,
+                    &request_id,
+                ));
             }
         }
         let mandatory = properties.is_some();

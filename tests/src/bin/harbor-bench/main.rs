@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
-use harbor_shared::topology::SUBJECT_HEADER;
+use harbor_shared::message::SUBJECT_HEADER;
 use harbor_sync_tests::apps::{SECRET, settled_count};
 use harbor_sync_tests::fakes::{FakeHarbor, FakePort, accept_upserts, entity_writes, harbor_json};
 use harbor_sync_tests::percentile;
