@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use harbor_shared::broker;
-use harbor_shared::config::AmqpSettings;
+use harbor_shared::broker::AmqpSettings;
 use harbor_shared::ops::Readiness;
 use harbor_shared::publisher::Publisher;
 use tokio::sync::watch;

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
-use harbor_shared::config::{AmqpArgs, AmqpSettings, LogArgs, secrets_from};
+use harbor_shared::broker::AmqpSettings;
+use harbor_shared::config::{AmqpArgs, LogArgs, secrets_from};
 use harbor_shared::instances;
 
 use crate::auth::{AuthMode, Authenticator};

@@ -23,11 +23,20 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::AmqpSettings;
 use crate::topology::Topology;
 
 /// How long one connection attempt may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The broker and the names of the exchanges and queues: the typed form of
+/// [`crate::config::AmqpArgs`].
+#[derive(Debug, Clone)]
+pub struct AmqpSettings {
+    /// Where the broker is.
+    pub url: BrokerUrl,
+    /// Names of the exchanges and queues.
+    pub topology: Topology,
+}
 
 /// One or more `amqp://` or `amqps://` URLs, comma-separated: the nodes of a cluster, tried in
 /// turn. They usually carry a password, so they are only ever shown redacted

@@ -13,7 +13,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, Parser, ValueEnum};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::broker::BrokerUrl;
+use crate::broker::{AmqpSettings, BrokerUrl};
 use crate::topology::Topology;
 
 /// Parses the command line as `C::parse()` does, and refuses a credential given as a flag: the
@@ -85,15 +85,6 @@ pub struct AmqpArgs {
     /// Work queue; failed events go to `<queue>.parked` through the exchange `<queue>.dlx`.
     #[arg(long, env = "AMQP_QUEUE", default_value = "harbor.events")]
     pub amqp_queue: String,
-}
-
-/// Typed form of [`AmqpArgs`].
-#[derive(Debug, Clone)]
-pub struct AmqpSettings {
-    /// Where the broker is.
-    pub url: BrokerUrl,
-    /// Names of the exchanges and queues.
-    pub topology: Topology,
 }
 
 impl AmqpArgs {

@@ -8,7 +8,7 @@ use actix_web::dev::ServerHandle;
 use harbor_ingest::auth::{AuthMode, Authenticator};
 use harbor_ingest::settings::{Endpoint, Settings as IngestSettings};
 use harbor_ingest::startup::Application;
-use harbor_shared::config::AmqpSettings;
+use harbor_shared::broker::AmqpSettings;
 use harbor_worker::clients::{Http, MAX_ANSWER_BYTES};
 use harbor_worker::retry::RetryPolicy;
 use harbor_worker::settings::{HarborSettings, PortSettings, Settings as WorkerSettings};

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use harbor_shared::broker::AmqpSettings;
 use harbor_shared::broker::{self, BrokerUrl};
-use harbor_shared::config::AmqpSettings;
 use harbor_shared::topology::Topology;
 use lapin::message::BasicGetMessage;
 use lapin::options::{

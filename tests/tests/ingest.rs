@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use harbor_shared::broker::AmqpSettings;
 use harbor_shared::broker::BrokerUrl;
-use harbor_shared::config::AmqpSettings;
 use harbor_sync_tests::apps::{SECRET, TestIngest, ingest_settings};
 use harbor_sync_tests::proxy::StallingProxy;
 use harbor_sync_tests::rabbit::{TestTopology, close_connections};

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use harbor_shared::broker;
-use harbor_shared::config::AmqpSettings;
+use harbor_shared::broker::AmqpSettings;
 use harbor_sync_tests::apps::{
     TestSandbox, TestWorker, outcome_count, sandbox_settings, start_sandbox, start_sandbox_with,
     wait_ready_at,

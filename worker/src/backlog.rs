@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use harbor_shared::broker;
-use harbor_shared::config::AmqpSettings;
+use harbor_shared::broker::AmqpSettings;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use serde::Serialize;

@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 use futures_util::future::join_all;
 use futures_util::stream::BoxStream;
 use harbor_shared::broker;
-use harbor_shared::config::AmqpSettings;
+use harbor_shared::broker::AmqpSettings;
 use harbor_shared::instances::NO_INSTANCE;
 use harbor_shared::message::{self, FORWARDED_HEADER, INSTANCE_HEADER, SUBJECT_HEADER, header};
 use harbor_shared::ops::Readiness;

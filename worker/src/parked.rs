@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use harbor_shared::broker;
-use harbor_shared::config::AmqpSettings;
+use harbor_shared::broker::AmqpSettings;
 use harbor_shared::message::{
     self, ATTEMPTS_HEADER, FAILED_AT_HEADER, FAILURE_REASON_HEADER, INSTANCE_HEADER,
     REQUEST_ID_HEADER, headers_text,

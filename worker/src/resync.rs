@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use harbor_shared::broker;
-use harbor_shared::config::AmqpSettings;
+use harbor_shared::broker::AmqpSettings;
 use harbor_shared::message;
 use harbor_shared::publisher::{Outgoing, Publisher};
 use harbor_shared::topology::Topology;

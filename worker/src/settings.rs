@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use harbor_shared::config::{AmqpArgs, AmqpSettings, LogArgs, required_secret, secrets_from};
+use harbor_shared::broker::AmqpSettings;
+use harbor_shared::config::{AmqpArgs, LogArgs, required_secret, secrets_from};
 use harbor_shared::instances;
 use secrecy::SecretString;
 use url::Url;
