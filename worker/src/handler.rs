@@ -11,7 +11,7 @@
 //! entities of all its artifacts with it, a project those of its repositories. Only entities
 //! this integration wrote (its `harborInstance` property) are found and deleted that way.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,75 +22,23 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::catalog::{Catalog, Found, PortCatalog, Search};
+use crate::catalog::{Catalog, PortCatalog, Search};
 use crate::clients::CallError;
 use crate::clients::harbor::{Artifact, HarborClient};
-use crate::entities::Entity;
 use crate::harbor_ref::HarborRef;
 use crate::mapping::{Kind, Mapped, Mapping, Rendered};
 use crate::names::{Digest, RepositoryName};
 use crate::plan::{self, Key, Plan, Work};
 use crate::schedule::{Judgement, Reconcile};
 
+mod apply;
+mod report;
+
 pub use crate::catalog::{INSTANCE_PROPERTY, REF_PROPERTY, TAGS_PROPERTY};
+pub use report::Report;
 
-/// What a part of a refresh came to.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-enum Status {
-    #[default]
-    Done,
-    Retry {
-        reason: String,
-        after: Option<Duration>,
-    },
-    Failed(String),
-}
-
-impl Status {
-    fn of<T>(result: &Result<T, CallError>) -> Self {
-        match result {
-            Ok(_) => Self::Done,
-            Err(CallError::Transient {
-                reason,
-                retry_after,
-            }) => Self::Retry {
-                reason: reason.clone(),
-                after: *retry_after,
-            },
-            Err(CallError::Permanent { reason }) => Self::Failed(reason.clone()),
-        }
-    }
-
-    /// The worse of the two: failed over retry over done.
-    fn and(self, other: &Self) -> Self {
-        match (&self, other) {
-            (Self::Failed(_), _) => self,
-            (_, Self::Failed(_)) => other.clone(),
-            (Self::Retry { .. }, _) => self,
-            (_, Self::Retry { .. }) => other.clone(),
-            _ => Self::Done,
-        }
-    }
-
-    fn all<'a>(statuses: impl IntoIterator<Item = &'a Status>) -> Self {
-        statuses.into_iter().fold(Self::Done, |a, b| a.and(b))
-    }
-}
-
-/// What a refresh did, part by part, so that each request folded into it is told what became of
-/// what it asked.
-#[derive(Debug, Default)]
-pub struct Report {
-    /// The project, or the repository's own entity (a gone repository's deletes included).
-    main: Status,
-    artifacts: BTreeMap<Digest, Status>,
-    moved_tags: Status,
-    every_artifact: Status,
-    /// To refresh first; then the key again (a gone project waits for its repositories).
-    first: Vec<(Key, Work)>,
-    upserted: usize,
-    deleted: usize,
-}
+use apply::{Batch, Part};
+use report::{Status, verdict};
 
 /// Which Harbor a handler serves, as its events and its entities name it.
 #[derive(Debug, Clone, Default)]
@@ -300,38 +248,6 @@ impl<C: Catalog> Handler<C> {
         Ok(rendered)
     }
 
-    /// Upserts entities of one blueprint; what became of each, in order.
-    async fn upsert_all(&self, blueprint: &str, entities: Vec<Entity>) -> Vec<Status> {
-        let done = self.call(self.catalog.upsert(blueprint, &entities)).await;
-        done.iter().map(Status::of).collect()
-    }
-
-    async fn delete(&self, found: &Found) -> Status {
-        Status::of(
-            &self
-                .call(self.catalog.delete(&found.blueprint, &found.identifier))
-                .await,
-        )
-    }
-
-    /// This integration's entities a search finds, with the reference each was found by.
-    async fn find(&self, search: Search<'_>) -> Result<Vec<(String, Found)>, CallError> {
-        let found = self.call(self.catalog.find(search)).await?;
-        Ok(found
-            .into_iter()
-            .filter_map(|f| Some((f.reference.clone()?, f)))
-            .collect())
-    }
-
-    /// This integration's entities of the objects whose `harborRef` starts with `prefix`.
-    async fn find_under(&self, prefix: &str) -> Result<Vec<(String, Found)>, CallError> {
-        self.find(Search {
-            under: Some(prefix),
-            ..Search::default()
-        })
-        .await
-    }
-
     async fn refresh_project(&self, name: &str) -> Report {
         let mut report = Report::default();
         match self.call(self.harbor.project(name)).await {
@@ -509,86 +425,6 @@ impl<C: Catalog> Handler<C> {
         let tags = Some(tag_names(artifact).collect());
         let rendered = self.render(Kind::Artifact, &artifact.raw, context, &reference, tags);
         batch.add(part, reference, rendered);
-    }
-
-    /// Does a batch's writes: the upserts (by blueprint, in bulk) and the deletes of the
-    /// entities of the objects to clear (all of this integration's entities of each, but those
-    /// the batch upserts). Each part of the report is told what became of its own.
-    async fn execute(&self, batch: Batch, report: &mut Report) {
-        let Batch {
-            upserts,
-            clear,
-            failed,
-        } = batch;
-        let mut outcomes: Vec<(Part, Status)> = failed;
-        let upserted: BTreeSet<(String, String)> = upserts
-            .iter()
-            .map(|(_, m)| (m.blueprint.clone(), m.entity.identifier.clone()))
-            .collect();
-        let cleared = async {
-            if clear.is_empty() {
-                return Vec::new();
-            }
-            let references: Vec<&str> = clear.iter().map(|(_, r)| r.as_str()).collect();
-            let search = Search {
-                references: Some(&references),
-                ..Search::default()
-            };
-            match self.find(search).await {
-                Err(error) => {
-                    let status = Status::of::<()>(&Err(error));
-                    clear
-                        .iter()
-                        .map(|(p, _)| (p.clone(), status.clone()))
-                        .collect()
-                }
-                Ok(found) => {
-                    let found: Vec<(Part, Found)> = found
-                        .into_iter()
-                        .filter(|(_, f)| {
-                            !upserted.contains(&(f.blueprint.clone(), f.identifier.clone()))
-                        })
-                        .filter_map(|(reference, f)| {
-                            let part = clear.iter().find(|(_, r)| *r == reference)?.0.clone();
-                            Some((part, f))
-                        })
-                        .collect();
-                    let done = join_all(found.iter().map(|(_, f)| self.delete(f))).await;
-                    found.into_iter().map(|(p, _)| p).zip(done).collect()
-                }
-            }
-        };
-        let mut by_blueprint: BTreeMap<String, Vec<(Part, Entity)>> = BTreeMap::new();
-        for (part, mapped) in upserts {
-            by_blueprint
-                .entry(mapped.blueprint)
-                .or_default()
-                .push((part, mapped.entity));
-        }
-        let upserted = join_all(
-            by_blueprint
-                .into_iter()
-                .map(|(blueprint, list)| async move {
-                    let (parts, entities): (Vec<Part>, Vec<Entity>) = list.into_iter().unzip();
-                    let statuses = self.upsert_all(&blueprint, entities).await;
-                    parts.into_iter().zip(statuses).collect::<Vec<_>>()
-                }),
-        );
-        let (cleared, upserted) = tokio::join!(cleared, upserted);
-        let upserted: Vec<(Part, Status)> = upserted.into_iter().flatten().collect();
-        report.upserted += upserted.len();
-        report.deleted += cleared.len();
-        outcomes.extend(cleared);
-        outcomes.extend(upserted);
-        for (part, status) in outcomes {
-            let slot = match part {
-                Part::Main => &mut report.main,
-                Part::Artifact(digest) => report.artifacts.entry(digest).or_default(),
-                Part::Every => &mut report.every_artifact,
-                Part::Moved => &mut report.moved_tags,
-            };
-            *slot = std::mem::take(slot).and(&status);
-        }
     }
 
     /// The repository is gone: the entities of all its artifacts (this integration's) and its
@@ -779,41 +615,6 @@ struct Context<'a> {
     repository: Option<&'a Value>,
 }
 
-/// Which part of a refresh a write belongs to, to tell it what became of it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Main,
-    Artifact(Digest),
-    Every,
-    Moved,
-}
-
-/// The writes of one refresh, done together by [`Handler::execute`].
-#[derive(Default)]
-struct Batch {
-    upserts: Vec<(Part, Mapped)>,
-    /// Objects whose entities (this integration's) go, but those the batch upserts.
-    clear: Vec<(Part, String)>,
-    /// Parts that failed before writing anything (a read, the mapping).
-    failed: Vec<(Part, Status)>,
-}
-
-impl Batch {
-    /// An object's entities; if a selector left it out, its other entities go.
-    fn add(&mut self, part: Part, reference: String, rendered: Result<Rendered, String>) {
-        match rendered {
-            Err(reason) => self.failed.push((part, Status::Failed(reason))),
-            Ok(rendered) => {
-                if rendered.excluded {
-                    self.clear.push((part.clone(), reference));
-                }
-                self.upserts
-                    .extend(rendered.entities.into_iter().map(|m| (part.clone(), m)));
-            }
-        }
-    }
-}
-
 fn tag_names(artifact: &Artifact) -> impl Iterator<Item = String> + '_ {
     artifact.tags.iter().flatten().map(|t| t.name.clone())
 }
@@ -842,33 +643,6 @@ impl<C: Catalog> Reconcile for Handler<C> {
     }
 }
 
-/// What a refresh's report means for a request that asked `asked`: only the parts it asked for
-/// count, so that one artifact Port refuses does not fail the requests for the others.
-fn verdict(report: &Report, asked: &Work) -> Judgement<Key, Work> {
-    if !report.first.is_empty() {
-        return Judgement::After(report.first.clone());
-    }
-    let mut status = Status::Done;
-    // A project refresh asks nothing of a repository refresh's parts: its status is `main`.
-    if asked.repository || *asked == Work::default() {
-        status = status.and(&report.main);
-    }
-    for digest in &asked.artifacts {
-        status = status.and(report.artifacts.get(digest).unwrap_or(&report.main));
-    }
-    if asked.moved_tags {
-        status = status.and(&report.moved_tags);
-    }
-    if asked.every_artifact {
-        status = status.and(&report.every_artifact);
-    }
-    match status {
-        Status::Done => Judgement::Done,
-        Status::Retry { reason, after } => Judgement::Retry { reason, after },
-        Status::Failed(reason) => Judgement::Failed(reason),
-    }
-}
-
 impl<C: Catalog> Handler<C> {
     /// The subject whose work queue refreshes `key`.
     pub fn subject_of(&self, key: &Key) -> String {
@@ -887,6 +661,7 @@ impl<C: Catalog> Handler<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::entities::Entity;
 
     const D1: &str = "sha256:0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
 
@@ -962,48 +737,5 @@ mod tests {
             .map(|(_, id)| id.clone())
             .collect();
         assert_eq!(left, [format!("artifact:library/redis@{D1}")]);
-    }
-
-    #[test]
-    fn a_request_is_told_about_the_parts_it_asked_for_only() {
-        let d1 = Digest::parse(D1).unwrap();
-        let d2 = Digest::parse(&D1.replace("0a1b", "ffff")).unwrap();
-        let report = Report {
-            artifacts: [
-                (d1.clone(), Status::Failed("422".into())),
-                (d2.clone(), Status::Done),
-            ]
-            .into(),
-            moved_tags: Status::Retry {
-                reason: "429".into(),
-                after: None,
-            },
-            ..Report::default()
-        };
-        let asked = |d: &Digest, moved_tags| Work {
-            artifacts: [d.clone()].into(),
-            moved_tags,
-            ..Work::default()
-        };
-        assert_eq!(verdict(&report, &asked(&d2, false)), Judgement::Done);
-        assert_eq!(
-            verdict(&report, &asked(&d1, false)),
-            Judgement::Failed("422".into())
-        );
-        assert_eq!(
-            verdict(&report, &asked(&d2, true)),
-            Judgement::Retry {
-                reason: "429".into(),
-                after: None
-            }
-        );
-        let gone_project = Report {
-            first: vec![(Key::Project("x".into()), Work::default())],
-            ..Report::default()
-        };
-        assert!(matches!(
-            verdict(&gone_project, &Work::default()),
-            Judgement::After(_)
-        ));
     }
 }
