@@ -490,25 +490,38 @@ impl HandleEvent for Panics {
     }
 }
 
-#[tokio::test]
-async fn an_event_whose_handler_panics_is_parked_and_the_worker_keeps_consuming() {
-    let stack = Stack::start().await;
+/// A stack whose worker hands its deliveries to `panics` instead of the real handler: its ingest
+/// and broker, the worker's shutdown token, and the worker running, once ready.
+async fn panicking_stack(
+    panics: Panics,
+) -> (
+    apps::TestIngest,
+    TestTopology,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
     let Stack {
         worker,
         ingest,
         harbor,
         port,
         broker,
-    } = stack;
+    } = Stack::start().await;
     worker.stop().await;
     let settings = worker_settings(&broker.amqp, &harbor.url(), &port.url());
-    let panics = Arc::new(Panics::InRefresh);
+    let panics = Arc::new(panics);
     let scheduler = scheduler(Arc::clone(&panics), &settings);
     let panicking = Worker::start(settings, panics, scheduler).await.unwrap();
     let metrics = format!("http://127.0.0.1:{}", panicking.metrics_port());
     let shutdown = panicking.shutdown_token();
     let running = tokio::spawn(panicking.run_until_stopped());
-    harbor_sync_tests::apps::wait_ready_at(&format!("{metrics}/readyz")).await;
+    apps::wait_ready_at(&format!("{metrics}/readyz")).await;
+    (ingest, broker, shutdown, running)
+}
+
+#[tokio::test]
+async fn an_event_whose_handler_panics_is_parked_and_the_worker_keeps_consuming() {
+    let (ingest, broker, shutdown, running) = panicking_stack(Panics::InRefresh).await;
 
     for i in 0..2 {
         let response = ingest
@@ -537,22 +550,7 @@ async fn an_event_whose_handler_panics_is_parked_and_the_worker_keeps_consuming(
 #[tokio::test]
 async fn a_worker_whose_scheduler_panics_stops_with_an_error_and_its_event_goes_back_to_the_queue()
 {
-    let stack = Stack::start().await;
-    let Stack {
-        worker,
-        ingest,
-        harbor,
-        port,
-        broker,
-    } = stack;
-    worker.stop().await;
-    let settings = worker_settings(&broker.amqp, &harbor.url(), &port.url());
-    let panics = Arc::new(Panics::InJudge);
-    let scheduler = scheduler(Arc::clone(&panics), &settings);
-    let broken = Worker::start(settings, panics, scheduler).await.unwrap();
-    let metrics = format!("http://127.0.0.1:{}", broken.metrics_port());
-    let running = tokio::spawn(broken.run_until_stopped());
-    harbor_sync_tests::apps::wait_ready_at(&format!("{metrics}/readyz")).await;
+    let (ingest, broker, _shutdown, running) = panicking_stack(Panics::InJudge).await;
 
     let response = ingest
         .post(

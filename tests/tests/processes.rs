@@ -197,11 +197,15 @@ fn post_push(stream: &mut std::net::TcpStream) -> String {
     status.trim_end().to_owned()
 }
 
-#[tokio::test]
-async fn idle_connections_past_the_cap_wait_in_the_backlog_while_the_ingest_answers_the_others() {
-    let broker = TestTopology::new().await;
+/// `harbor-ingest` as a process on this topology with the test secret and one more setting, on
+/// a free port (returned), once ready; `tag` names its logs.
+async fn ingest_process(
+    broker: &TestTopology,
+    tag: &str,
+    (name, value): (&'static str, &str),
+) -> (Processes, u16) {
     let port = free_port();
-    let mut processes = Processes::new(&format!("{}-cap", broker.topology().queue()));
+    let mut processes = Processes::new(&format!("{}-{tag}", broker.topology().queue()));
     processes.spawn(
         "harbor-ingest",
         "harbor-ingest",
@@ -211,11 +215,18 @@ async fn idle_connections_past_the_cap_wait_in_the_backlog_while_the_ingest_answ
             ("AMQP_QUEUE", broker.topology().queue().to_owned()),
             ("WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
             ("LISTEN_ADDR", format!("127.0.0.1:{port}")),
-            ("MAX_CONNECTIONS", "16".to_owned()),
+            (name, value.to_owned()),
         ],
     );
     let ready = format!("http://127.0.0.1:{port}/readyz");
     wait_ready_within(&ready, Duration::from_secs(20)).await;
+    (processes, port)
+}
+
+#[tokio::test]
+async fn idle_connections_past_the_cap_wait_in_the_backlog_while_the_ingest_answers_the_others() {
+    let broker = TestTopology::new().await;
+    let (mut processes, port) = ingest_process(&broker, "cap", ("MAX_CONNECTIONS", "16")).await;
     let address = format!("127.0.0.1:{port}");
     let pid = processes.pid("harbor-ingest").unwrap();
 
@@ -257,24 +268,10 @@ async fn slow_senders_of_fake_signatures_cannot_make_the_ingest_hold_their_bodie
     const SENDERS: usize = 100;
     const BODY: usize = 1_048_576;
     let broker = TestTopology::new().await;
-    let port = free_port();
-    let mut processes = Processes::new(&format!("{}-hmac", broker.topology().queue()));
-    processes.spawn(
-        "harbor-ingest",
-        "harbor-ingest",
-        &[
-            ("AMQP_URL", amqp_url()),
-            ("AMQP_EXCHANGE", broker.topology().exchange().to_owned()),
-            ("AMQP_QUEUE", broker.topology().queue().to_owned()),
-            ("WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
-            ("LISTEN_ADDR", format!("127.0.0.1:{port}")),
-            // Shorter than the default, so that the places to read a signed body turn over
-            // within the test.
-            ("REQUEST_TIMEOUT", "2s".to_owned()),
-        ],
-    );
+    // Shorter than the default, so that the places to read a signed body turn over within the
+    // test.
+    let (mut processes, port) = ingest_process(&broker, "hmac", ("REQUEST_TIMEOUT", "2s")).await;
     let base = format!("http://127.0.0.1:{port}");
-    wait_ready_within(&format!("{base}/readyz"), Duration::from_secs(20)).await;
     let address = format!("127.0.0.1:{port}");
     let pid = processes.pid("harbor-ingest").unwrap();
     let before = rss_kib(pid);
