@@ -32,12 +32,14 @@ use crate::plan::{self, Key, Plan, Work};
 use crate::schedule::{Judgement, Reconcile};
 
 mod apply;
+mod observe;
 mod report;
 
 pub use crate::catalog::{INSTANCE_PROPERTY, REF_PROPERTY, TAGS_PROPERTY};
 pub use report::Report;
 
 use apply::{Batch, Part};
+use observe::Observed;
 use report::{Status, verdict};
 
 /// Which Harbor a handler serves, as its events and its entities name it.
@@ -302,36 +304,12 @@ impl<C: Catalog> Handler<C> {
     }
 
     async fn refresh_repository(&self, name: &RepositoryName, work: &Work) -> Report {
-        let artifacts_read = !work.artifacts.is_empty() || work.every_artifact || work.moved_tags;
-        let read_repository = work.repository
-            || work.every_artifact
-            || (artifacts_read && self.mapping.reads_repository(Kind::Artifact));
-        let read_project = (work.repository && self.mapping.reads_project(Kind::Repository))
-            || (artifacts_read && self.mapping.reads_project(Kind::Artifact));
-        let repository = async {
-            match read_repository {
-                true => Some(self.call(self.harbor.repository(name)).await),
-                false => None,
-            }
-        };
-        let project = async {
-            match read_project {
-                true => Some(self.call(self.harbor.project(name.project())).await),
-                false => None,
-            }
-        };
-        let artifacts = join_all(work.artifacts.iter().map(|digest| async move {
-            let found = self.call(self.harbor.artifact(name, digest)).await;
-            (digest.clone(), found)
-        }));
-        let listed = async {
-            match work.every_artifact {
-                true => Some(self.call(self.harbor.artifacts(name)).await),
-                false => None,
-            }
-        };
-        let (repository, project, artifacts, listed) =
-            tokio::join!(repository, project, artifacts, listed);
+        let Observed {
+            repository,
+            project,
+            artifacts,
+            listed,
+        } = self.observe_repository(name, work).await;
 
         if let Some(Ok(None)) = repository {
             return self.repository_gone(name, work).await;
@@ -696,6 +674,39 @@ mod tests {
                 .clone(),
             relations: serde_json::Map::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_refresh_observes_only_what_its_work_needs() {
+        use wiremock::matchers::method;
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let harbor = MockServer::start().await;
+        let not_found = json!({"errors": [{"code": "NOT_FOUND", "message": "not found"}]});
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(404).set_body_json(not_found))
+            .mount(&harbor)
+            .await;
+        let handler = in_memory(&harbor);
+        let name = RepositoryName::parse("library/nginx").unwrap();
+
+        let scan = Work {
+            artifacts: [Digest::parse(D1).unwrap()].into(),
+            ..Work::default()
+        };
+        let observed = handler.observe_repository(&name, &scan).await;
+        assert!(observed.listed.is_none());
+        assert_eq!(observed.artifacts.len(), 1);
+        assert!(matches!(observed.artifacts[0].1, Ok(None)), "gone");
+        let asked = harbor.received_requests().await.unwrap().len();
+
+        let every = Work {
+            every_artifact: true,
+            ..Work::default()
+        };
+        let observed = handler.observe_repository(&name, &every).await;
+        assert!(observed.artifacts.is_empty());
+        assert!(observed.listed.is_some() && observed.repository.is_some());
+        assert!(harbor.received_requests().await.unwrap().len() > asked);
     }
 
     #[tokio::test]
