@@ -1,0 +1,160 @@
+//! Desire: the entities the mapping makes of what Harbor has, with this integration's
+//! bookkeeping properties (which Harbor, which object, an artifact's tags), into a refresh's
+//! batch; and `mapping render`'s view of one object.
+
+use serde_json::{Value, json};
+
+use super::apply::{Batch, Part};
+use super::{Handler, INSTANCE_PROPERTY, REF_PROPERTY, TAGS_PROPERTY};
+use crate::catalog::Catalog;
+use crate::clients::CallError;
+use crate::clients::harbor::Artifact;
+use crate::harbor_ref::HarborRef;
+use crate::mapping::{Kind, Mapped, Rendered};
+use crate::names::{Digest, RepositoryName};
+
+/// What an object's expressions see besides the object: its project and repository, as Harbor
+/// answered them (when the mapping reads them).
+#[derive(Clone, Copy, Default)]
+pub(super) struct Context<'a> {
+    pub(super) project: Option<&'a Value>,
+    pub(super) repository: Option<&'a Value>,
+}
+
+pub(super) fn tag_names(artifact: &Artifact) -> impl Iterator<Item = String> + '_ {
+    artifact.tags.iter().flatten().map(|t| t.name.clone())
+}
+
+impl<C: Catalog> Handler<C> {
+    /// The entities the mapping makes of one object as Harbor has it now (`mapping render`):
+    /// `None` when Harbor does not have it.
+    pub async fn render_current(
+        &self,
+        kind: Kind,
+        project: &str,
+        repository: Option<&str>,
+        reference: Option<&str>,
+    ) -> Result<Option<Vec<Mapped>>, String> {
+        let name = match (kind, repository) {
+            (Kind::Project, _) => None,
+            (_, None) => return Err(format!("a {kind} needs --repository")),
+            (_, Some(r)) => {
+                Some(RepositoryName::parse(&format!("{project}/{r}")).map_err(|e| e.to_string())?)
+            }
+        };
+        let fail = |e: CallError| e.to_string();
+        let project_raw = match self.harbor.project(project).await.map_err(fail)? {
+            None => return Ok(None),
+            Some(p) => p.raw,
+        };
+        let rendered = match (kind, name) {
+            (Kind::Project, _) | (_, None) => self.render(
+                Kind::Project,
+                &project_raw,
+                Context::default(),
+                &HarborRef::project(project).to_string(),
+                None,
+            ),
+            (Kind::Repository, Some(name)) => {
+                let Some(repository) = self.harbor.repository(&name).await.map_err(fail)? else {
+                    return Ok(None);
+                };
+                let context = Context {
+                    project: Some(&project_raw),
+                    repository: None,
+                };
+                let reference = HarborRef::Repository(name.clone()).to_string();
+                self.render(Kind::Repository, &repository.raw, context, &reference, None)
+            }
+            (Kind::Artifact, Some(name)) => {
+                let Some(at) = reference else {
+                    return Err("an artifact needs --reference (a digest or a tag)".into());
+                };
+                let repository = self.harbor.repository(&name).await.map_err(fail)?;
+                let artifact = self.harbor.artifact_at(&name, at).await.map_err(fail)?;
+                let (Some(repository), Some(artifact)) = (repository, artifact) else {
+                    return Ok(None);
+                };
+                let digest = Digest::parse(&artifact.digest).map_err(|e| e.to_string())?;
+                let context = Context {
+                    project: Some(&project_raw),
+                    repository: Some(&repository.raw),
+                };
+                let tags = Some(tag_names(&artifact).collect());
+                let reference = HarborRef::Artifact(name.clone(), digest.clone()).to_string();
+                self.render(Kind::Artifact, &artifact.raw, context, &reference, tags)
+            }
+        };
+        rendered.map(|rendered| Some(rendered.entities))
+    }
+
+    /// What the mapping makes of an object, with its project and repository as Harbor answered
+    /// them, or why it cannot.
+    pub fn render_object(
+        &self,
+        kind: Kind,
+        raw: &Value,
+        project: Option<&Value>,
+        repository: Option<&Value>,
+        reference: &str,
+        tags: Option<Vec<String>>,
+    ) -> Result<Rendered, String> {
+        let context = Context {
+            project,
+            repository,
+        };
+        self.render(kind, raw, context, reference, tags)
+    }
+
+    /// Turns an object into its entities, marked as this integration's: `harborInstance`,
+    /// `harborRef` (the object) and, for artifacts, `harborTags`; their identifiers prefixed
+    /// when the deployment serves several Harbors.
+    pub(super) fn render(
+        &self,
+        kind: Kind,
+        raw: &Value,
+        context: Context<'_>,
+        reference: &str,
+        tags: Option<Vec<String>>,
+    ) -> Result<Rendered, String> {
+        let mut extra = vec![
+            ("__harbor", &self.harbor_meta),
+            ("__instance", &self.instance),
+            ("__prefix", &self.prefix),
+        ];
+        extra.extend(context.project.map(|p| ("__project", p)));
+        extra.extend(context.repository.map(|r| ("__repository", r)));
+        let mut rendered = self
+            .mapping
+            .render(kind, raw, &extra)
+            .map_err(|error| format!("{reference}: {error}"))?;
+        for mapped in &mut rendered.entities {
+            if let Some(prefix) = self.prefix.as_str().filter(|p| !p.is_empty()) {
+                mapped.entity.identifier.insert_str(0, prefix);
+            }
+            let properties = &mut mapped.entity.properties;
+            properties.insert(INSTANCE_PROPERTY.to_owned(), self.instance.clone());
+            properties.insert(REF_PROPERTY.to_owned(), json!(reference));
+            if let Some(tags) = &tags {
+                properties.insert(TAGS_PROPERTY.to_owned(), json!(tags));
+            }
+        }
+        Ok(rendered)
+    }
+
+    /// Adds an artifact's entities to a batch.
+    pub(super) fn add_artifact(
+        &self,
+        batch: &mut Batch,
+        part: Part,
+        name: &RepositoryName,
+        digest: &Digest,
+        artifact: &Artifact,
+        context: Context<'_>,
+    ) {
+        let reference = HarborRef::Artifact(name.clone(), digest.clone()).to_string();
+        let tags = Some(tag_names(artifact).collect());
+        let rendered = self.render(Kind::Artifact, &artifact.raw, context, &reference, tags);
+        batch.add(part, reference, rendered);
+    }
+}
