@@ -534,8 +534,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_refresh_observes_only_what_its_work_needs() {
+    /// A Harbor that answers every read with its 404: it has nothing.
+    async fn harbor_without_anything() -> wiremock::MockServer {
         use wiremock::matchers::method;
         use wiremock::{Mock, MockServer, ResponseTemplate};
         let harbor = MockServer::start().await;
@@ -544,6 +544,12 @@ mod tests {
             .respond_with(ResponseTemplate::new(404).set_body_json(not_found))
             .mount(&harbor)
             .await;
+        harbor
+    }
+
+    #[tokio::test]
+    async fn a_refresh_observes_only_what_its_work_needs() {
+        let harbor = harbor_without_anything().await;
         let handler = in_memory(&harbor);
         let name = RepositoryName::parse("library/nginx").unwrap();
 
@@ -569,14 +575,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_repository_harbor_no_longer_has_takes_its_artifacts_entities_with_it() {
-        use wiremock::matchers::method;
-        use wiremock::{Mock, MockServer, ResponseTemplate};
-        let harbor = MockServer::start().await;
-        let not_found = json!({"errors": [{"code": "NOT_FOUND", "message": "not found"}]});
-        Mock::given(method("GET"))
-            .respond_with(ResponseTemplate::new(404).set_body_json(not_found))
-            .mount(&harbor)
-            .await;
+        let harbor = harbor_without_anything().await;
         let handler = in_memory(&harbor);
         let d2 = D1.replace("0a1b", "ffff");
         for (blueprint, reference) in [
