@@ -43,16 +43,18 @@ fn text(value: &str) -> AMQPValue {
     AMQPValue::LongString(value.into())
 }
 
-fn now() -> AMQPValue {
-    text(&humantime::format_rfc3339_millis(SystemTime::now()).to_string())
+fn time(at: SystemTime) -> AMQPValue {
+    text(&humantime::format_rfc3339_millis(at).to_string())
 }
 
 /// A webhook's message, as the ingest publishes it: persistent, the envelope's message id, and
 /// the subject (so the work queue) of its project.
 pub fn webhook(envelope: &Envelope, instance: Option<&str>, request_id: &str) -> BasicProperties {
+    // One clock reading for both the header and the timestamp, as the message was received.
+    let now = SystemTime::now();
     let mut headers = FieldTable::default();
     headers.insert("x-payload-format".into(), text(envelope.format.as_str()));
-    headers.insert("x-received-at".into(), now());
+    headers.insert("x-received-at".into(), time(now));
     headers.insert(REQUEST_ID_HEADER.into(), text(request_id));
     if let Some(instance) = instance {
         headers.insert(INSTANCE_HEADER.into(), text(instance));
@@ -62,9 +64,7 @@ pub fn webhook(envelope: &Envelope, instance: Option<&str>, request_id: &str) ->
         let subject = instances::subject(instance, project);
         headers.insert(SUBJECT_HEADER.into(), text(&subject));
     }
-    let timestamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let timestamp = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
@@ -105,7 +105,7 @@ pub fn parked(original: &BasicProperties, reason: &str, attempts: u32) -> BasicP
     let mut headers = original.headers().clone().unwrap_or_default();
     let reason: String = reason.chars().take(REASON_CHARS).collect();
     headers.insert(FAILURE_REASON_HEADER.into(), text(&reason));
-    headers.insert(FAILED_AT_HEADER.into(), now());
+    headers.insert(FAILED_AT_HEADER.into(), time(SystemTime::now()));
     headers.insert(
         ATTEMPTS_HEADER.into(),
         AMQPValue::LongLongInt(i64::from(attempts)),
@@ -128,7 +128,7 @@ pub fn replayed(parked: &BasicProperties) -> BasicProperties {
             headers.insert(key.clone(), value.clone());
         }
     }
-    headers.insert("x-replayed-at".into(), now());
+    headers.insert("x-replayed-at".into(), time(SystemTime::now()));
     parked.clone().with_delivery_mode(2).with_headers(headers)
 }
 

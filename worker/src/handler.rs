@@ -56,6 +56,13 @@ pub struct Identity {
     pub prefixed: bool,
 }
 
+impl Identity {
+    /// The value of [`INSTANCE_PROPERTY`] its entities carry: its name, or `default`.
+    pub fn instance(&self) -> &str {
+        self.name.as_deref().unwrap_or(DEFAULT_INSTANCE)
+    }
+}
+
 /// Turns events into refreshes, and refreshes into Port writes.
 pub struct Handler<C = PortCatalog> {
     harbor: HarborClient,
@@ -87,7 +94,7 @@ impl<C: Catalog> Handler<C> {
         calls: Arc<Semaphore>,
     ) -> Self {
         let url = harbor.base().as_str().trim_end_matches('/').to_owned();
-        let instance = identity.name.as_deref().unwrap_or(DEFAULT_INSTANCE);
+        let instance = identity.instance();
         Self {
             harbor_meta: json!({"url": url, "name": instance}),
             instance: json!(instance),

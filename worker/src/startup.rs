@@ -7,7 +7,6 @@ use std::time::Duration;
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer};
 use anyhow::Context;
-use harbor_shared::instances::DEFAULT_INSTANCE;
 use harbor_shared::ops::{self, Readiness};
 use harbor_shared::telemetry;
 use tokio::sync::Semaphore;
@@ -38,22 +37,23 @@ pub fn fleet(
 ) -> Fleet {
     let calls = Arc::new(Semaphore::new(usize::from(concurrency.max(1))));
     let prefixed = harbors.len() > 1;
-    let members = harbors.iter().map(|harbor| Member {
-        handler: Handler::new(
-            harbor_client(harbor, http.clone()),
-            PortCatalog::new(
-                port_client(port, http.clone()),
-                harbor.name.as_deref().unwrap_or(DEFAULT_INSTANCE),
+    let members = harbors.iter().map(|harbor| {
+        let identity = Identity {
+            name: harbor.name.clone(),
+            prefixed,
+        };
+        let catalog = PortCatalog::new(port_client(port, http.clone()), identity.instance());
+        Member {
+            handler: Handler::new(
+                harbor_client(harbor, http.clone()),
+                catalog,
+                Arc::clone(&port.mapping),
+                identity,
+                pull_window,
+                Arc::clone(&calls),
             ),
-            Arc::clone(&port.mapping),
-            Identity {
-                name: harbor.name.clone(),
-                prefixed,
-            },
-            pull_window,
-            Arc::clone(&calls),
-        ),
-        webhooks: harbor.webhooks.clone(),
+            webhooks: harbor.webhooks.clone(),
+        }
     });
     Fleet::new(members.collect())
 }
