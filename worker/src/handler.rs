@@ -36,7 +36,6 @@ mod desire;
 mod observe;
 mod report;
 
-pub use crate::catalog::{INSTANCE_PROPERTY, REF_PROPERTY, TAGS_PROPERTY};
 pub use report::Report;
 
 use apply::{Batch, Part};
@@ -57,7 +56,7 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// The value of [`INSTANCE_PROPERTY`] its entities carry: its name, or `default`.
+    /// The value of [`crate::catalog::INSTANCE_PROPERTY`] its entities carry: its name, or `default`.
     pub fn instance(&self) -> &str {
         self.name.as_deref().unwrap_or(DEFAULT_INSTANCE)
     }
@@ -70,7 +69,7 @@ pub struct Handler<C = PortCatalog> {
     mapping: Arc<Mapping>,
     /// Its name in events, if named.
     name: Option<String>,
-    /// The value of [`INSTANCE_PROPERTY`], and `.__instance` in the mapping's objects.
+    /// The value of [`crate::catalog::INSTANCE_PROPERTY`], and `.__instance` in the mapping's objects.
     instance: Value,
     /// What identifiers start with (`.__prefix`: `""` when not prefixed).
     prefix: Value,
@@ -121,7 +120,7 @@ impl<C: Catalog> Handler<C> {
         &self.catalog
     }
 
-    /// Which Harbor this is (the value of [`INSTANCE_PROPERTY`]).
+    /// Which Harbor this is (the value of [`crate::catalog::INSTANCE_PROPERTY`]).
     pub fn instance(&self) -> &str {
         self.instance.as_str().unwrap_or(DEFAULT_INSTANCE)
     }
@@ -504,6 +503,7 @@ impl<C: Catalog> Handler<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::{INSTANCE_PROPERTY, REF_PROPERTY};
     use crate::entities::Entity;
 
     const D1: &str = "sha256:0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";

@@ -4,9 +4,9 @@
 
 use serde_json::{Value, json};
 
+use super::Handler;
 use super::apply::{Batch, Part};
-use super::{Handler, INSTANCE_PROPERTY, REF_PROPERTY, TAGS_PROPERTY};
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, INSTANCE_PROPERTY, REF_PROPERTY, TAGS_PROPERTY};
 use crate::clients::CallError;
 use crate::clients::harbor::Artifact;
 use crate::harbor_ref::HarborRef;
