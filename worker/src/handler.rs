@@ -17,17 +17,15 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use harbor_shared::instances::{self, DEFAULT_INSTANCE};
-use harbor_shared::quote::quoted;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::catalog::{Catalog, PortCatalog, Search};
-use crate::clients::CallError;
-use crate::clients::harbor::{Artifact, HarborClient};
+use crate::clients::harbor::HarborClient;
 use crate::harbor_ref::HarborRef;
 use crate::mapping::{Kind, Mapping};
-use crate::names::{Digest, RepositoryName};
+use crate::names::RepositoryName;
 use crate::plan::{self, Key, Plan, Work};
 use crate::schedule::{Judgement, Reconcile};
 
@@ -39,8 +37,7 @@ mod report;
 pub use report::Report;
 
 use apply::{Batch, Part};
-use desire::{Context, tag_names};
-use observe::Observed;
+use desire::Context;
 use report::{Status, verdict};
 
 /// Which Harbor a handler serves, as its events and its entities name it.
@@ -196,87 +193,26 @@ impl<C: Catalog> Handler<C> {
     }
 
     async fn refresh_repository(&self, name: &RepositoryName, work: &Work) -> Report {
-        let Observed {
-            repository,
-            project,
-            artifacts,
-            listed,
-        } = self.observe_repository(name, work).await;
-
-        if let Some(Ok(None)) = repository {
+        let observed = self.observe_repository(name, work).await;
+        if let Some(Ok(None)) = observed.repository {
             return self.repository_gone(name, work).await;
         }
         let mut report = Report::default();
-        let project = match project {
-            Some(Err(error)) => {
-                // Every part needs it: each is told.
-                let failed = Status::of::<()>(&Err(error));
-                report.main = failed.clone();
-                report.moved_tags = failed.clone();
-                report.every_artifact = failed.clone();
-                for digest in &work.artifacts {
-                    report.artifacts.insert(digest.clone(), failed.clone());
-                }
-                return report;
+        if let Some(Err(error)) = &observed.project {
+            // Every part needs it: each is told.
+            let failed = Status::of::<()>(&Err(error.clone()));
+            report.main = failed.clone();
+            report.moved_tags = failed.clone();
+            report.every_artifact = failed.clone();
+            for digest in &work.artifacts {
+                report.artifacts.insert(digest.clone(), failed.clone());
             }
-            Some(Ok(project)) => project.map(|p| p.raw),
-            None => None,
-        };
-        let repository = match repository {
-            Some(Ok(Some(repository))) => Some(repository),
-            Some(Err(error)) => {
-                report.main = Status::of::<()>(&Err(error));
-                None
-            }
-            _ => None,
-        };
-        let context = Context {
-            project: project.as_ref(),
-            repository: repository.as_ref().map(|r| &r.raw),
-        };
-
-        let mut batch = Batch::default();
-        if let Some(repository) = repository.as_ref().filter(|_| work.repository) {
-            let reference = HarborRef::Repository(name.clone()).to_string();
-            let rendered = self.render(
-                Kind::Repository,
-                &repository.raw,
-                Context {
-                    repository: None,
-                    ..context
-                },
-                &reference,
-                None,
-            );
-            batch.add(Part::Main, reference, rendered);
+            return report;
         }
-        let mut written = BTreeSet::new();
-        let mut tags = BTreeSet::new();
-        for (digest, found) in artifacts {
-            let part = Part::Artifact(digest.clone());
-            match found {
-                Ok(Some(artifact)) => {
-                    tags.extend(tag_names(&artifact));
-                    written.insert(digest.clone());
-                    self.add_artifact(&mut batch, part, name, &digest, &artifact, context);
-                }
-                Ok(None) => batch.clear.push((
-                    part,
-                    HarborRef::Artifact(name.clone(), digest.clone()).to_string(),
-                )),
-                Err(error) => batch.failed.push((part, Status::of::<()>(&Err(error)))),
-            }
+        if let Some(Err(error)) = &observed.repository {
+            report.main = Status::of::<()>(&Err(error.clone()));
         }
-        if let Some(listed) = listed {
-            self.every_artifact(&mut batch, name, listed, &mut written, context)
-                .await;
-        }
-        // After every artifact, the moved tags have nothing left to read: each artifact is
-        // written once per batch.
-        if work.moved_tags && !tags.is_empty() {
-            self.take_moved_tags(&mut batch, name, &tags, &written, context)
-                .await;
-        }
+        let batch = self.desire_repository(name, work, observed);
         self.execute(batch, &mut report).await;
         report
     }
@@ -317,147 +253,6 @@ impl<C: Catalog> Handler<C> {
             report.artifacts.insert(digest.clone(), status.clone());
         }
         report
-    }
-
-    /// Every artifact Harbor listed is written; this integration's entities of the
-    /// repository's artifacts that the mapping no longer makes (Harbor answers 404 for the
-    /// artifact, or a selector leaves it out) are deleted. `written` (the digests the batch
-    /// already has) gains those it adds.
-    async fn every_artifact(
-        &self,
-        batch: &mut Batch,
-        name: &RepositoryName,
-        listed: Result<Vec<Artifact>, CallError>,
-        written: &mut BTreeSet<Digest>,
-        context: Context<'_>,
-    ) {
-        let listed = match listed {
-            Ok(listed) => listed,
-            Err(error) => {
-                return batch
-                    .failed
-                    .push((Part::Every, Status::of::<()>(&Err(error))));
-            }
-        };
-        let prefix = HarborRef::artifacts_of(name);
-        let in_port = match self.find_under(&prefix).await {
-            Ok(found) => found,
-            Err(error) => {
-                return batch
-                    .failed
-                    .push((Part::Every, Status::of::<()>(&Err(error))));
-            }
-        };
-        let mut kept = BTreeSet::new();
-        for artifact in &listed {
-            let Ok(digest) = Digest::parse(&artifact.digest) else {
-                warn!(repository = %name, digest = %artifact.digest, "Skipping an artifact with an unexpected digest");
-                continue;
-            };
-            kept.insert(HarborRef::Artifact(name.clone(), digest.clone()).to_string());
-            // Once: an artifact pushed while the list is read can come on two pages.
-            if written.insert(digest.clone()) {
-                self.add_artifact(batch, Part::Every, name, &digest, artifact, context);
-            }
-        }
-        // Harbor pages by offset: an artifact deleted from an earlier page while the list was
-        // read moves a later one out of the pages read. So an artifact Port shows and the list
-        // lacks is read alone, and gone only when Harbor answers 404 for it. (The entities of
-        // those still there but left out by a selector are cleared with them: their references
-        // are in the batch, excluded.)
-        let unlisted: BTreeSet<String> = in_port
-            .into_iter()
-            .map(|(reference, _)| reference)
-            .filter(|reference| !kept.contains(reference))
-            .collect();
-        let mut unlisted_digests = Vec::new();
-        for reference in unlisted {
-            match HarborRef::parse(&reference) {
-                Some(HarborRef::Artifact(repository, digest)) if repository == *name => {
-                    if written.insert(digest.clone()) {
-                        unlisted_digests.push(digest);
-                    }
-                }
-                // Not an artifact's reference this version can read: kept, not taken for gone.
-                _ => warn!(
-                    repository = %name,
-                    reference = %quoted(&reference),
-                    "Keeping an entity whose harborRef this version cannot read"
-                ),
-            }
-        }
-        self.read_alone(batch, Part::Every, name, unlisted_digests, context)
-            .await;
-    }
-
-    /// The other artifacts of the repository that Port shows with one of `tags` are read again
-    /// from Harbor and written as Harbor has them now (without the tag that moved).
-    async fn take_moved_tags(
-        &self,
-        batch: &mut Batch,
-        name: &RepositoryName,
-        tags: &BTreeSet<String>,
-        written: &BTreeSet<Digest>,
-        context: Context<'_>,
-    ) {
-        let prefix = HarborRef::artifacts_of(name);
-        let search = Search {
-            under: Some(&prefix),
-            tagged: Some(tags),
-            ..Search::default()
-        };
-        let stale: BTreeSet<Digest> = match self.find(search).await {
-            Ok(found) => found
-                .iter()
-                .filter_map(|(reference, _)| match HarborRef::parse(reference) {
-                    Some(HarborRef::Artifact(_, digest)) => Some(digest),
-                    _ => None,
-                })
-                .filter(|d| !written.contains(d))
-                .collect(),
-            Err(error) => {
-                return batch
-                    .failed
-                    .push((Part::Moved, Status::of::<()>(&Err(error))));
-            }
-        };
-        if stale.is_empty() {
-            return;
-        }
-        debug!(repository = %name, count = stale.len(), "Taking moved tags off older artifacts");
-        self.read_alone(batch, Part::Moved, name, stale, context)
-            .await;
-    }
-
-    /// Reads each artifact from Harbor and adds to the batch, as `part`, what it has now: the
-    /// artifact's entities written, or cleared on a 404.
-    async fn read_alone(
-        &self,
-        batch: &mut Batch,
-        part: Part,
-        name: &RepositoryName,
-        digests: impl IntoIterator<Item = Digest>,
-        context: Context<'_>,
-    ) {
-        let reads = join_all(digests.into_iter().map(|digest| async move {
-            let found = self.call(self.harbor.artifact(name, &digest)).await;
-            (digest, found)
-        }))
-        .await;
-        for (digest, found) in reads {
-            match found {
-                Ok(Some(artifact)) => {
-                    self.add_artifact(batch, part.clone(), name, &digest, &artifact, context);
-                }
-                Ok(None) => batch.clear.push((
-                    part.clone(),
-                    HarborRef::Artifact(name.clone(), digest.clone()).to_string(),
-                )),
-                Err(error) => batch
-                    .failed
-                    .push((part.clone(), Status::of::<()>(&Err(error)))),
-            }
-        }
     }
 }
 
@@ -506,10 +301,13 @@ mod tests {
     use crate::catalog::{INSTANCE_PROPERTY, REF_PROPERTY};
     use crate::entities::Entity;
 
-    const D1: &str = "sha256:0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
+    pub(super) const D1: &str =
+        "sha256:0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
 
     /// A handler of the default mapping, reading the Harbor at `harbor`, writing to memory.
-    fn in_memory(harbor: &wiremock::MockServer) -> Handler<crate::catalog::MemoryCatalog> {
+    pub(super) fn in_memory(
+        harbor: &wiremock::MockServer,
+    ) -> Handler<crate::catalog::MemoryCatalog> {
         let http = crate::clients::Http::new(Duration::from_secs(5), 1 << 20).unwrap();
         Handler::new(
             HarborClient::new(
@@ -529,7 +327,7 @@ mod tests {
         )
     }
 
-    fn ours(reference: &str) -> Entity {
+    pub(super) fn ours(reference: &str) -> Entity {
         Entity {
             identifier: reference.to_owned(),
             title: reference.to_owned(),
@@ -542,7 +340,7 @@ mod tests {
     }
 
     /// A Harbor that answers every read with its 404: it has nothing.
-    async fn harbor_without_anything() -> wiremock::MockServer {
+    pub(super) async fn harbor_without_anything() -> wiremock::MockServer {
         use wiremock::matchers::method;
         use wiremock::{Mock, MockServer, ResponseTemplate};
         let harbor = MockServer::start().await;
@@ -552,32 +350,6 @@ mod tests {
             .mount(&harbor)
             .await;
         harbor
-    }
-
-    #[tokio::test]
-    async fn a_refresh_observes_only_what_its_work_needs() {
-        let harbor = harbor_without_anything().await;
-        let handler = in_memory(&harbor);
-        let name = RepositoryName::parse("library/nginx").unwrap();
-
-        let scan = Work {
-            artifacts: [Digest::parse(D1).unwrap()].into(),
-            ..Work::default()
-        };
-        let observed = handler.observe_repository(&name, &scan).await;
-        assert!(observed.listed.is_none());
-        assert_eq!(observed.artifacts.len(), 1);
-        assert!(matches!(observed.artifacts[0].1, Ok(None)), "gone");
-        let asked = harbor.received_requests().await.unwrap().len();
-
-        let every = Work {
-            every_artifact: true,
-            ..Work::default()
-        };
-        let observed = handler.observe_repository(&name, &every).await;
-        assert!(observed.artifacts.is_empty());
-        assert!(observed.listed.is_some() && observed.repository.is_some());
-        assert!(harbor.received_requests().await.unwrap().len() > asked);
     }
 
     #[tokio::test]

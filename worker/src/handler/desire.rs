@@ -6,12 +6,15 @@ use serde_json::{Value, json};
 
 use super::Handler;
 use super::apply::{Batch, Part};
+use super::observe::Observed;
+use super::report::Status;
 use crate::catalog::{Catalog, INSTANCE_PROPERTY, REF_PROPERTY, TAGS_PROPERTY};
 use crate::clients::CallError;
 use crate::clients::harbor::Artifact;
 use crate::harbor_ref::HarborRef;
 use crate::mapping::{Kind, Mapped, Rendered};
 use crate::names::{Digest, RepositoryName};
+use crate::plan::Work;
 
 /// What an object's expressions see besides the object: its project and repository, as Harbor
 /// answered them (when the mapping reads them).
@@ -140,6 +143,54 @@ impl<C: Catalog> Handler<C> {
             }
         }
         Ok(rendered)
+    }
+
+    /// The writes a repository refresh wants of what it observed: the repository's entities
+    /// (when its work asks), each artifact's as Harbor has it now, those of an artifact gone
+    /// cleared, and the parts that could not be observed told so.
+    pub(super) fn desire_repository(
+        &self,
+        name: &RepositoryName,
+        work: &Work,
+        observed: Observed,
+    ) -> Batch {
+        let Observed {
+            repository,
+            project,
+            artifacts,
+            failed,
+        } = observed;
+        let project = project.and_then(|p| p.ok().flatten()).map(|p| p.raw);
+        let repository = repository.and_then(|r| r.ok().flatten()).map(|r| r.raw);
+        let context = Context {
+            project: project.as_ref(),
+            repository: repository.as_ref(),
+        };
+        let mut batch = Batch::default();
+        if let Some(raw) = repository.as_ref().filter(|_| work.repository) {
+            let reference = HarborRef::Repository(name.clone()).to_string();
+            let alone = Context {
+                repository: None,
+                ..context
+            };
+            let rendered = self.render(Kind::Repository, raw, alone, &reference, None);
+            batch.add(Part::Main, reference, rendered);
+        }
+        for (part, digest, found) in artifacts {
+            match found {
+                Ok(Some(artifact)) => {
+                    self.add_artifact(&mut batch, part, name, &digest, &artifact, context)
+                }
+                Ok(None) => batch
+                    .clear
+                    .push((part, HarborRef::Artifact(name.clone(), digest).to_string())),
+                Err(error) => batch.failed.push((part, Status::of::<()>(&Err(error)))),
+            }
+        }
+        for (part, error) in failed {
+            batch.failed.push((part, Status::of::<()>(&Err(error))));
+        }
+        batch
     }
 
     /// Adds an artifact's entities to a batch.
