@@ -238,7 +238,7 @@ pub struct Envelope {
     pub message_id: String,
     /// The Harbor project the event is about, when it names one: the events of one project
     /// go to one work queue (the `x-subject` header).
-    pub subject: Option<String>,
+    pub project: Option<String>,
 }
 
 /// The parts of an event's data that name its project; the rest is skipped.
@@ -325,8 +325,8 @@ impl Envelope {
             Some(id) if format == PayloadFormat::CloudEvents => id.into_owned(),
             _ => hex::encode(Sha256::digest(body)),
         };
-        // Data of the wrong shape is the worker's to judge (it parks it): no subject then.
-        let subject = raw
+        // Data of the wrong shape is the worker's to judge (it parks it): no project then.
+        let project = raw
             .event_data
             .or(raw.data)
             .and_then(|data| serde_json::from_str::<Routing<'_>>(data.get()).ok())
@@ -335,7 +335,7 @@ impl Envelope {
             format,
             event_type,
             message_id,
-            subject,
+            project,
         })
     }
 }
@@ -570,39 +570,39 @@ mod tests {
     }
 
     #[test]
-    fn the_subject_is_the_project_the_event_names() {
-        let subject = |body: &str| Envelope::parse(body.as_bytes()).unwrap().subject;
+    fn an_event_names_its_project() {
+        let project = |body: &str| Envelope::parse(body.as_bytes()).unwrap().project;
         assert_eq!(
-            subject(
+            project(
                 r#"{"type":"PUSH_ARTIFACT","event_data":{"repository":{"namespace":"alpha","repo_full_name":"alpha/web"}}}"#
             ),
             Some("alpha".into())
         );
         assert_eq!(
-            subject(
+            project(
                 r#"{"specversion":"1.0","id":"1","type":"harbor.artifact.pulled","data":{"repository":{"repo_full_name":"beta/team/api"}}}"#
             ),
             Some("beta".into())
         );
         assert_eq!(
-            subject(
+            project(
                 r#"{"type":"TAG_RETENTION","event_data":{"retention":{"project_name":"gamma"}}}"#
             ),
             Some("gamma".into())
         );
         assert_eq!(
-            subject(
+            project(
                 r#"{"type":"REPLICATION","event_data":{"replication":{"src_resource":{"namespace":"library"},"dest_resource":{"namespace":"delta"}}}}"#
             ),
             Some("delta".into())
         );
-        // No project, or data of the wrong shape: no subject, and still an event.
-        assert_eq!(subject(r#"{"type":"PUSH_ARTIFACT","event_data":{}}"#), None);
+        // No project, or data of the wrong shape: no project, and still an event.
+        assert_eq!(project(r#"{"type":"PUSH_ARTIFACT","event_data":{}}"#), None);
         assert_eq!(
-            subject(r#"{"type":"PUSH_ARTIFACT","event_data":{"repository":"oops"}}"#),
+            project(r#"{"type":"PUSH_ARTIFACT","event_data":{"repository":"oops"}}"#),
             None
         );
-        assert_eq!(subject(r#"{"type":"PUSH_ARTIFACT","event_data":7}"#), None);
+        assert_eq!(project(r#"{"type":"PUSH_ARTIFACT","event_data":7}"#), None);
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub fn webhook(envelope: &Envelope, instance: Option<&str>, request_id: &str) ->
         headers.insert(INSTANCE_HEADER.into(), text(instance));
     }
     // The work queue is chosen by this header, so that one worker at a time handles a project.
-    if let Some(project) = &envelope.subject {
+    if let Some(project) = &envelope.project {
         let subject = instances::subject(instance, project);
         headers.insert(SUBJECT_HEADER.into(), text(&subject));
     }

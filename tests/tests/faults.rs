@@ -484,7 +484,7 @@ impl HandleEvent for Panics {
         };
         Plan {
             event_type: "PUSH_ARTIFACT".into(),
-            subject: None,
+            about: None,
             action: Action::Refresh(vec![refresh]),
         }
     }

@@ -104,7 +104,7 @@ impl HandleEvent for Fleet {
             Err(reason) => {
                 return Plan {
                     event_type: "invalid".to_owned(),
-                    subject: None,
+                    about: None,
                     action: Action::Invalid(reason),
                 };
             }
@@ -131,7 +131,7 @@ impl HandleEvent for Fleet {
         };
         Plan {
             event_type: plan.event_type,
-            subject: plan.subject,
+            about: plan.about,
             action,
         }
     }

@@ -118,8 +118,8 @@ pub enum Action<K, W> {
 pub struct Plan<K, W> {
     /// The event type, for metrics (bounded: `other` for unknown types, `invalid`).
     pub event_type: String,
-    /// What it is about, for the log (`project/repo@sha256:...`).
-    pub subject: Option<String>,
+    /// What it is about (`project/repo@sha256:...`), the `subject` of its log lines (DESIGN.md).
+    pub about: Option<String>,
     /// What to do.
     pub action: Action<K, W>,
 }
@@ -151,27 +151,27 @@ pub fn plan(body: &[u8], pull_window: Duration) -> Plan<Key, Work> {
         Err(error) => {
             return Plan {
                 event_type: "invalid".to_owned(),
-                subject: None,
+                about: None,
                 action: Action::Invalid(format!("not a Harbor event: {error}")),
             };
         }
     };
-    let (subject, action) = match refreshes(&event, pull_window) {
-        Ok((subject, refreshes)) => (Some(subject), Action::Refresh(refreshes)),
+    let (about, action) = match refreshes(&event, pull_window) {
+        Ok((about, refreshes)) => (Some(about), Action::Refresh(refreshes)),
         Err(action) => (None, action),
     };
     Plan {
         event_type: event.event_type.metric_label().to_owned(),
-        subject,
+        about,
         action,
     }
 }
 
 /// What a resync request refreshes: a project, or a repository with every artifact.
 fn plan_resync(request: Option<ResyncRequest>) -> Plan<Key, Work> {
-    let plan = |subject: String, action| Plan {
+    let plan = |about: String, action| Plan {
         event_type: "resync".to_owned(),
-        subject: Some(subject),
+        about: Some(about),
         action,
     };
     let refresh = |key, work| {
@@ -200,7 +200,7 @@ fn plan_resync(request: Option<ResyncRequest>) -> Plan<Key, Work> {
         },
         None => Plan {
             event_type: "resync".to_owned(),
-            subject: None,
+            about: None,
             action: Action::Invalid("a resync request without a project or repository".into()),
         },
     }
@@ -514,7 +514,7 @@ mod tests {
     }
 
     #[test]
-    fn events_without_a_subject_are_skipped_and_unknown_types_ignored() {
+    fn events_naming_nothing_to_refresh_are_skipped_and_unknown_types_ignored() {
         let no_digest = event(json!({"type": "PUSH_ARTIFACT", "event_data": {
             "resources": [{"tag": "v1"}], "repository": {"repo_full_name": "alpha/web"}}}));
         assert!(matches!(

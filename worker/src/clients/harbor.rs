@@ -30,13 +30,13 @@ fn says_not_found(body: &Value) -> bool {
         .is_some_and(|errors| errors.iter().any(|e| e["code"] == "NOT_FOUND"))
 }
 
-/// A 404 that does not show it is Harbor's (it lacks `proof`), so proves nothing of `subject`:
+/// A 404 that does not show it is Harbor's (it lacks `proof`), so proves nothing of `object`:
 /// a transient failure.
-fn unproven_404(what: &str, proof: &str, subject: &str) -> CallError {
+fn unproven_404(what: &str, proof: &str, object: &str) -> CallError {
     CallError::Transient {
         reason: format!(
             "{what} answered 404 without {proof} (from a proxy in front of Harbor?): not taken \
-             to mean {subject} is gone"
+             to mean {object} is gone"
         ),
         retry_after: None,
     }

@@ -179,7 +179,7 @@ async fn process<H: HandleEvent>(
         message_id = %message_id,
         event_type = %delivery.routing_key,
         instance = instance.as_deref().unwrap_or(NO_INSTANCE),
-        subject = plan.subject.as_deref().unwrap_or("-"),
+        subject = plan.about.as_deref().unwrap_or("-"),
         redelivered = delivery.redelivered,
     );
     async move {
