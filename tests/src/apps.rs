@@ -109,6 +109,9 @@ pub fn worker_settings(amqp: &AmqpSettings, harbor_url: &str, port_url: &str) ->
             client_id: PORT_CLIENT_ID.into(),
             client_secret: SecretString::from(PORT_CLIENT_SECRET),
             mapping: std::sync::Arc::new(harbor_worker::mapping::Mapping::default_mapping()),
+            budget: std::sync::Arc::new(harbor_worker::clients::port::PortBudget::new(
+                harbor_worker::clients::port::DEFAULT_RATE_SHARE,
+            )),
         },
         concurrency: 8,
         prefetch: 100,

@@ -61,7 +61,7 @@ impl Respond for TagsNow {
 }
 
 #[tokio::test]
-async fn a_write_port_refused_is_retried_with_what_harbor_has_then_not_what_it_had() {
+async fn a_write_port_refused_waits_for_its_reset_and_no_older_state_follows_a_newer_one() {
     let stack = Stack::start().await;
     let (repository, digest) = ("alpha/web", samples::digest(1));
     let id = format!("{repository}@{digest}");
@@ -96,13 +96,17 @@ async fn a_write_port_refused_is_retried_with_what_harbor_has_then_not_what_it_h
         .await;
     stack.wait_for_outcome("synced", 2).await;
 
+    // The refused write waits for Port's reset and is sent again (Port's budget is waited
+    // for, not failed on); whatever it carries, no write goes back once v2 is written, and
+    // the last is what Harbor has now.
     let written = tags_written(&stack, &id).await;
     assert_eq!(written[0], ["v1"], "the refused write");
+    let newest = written.iter().position(|tags| *tags == ["v1", "v2"]);
+    let newest = newest.unwrap_or_else(|| panic!("v2 never written: {written:?}"));
     assert!(
-        written[1..].iter().all(|tags| *tags == ["v1", "v2"]),
-        "after the 429 only what Harbor has now is written: {written:?}"
+        written[newest..].iter().all(|tags| *tags == ["v1", "v2"]),
+        "an older state written after a newer one: {written:?}"
     );
-    assert!(written.len() >= 2, "{written:?}");
 }
 
 /// Harbor's artifact while it exists; the first answer comes late.

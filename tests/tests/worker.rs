@@ -334,6 +334,7 @@ async fn the_blueprints_command_creates_missing_blueprints_and_updates_existing_
         client_id: harbor_sync_tests::fakes::PORT_CLIENT_ID.into(),
         client_secret: harbor_sync_tests::fakes::PORT_CLIENT_SECRET.into(),
         mapping: std::sync::Arc::new(harbor_worker::mapping::Mapping::default_mapping()),
+        budget: std::sync::Arc::new(harbor_worker::clients::port::PortBudget::new(0.5)),
     };
     let http = Http::new(Duration::from_secs(5), MAX_ANSWER_BYTES).unwrap();
     let client = harbor_worker::startup::port_client(&settings, http);

@@ -6,13 +6,17 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::sync::{Arc, OnceLock};
 
-use futures_util::future::join_all;
 use serde_json::{Value, json};
 
 use crate::clients::CallError;
-use crate::clients::port::{BULK_LIMIT, PortClient};
+use crate::clients::port::PortClient;
 use crate::entities::Entity;
+
+mod writer;
+
+use writer::Writer;
 
 /// The property every entity this integration writes carries: which Harbor it came from. It is
 /// how the worker tells its entities from others when it deletes what Harbor no longer has.
@@ -72,17 +76,20 @@ pub trait Catalog: Send + Sync + 'static {
 
 /// Port, for one Harbor's entities.
 pub struct PortCatalog {
-    port: PortClient,
+    port: Arc<PortClient>,
     /// The value of [`INSTANCE_PROPERTY`] this Harbor's entities carry.
     instance: String,
+    /// Its upserts, in bulk across refreshes; started with the first.
+    writer: OnceLock<Writer>,
 }
 
 impl PortCatalog {
     /// Port's catalog of the entities of the Harbor named `instance`.
     pub fn new(port: PortClient, instance: &str) -> Self {
         Self {
-            port,
+            port: Arc::new(port),
             instance: instance.to_owned(),
+            writer: OnceLock::new(),
         }
     }
 
@@ -128,18 +135,12 @@ impl Catalog for PortCatalog {
             .collect())
     }
 
-    /// Alone, or through the bulk endpoint in batches of [`BULK_LIMIT`].
+    /// Through the bulk endpoint, with the upserts of the other refreshes in flight.
     async fn upsert(&self, blueprint: &str, entities: &[Entity]) -> Vec<Result<(), CallError>> {
-        if let [entity] = entities {
-            return vec![self.port.upsert(blueprint, entity).await];
-        }
-        let batches = entities.chunks(BULK_LIMIT).map(|batch| async move {
-            match self.port.upsert_bulk(blueprint, batch).await {
-                Ok(each) => each,
-                Err(error) => vec![Err(error); batch.len()],
-            }
-        });
-        join_all(batches).await.into_iter().flatten().collect()
+        let writer = self
+            .writer
+            .get_or_init(|| Writer::start(Arc::clone(&self.port)));
+        writer.upsert(blueprint, entities).await
     }
 
     async fn delete(&self, blueprint: &str, identifier: &str) -> Result<(), CallError> {

@@ -368,6 +368,7 @@ fn rebalance<H: HandleEvent>(queues: &mut Queues, shared: &Shared<H>, workers: u
         .filter(|&q| queues.active[q] && queues.leaving[q].is_none())
         .map(|q| (q, shared.held[q].load(Ordering::Relaxed)))
         .collect();
+    shared.handler.fleet_size(workers);
     let hand_on = balance::to_hand_on(queues.names.len(), workers, &active);
     metrics::gauge!("harbor_worker_work_queues_active").set((active.len() - hand_on.len()) as f64);
     for queue in hand_on {

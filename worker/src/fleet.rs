@@ -146,6 +146,18 @@ impl HandleEvent for Fleet {
                 self.members[index].handler.instance()
             })
     }
+
+    fn fleet_size(&self, workers: usize) {
+        // One budget for the deployment's Port clients: setting it once does.
+        if let Some(member) = self.members.first() {
+            member
+                .handler
+                .catalog()
+                .port()
+                .budget()
+                .set_workers(workers);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -173,6 +185,7 @@ mod tests {
             client_id: "id".into(),
             client_secret: "secret".into(),
             mapping: Arc::new(Mapping::default_mapping()),
+            budget: Arc::new(crate::clients::port::PortBudget::new(0.5)),
         };
         let http = crate::clients::Http::new(Duration::from_secs(1), 1024).unwrap();
         crate::startup::fleet(&harbors, &port, http, Duration::ZERO, 4)

@@ -138,6 +138,10 @@ pub trait HandleEvent: Reconcile {
     /// that handles it, or [`instances::NO_INSTANCE`] (the header is input: the label must stay
     /// one of the names served).
     fn harbor(&self, instance: Option<&str>) -> &str;
+
+    /// The fleet now has `workers` workers (the consumer counts them): what is shared among
+    /// them (Port's rate limits) is divided anew.
+    fn fleet_size(&self, _workers: usize) {}
 }
 
 /// What a delivery's body asks for: a resync request, or a Harbor event (pulls wait

@@ -15,6 +15,7 @@ use secrecy::SecretString;
 use url::Url;
 
 use crate::clients::Http;
+use crate::clients::port::PortBudget;
 use crate::mapping::Mapping;
 use crate::retry::RetryPolicy;
 use crate::webhooks::Desired;
@@ -65,6 +66,9 @@ pub struct PortSettings {
     pub client_secret: SecretString,
     /// How Harbor's objects become entities.
     pub mapping: Arc<Mapping>,
+    /// What the deployment may spend of Port's rate limits (`PORT_RATE_SHARE`), shared by its
+    /// Port clients.
+    pub budget: Arc<PortBudget>,
 }
 
 /// Everything the consuming worker needs, checked.
@@ -251,7 +255,12 @@ impl PortArgs {
 
     /// Checks the Port options.
     pub fn into_settings(self) -> anyhow::Result<PortSettings> {
+        let share = self.port_rate_share;
+        if !(share > 0.0 && share <= 1.0) {
+            bail!("PORT_RATE_SHARE must be more than 0 and at most 1 (got {share})");
+        }
         Ok(PortSettings {
+            budget: Arc::new(PortBudget::new(share)),
             mapping: Arc::new(self.mapping()?),
             url: credentials_url(&self.port_api_url, "PORT_API_URL")?,
             client_id: required(self.port_client_id, "PORT_CLIENT_ID")?,

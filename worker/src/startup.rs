@@ -90,6 +90,7 @@ pub fn port_client(settings: &PortSettings, http: Http) -> PortClient {
         settings.mapping.create_missing_related,
         settings.mapping.delete_dependents,
     )
+    .with_budget(Arc::clone(&settings.budget))
 }
 
 /// A bound, consuming worker.

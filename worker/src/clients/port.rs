@@ -3,7 +3,7 @@
 //! The access token is fetched with the client id and secret, shared by every call, refreshed
 //! before it expires, and once more if Port answers 401 (a token revoked early).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::{RequestBuilder, Response, StatusCode};
@@ -15,6 +15,14 @@ use url::Url;
 
 use super::{CallError, Http, is_transient, success, transport_error};
 use crate::entities::Entity;
+
+mod budget;
+
+pub use budget::{Family, PortBudget};
+
+/// The default of `PORT_RATE_SHARE`: half of each of Port's limits, the rest left to the other
+/// integrations of the organisation.
+pub const DEFAULT_RATE_SHARE: f64 = 0.5;
 
 /// The most entities Port's bulk upsert takes in one request.
 pub const BULK_LIMIT: usize = 20;
@@ -36,6 +44,8 @@ pub struct PortClient {
     create_missing_related: bool,
     /// `delete_dependents` on deletes.
     delete_dependents: bool,
+    /// What it may spend of Port's rate limits.
+    budget: Arc<PortBudget>,
 }
 
 /// What [`PortClient::apply_blueprint`] did.
@@ -75,7 +85,20 @@ impl PortClient {
             refreshing: tokio::sync::Mutex::new(()),
             create_missing_related: true,
             delete_dependents: false,
+            budget: Arc::new(PortBudget::new(DEFAULT_RATE_SHARE)),
         }
+    }
+
+    /// What it spends of Port's rate limits.
+    pub fn budget(&self) -> &PortBudget {
+        &self.budget
+    }
+
+    /// Spends `budget` (shared by every Port client of the process: Port limits the
+    /// organisation, not a client).
+    pub fn with_budget(mut self, budget: Arc<PortBudget>) -> Self {
+        self.budget = budget;
+        self
     }
 
     fn endpoint(&self, segments: &[&str]) -> Url {
@@ -105,6 +128,7 @@ impl PortClient {
             return Ok(token);
         }
         let what = "Port POST /v1/auth/access_token";
+        self.budget.admit(Family::Other).await;
         let response = self
             .http
             .client
@@ -116,6 +140,8 @@ impl PortClient {
             .send()
             .await
             .map_err(|error| transport_error(what, &error))?;
+        self.budget
+            .observe(Family::Other, response.status(), response.headers());
         if matches!(
             response.status(),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
@@ -151,11 +177,45 @@ impl PortClient {
         }
     }
 
-    /// Sends an authenticated request; on 401, fetches a new token and sends it once more.
+    /// Sends an authenticated request of `family` once the budget admits it; on 401, fetches a
+    /// new token and sends it once more. A 429 is not an answer: the family pauses until Port's
+    /// reset and the request is sent again (the consumer timeout bounds the wait of an event).
     async fn send(
         &self,
         what: &str,
+        family: Family,
         request: impl Fn(&str) -> RequestBuilder,
+    ) -> Result<Response, CallError> {
+        self.send_admitted(what, family, false, request).await
+    }
+
+    /// [`Self::send`], the first attempt already `admitted` by the budget or not.
+    async fn send_admitted(
+        &self,
+        what: &str,
+        family: Family,
+        mut admitted: bool,
+        request: impl Fn(&str) -> RequestBuilder,
+    ) -> Result<Response, CallError> {
+        loop {
+            if !std::mem::take(&mut admitted) {
+                self.budget.admit(family).await;
+            }
+            let response = self.send_once(what, &request).await?;
+            if !self
+                .budget
+                .observe(family, response.status(), response.headers())
+            {
+                return Ok(response);
+            }
+            debug!(what, "Port answered 429: the family waits for its reset");
+        }
+    }
+
+    async fn send_once(
+        &self,
+        what: &str,
+        request: &impl Fn(&str) -> RequestBuilder,
     ) -> Result<Response, CallError> {
         let token = self.token().await?;
         let response = request(token.expose_secret())
@@ -199,7 +259,7 @@ impl PortClient {
         let url = self.upsert_url(&["blueprints", blueprint, "entities"]);
         let what = format!("Port upsert {blueprint} {}", entity.identifier);
         let response = self
-            .send(&what, |token| {
+            .send(&what, Family::Upsert, |token| {
                 self.http
                     .client
                     .post(url.clone())
@@ -214,16 +274,20 @@ impl PortClient {
     /// endpoint, same semantics as [`PortClient::upsert`]); returns, per entity in order, what
     /// Port answered for it (a 207 carries per-entity errors).
     #[instrument(skip_all, fields(blueprint = blueprint, entities = entities.len()))]
+    ///
+    /// `admitted`: the caller already waited for the budget's token of its first attempt (it
+    /// chose what to send once it could leave).
     pub async fn upsert_bulk(
         &self,
         blueprint: &str,
         entities: &[Entity],
+        admitted: bool,
     ) -> Result<Vec<Result<(), CallError>>, CallError> {
         let url = self.upsert_url(&["blueprints", blueprint, "entities", "bulk"]);
         let what = format!("Port bulk upsert of {} {blueprint}", entities.len());
         let body = json!({ "entities": entities });
         let response = self
-            .send(&what, |token| {
+            .send_admitted(&what, Family::BulkUpsert, admitted, |token| {
                 self.http
                     .client
                     .post(url.clone())
@@ -287,7 +351,7 @@ impl PortClient {
         }
         let what = "Port search entities";
         let response = self
-            .send(what, |token| {
+            .send(what, Family::Search, |token| {
                 self.http
                     .client
                     .post(url.clone())
@@ -317,7 +381,7 @@ impl PortClient {
         );
         let what = format!("Port delete {blueprint} {identifier}");
         let response = self
-            .send(&what, |token| {
+            .send(&what, Family::Entity, |token| {
                 self.http.client.delete(url.clone()).bearer_auth(token)
             })
             .await?;
@@ -338,7 +402,7 @@ impl PortClient {
         let what = format!("Port update blueprint {identifier}");
         let url = self.endpoint(&["blueprints", identifier]);
         let response = self
-            .send(&what, |token| {
+            .send(&what, Family::Other, |token| {
                 self.http
                     .client
                     .patch(url.clone())
@@ -352,7 +416,7 @@ impl PortClient {
         let what = format!("Port create blueprint {identifier}");
         let url = self.endpoint(&["blueprints"]);
         let response = self
-            .send(&what, |token| {
+            .send(&what, Family::Other, |token| {
                 self.http
                     .client
                     .post(url.clone())

@@ -11,6 +11,7 @@ use harbor_shared::config::{AmqpArgs, LogArgs};
 use url::Url;
 
 use crate::clients::MAX_ANSWER_BYTES;
+use crate::clients::port::DEFAULT_RATE_SHARE;
 
 /// Consumes Harbor events from RabbitMQ and keeps Port's catalog in sync with Harbor.
 #[derive(Parser, Debug)]
@@ -232,6 +233,11 @@ pub struct PortArgs {
     /// deploy/port/mapping.yaml, built in). Read at start: a change takes a restart.
     #[arg(long, env = "MAPPING_FILE", global = true)]
     pub mapping_file: Option<PathBuf>,
+
+    /// The share of each of Port's rate limits (per organisation, shared with its other
+    /// integrations) this deployment spends, divided among its workers: 0 < share ≤ 1.
+    #[arg(long, env = "PORT_RATE_SHARE", default_value_t = DEFAULT_RATE_SHARE)]
+    pub port_rate_share: f64,
 }
 
 /// How the consumer runs.

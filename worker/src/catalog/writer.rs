@@ -1,0 +1,185 @@
+//! The upserts of every refresh in flight, written together: each entity joins a queue, and a
+//! bulk request (at most [`BULK_LIMIT`] entities of one blueprint) leaves as soon as one may:
+//! a slot among [`IN_FLIGHT`] requests is free and Port's budget admits it. What arrives
+//! while requests are in flight, or while the budget makes them wait, fills the next ones; a
+//! lone entity leaves at once. Each entity's refresh is told what Port answered for it (a
+//! 207's per-entity error goes to its own refresh only).
+//!
+//! Order is kept where it matters: a refresh waits for Port's answer for each of its entities
+//! before it is done, and the scheduler never runs two refreshes of a key at once, so a newer
+//! write of an entity never leaves before an older one was answered. Two refreshes of
+//! different keys may render the same entity (a mapping may): one request never carries it
+//! twice.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::clients::CallError;
+use crate::clients::port::{BULK_LIMIT, Family, PortClient};
+use crate::entities::Entity;
+
+/// Bulk requests in flight at once.
+pub const IN_FLIGHT: usize = 4;
+
+/// One entity to upsert, and whom to tell.
+struct Item {
+    blueprint: String,
+    entity: Entity,
+    done: oneshot::Sender<Result<(), CallError>>,
+}
+
+/// The queue of entities to upsert, and the task that writes them.
+pub struct Writer {
+    queue: mpsc::UnboundedSender<Item>,
+}
+
+impl Writer {
+    /// Starts the task writing to `port`; it ends when the writer is dropped.
+    pub fn start(port: Arc<PortClient>) -> Self {
+        let (queue, items) = mpsc::unbounded_channel();
+        tokio::spawn(run(port, items));
+        Self { queue }
+    }
+
+    /// Upserts entities of one blueprint, with whatever else is being written; what became of
+    /// each, in order.
+    pub async fn upsert(&self, blueprint: &str, entities: &[Entity]) -> Vec<Result<(), CallError>> {
+        let answers: Vec<_> = entities
+            .iter()
+            .map(|entity| {
+                let (done, answer) = oneshot::channel();
+                let item = Item {
+                    blueprint: blueprint.to_owned(),
+                    entity: entity.clone(),
+                    done,
+                };
+                // A send fails only once the task is gone: the answer says so below.
+                let _ = self.queue.send(item);
+                answer
+            })
+            .collect();
+        let mut results = Vec::with_capacity(answers.len());
+        for answer in answers {
+            results.push(answer.await.unwrap_or_else(|_| {
+                Err(CallError::Transient {
+                    reason: "the Port writer stopped before answering".into(),
+                    retry_after: None,
+                })
+            }));
+        }
+        results
+    }
+}
+
+async fn run(port: Arc<PortClient>, mut items: mpsc::UnboundedReceiver<Item>) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut pending: VecDeque<Item> = VecDeque::new();
+    loop {
+        if pending.is_empty() {
+            match items.recv().await {
+                Some(item) => pending.push_back(item),
+                None => return,
+            }
+        }
+        // Never closed: a slot is always granted.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        port.budget().admit(Family::BulkUpsert).await;
+        while let Ok(item) = items.try_recv() {
+            pending.push_back(item);
+        }
+        let (blueprint, batch) = next_batch(&mut pending);
+        let port = Arc::clone(&port);
+        tokio::spawn(async move {
+            let entities: Vec<Entity> = batch.iter().map(|item| item.entity.clone()).collect();
+            let answered = port.upsert_bulk(&blueprint, &entities, true).await;
+            drop(slot);
+            let each = match answered {
+                Ok(each) => each,
+                Err(error) => vec![Err(error); batch.len()],
+            };
+            for (item, result) in batch.into_iter().zip(each) {
+                let _ = item.done.send(result);
+            }
+        });
+    }
+}
+
+/// The next request: up to [`BULK_LIMIT`] entities of the blueprint of the entity waiting
+/// longest, each identifier once, in the order they came; the rest keep theirs.
+fn next_batch(pending: &mut VecDeque<Item>) -> (String, Vec<Item>) {
+    let blueprint = pending
+        .front()
+        .map(|item| item.blueprint.clone())
+        .unwrap_or_default();
+    let mut batch = Vec::new();
+    let mut identifiers = BTreeSet::new();
+    let mut rest = VecDeque::with_capacity(pending.len());
+    for item in pending.drain(..) {
+        if batch.len() < BULK_LIMIT
+            && item.blueprint == blueprint
+            && identifiers.insert(item.entity.identifier.clone())
+        {
+            batch.push(item);
+        } else {
+            rest.push_back(item);
+        }
+    }
+    *pending = rest;
+    (blueprint, batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(blueprint: &str, identifier: &str) -> (Item, oneshot::Receiver<Result<(), CallError>>) {
+        let (done, answer) = oneshot::channel();
+        let entity = Entity {
+            identifier: identifier.to_owned(),
+            title: identifier.to_owned(),
+            properties: serde_json::Map::new(),
+            relations: serde_json::Map::new(),
+        };
+        let item = Item {
+            blueprint: blueprint.to_owned(),
+            entity,
+            done,
+        };
+        (item, answer)
+    }
+
+    #[test]
+    fn a_request_is_one_blueprint_each_identifier_once_at_most_twenty() {
+        let mut pending = VecDeque::new();
+        let mut answers = Vec::new();
+        let mut add = |bp: &str, id: &str| {
+            let (item, answer) = item(bp, id);
+            pending.push_back(item);
+            answers.push(answer);
+        };
+        add("harborArtifact", "a");
+        add("harborRepository", "r");
+        add("harborArtifact", "a");
+        for n in 0..25 {
+            add("harborArtifact", &format!("x{n}"));
+        }
+        let (blueprint, batch) = next_batch(&mut pending);
+        assert_eq!(blueprint, "harborArtifact");
+        let ids: Vec<&str> = batch.iter().map(|i| i.entity.identifier.as_str()).collect();
+        assert_eq!(ids.len(), BULK_LIMIT);
+        assert_eq!(ids[..3], ["a", "x0", "x1"]);
+        // The rest keep their order: the repository first, then the second `a`.
+        let left: Vec<&str> = pending
+            .iter()
+            .map(|i| i.entity.identifier.as_str())
+            .collect();
+        assert_eq!(left[..2], ["r", "a"]);
+        assert_eq!(left.len(), 28 - BULK_LIMIT);
+        let (blueprint, _) = next_batch(&mut pending);
+        assert_eq!(blueprint, "harborRepository");
+    }
+}
