@@ -317,6 +317,7 @@ pub fn sandbox_settings(
         port_client_secret: "sandbox-secret".into(),
         harbor_latency_ms: 0,
         empty_port: false,
+        port_rate_scale: None,
     }
 }
 

@@ -8,15 +8,18 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::clients::CallError;
 use crate::clients::port::PortClient;
 use crate::entities::Entity;
 
+mod reader;
 mod writer;
 
-use writer::Writer;
+use reader::Reader;
+pub use writer::Expected;
+use writer::{Coming, Writer};
 
 /// The property every entity this integration writes carries: which Harbor it came from. It is
 /// how the worker tells its entities from others when it deletes what Harbor no longer has.
@@ -38,6 +41,8 @@ pub struct Found {
     pub blueprint: String,
     /// Its `harborRef`; `None` on entities written before references existed.
     pub reference: Option<String>,
+    /// Its `harborTags` (an artifact's).
+    pub tags: Vec<String>,
 }
 
 /// Which of this integration's entities to find: all of them, narrowed by each part given.
@@ -59,12 +64,22 @@ pub trait Catalog: Send + Sync + 'static {
         search: Search<'_>,
     ) -> impl Future<Output = Result<Vec<Found>, CallError>> + Send;
 
+    /// Every one of this integration's entities (of this Harbor), with what the catalog holds
+    /// of it (title, properties, relations), to compare with what the mapping makes.
+    fn holdings(&self) -> impl Future<Output = Result<Vec<(Found, Value)>, CallError>> + Send;
+
     /// Upserts entities of one blueprint; what became of each, in order.
     fn upsert(
         &self,
         blueprint: &str,
         entities: &[Entity],
     ) -> impl Future<Output = Vec<Result<(), CallError>>> + Send;
+
+    /// A refresh starts that may write: the catalog may wait for its writes to send them
+    /// with others, until the token is dropped (its writes are queued, or it has none).
+    fn expect_writes(&self) -> Expected {
+        Expected::none()
+    }
 
     /// Deletes one entity; one already gone is deleted.
     fn delete(
@@ -79,8 +94,12 @@ pub struct PortCatalog {
     port: Arc<PortClient>,
     /// The value of [`INSTANCE_PROPERTY`] this Harbor's entities carry.
     instance: String,
+    /// Its searches, asked together across refreshes; started with the first.
+    reader: OnceLock<Reader>,
     /// Its upserts, in bulk across refreshes; started with the first.
     writer: OnceLock<Writer>,
+    /// The refreshes in flight that may still write.
+    coming: Arc<Coming>,
 }
 
 impl PortCatalog {
@@ -89,7 +108,9 @@ impl PortCatalog {
         Self {
             port: Arc::new(port),
             instance: instance.to_owned(),
+            reader: OnceLock::new(),
             writer: OnceLock::new(),
+            coming: Arc::default(),
         }
     }
 
@@ -97,41 +118,23 @@ impl PortCatalog {
     pub fn port(&self) -> &PortClient {
         &self.port
     }
-
-    /// Port's search query for `search`.
-    fn query(&self, search: Search<'_>) -> Value {
-        let mut rules =
-            vec![json!({"property": INSTANCE_PROPERTY, "operator": "=", "value": self.instance})];
-        if let Some(references) = search.references {
-            rules.push(json!({"property": REF_PROPERTY, "operator": "in", "value": references}));
-        }
-        if let Some(prefix) = search.under {
-            rules
-                .push(json!({"property": REF_PROPERTY, "operator": "beginsWith", "value": prefix}));
-        }
-        if let Some(tags) = search.tagged {
-            rules
-                .push(json!({"property": TAGS_PROPERTY, "operator": "containsAny", "value": tags}));
-        }
-        json!({"combinator": "and", "rules": rules})
-    }
 }
 
 impl Catalog for PortCatalog {
+    /// With the other searches waiting; a search of everything alone.
     async fn find(&self, search: Search<'_>) -> Result<Vec<Found>, CallError> {
-        let include = ["identifier", "blueprint", "properties.harborRef"];
-        let found = self.port.search(&self.query(search), &include).await?;
-        Ok(found
-            .iter()
-            .filter_map(|entity| {
-                Some(Found {
-                    identifier: entity["identifier"].as_str()?.to_owned(),
-                    blueprint: entity["blueprint"].as_str()?.to_owned(),
-                    reference: entity["properties"][REF_PROPERTY]
-                        .as_str()
-                        .map(str::to_owned),
-                })
-            })
+        let reader = self
+            .reader
+            .get_or_init(|| Reader::start(Arc::clone(&self.port), self.instance.clone()));
+        reader.find(search).await
+    }
+
+    async fn holdings(&self) -> Result<Vec<(Found, Value)>, CallError> {
+        let everything = reader::query(&self.instance, &[&reader::Owned::default()]);
+        let entities = self.port.search(&everything, &[]).await?;
+        Ok(entities
+            .into_iter()
+            .filter_map(|entity| Some((reader::found_one(&entity)?, entity)))
             .collect())
     }
 
@@ -139,8 +142,12 @@ impl Catalog for PortCatalog {
     async fn upsert(&self, blueprint: &str, entities: &[Entity]) -> Vec<Result<(), CallError>> {
         let writer = self
             .writer
-            .get_or_init(|| Writer::start(Arc::clone(&self.port)));
+            .get_or_init(|| Writer::start(Arc::clone(&self.port), Arc::clone(&self.coming)));
         writer.upsert(blueprint, entities).await
+    }
+
+    fn expect_writes(&self) -> Expected {
+        self.coming.expect()
     }
 
     async fn delete(&self, blueprint: &str, identifier: &str) -> Result<(), CallError> {
@@ -188,6 +195,29 @@ impl Catalog for MemoryCatalog {
                     .get(REF_PROPERTY)
                     .and_then(Value::as_str)
                     .map(str::to_owned),
+                tags: e
+                    .properties
+                    .get(TAGS_PROPERTY)
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect(),
+            })
+            .collect())
+    }
+
+    async fn holdings(&self) -> Result<Vec<(Found, Value)>, CallError> {
+        let found = self.find(Search::default()).await?;
+        #[allow(clippy::unwrap_used)] // a test's lock, never poisoned
+        let entities = self.entities.lock().unwrap();
+        Ok(found
+            .into_iter()
+            .map(|f| {
+                let entity = &entities[&(f.blueprint.clone(), f.identifier.clone())];
+                let held = serde_json::to_value(entity).unwrap_or_default();
+                (f, held)
             })
             .collect())
     }
@@ -209,39 +239,5 @@ impl Catalog for MemoryCatalog {
         let mut held = self.entities.lock().unwrap();
         held.remove(&(blueprint.to_owned(), identifier.to_owned()));
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_search_is_this_harbors_entities_narrowed_by_reference_and_tags() {
-        let http = crate::clients::Http::new(std::time::Duration::from_secs(1), 1024).unwrap();
-        let port = PortClient::new(
-            http,
-            url::Url::parse("http://127.0.0.1:9").unwrap(),
-            "id".into(),
-            secrecy::SecretString::from("secret"),
-        );
-        let catalog = PortCatalog::new(port, "eu");
-        let tags: BTreeSet<String> = ["v1".to_owned()].into();
-        assert_eq!(
-            catalog.query(Search::default()),
-            json!({"combinator": "and", "rules": [
-                {"property": "harborInstance", "operator": "=", "value": "eu"}]})
-        );
-        assert_eq!(
-            catalog.query(Search {
-                under: Some("artifact:a/b@"),
-                tagged: Some(&tags),
-                ..Search::default()
-            }),
-            json!({"combinator": "and", "rules": [
-                {"property": "harborInstance", "operator": "=", "value": "eu"},
-                {"property": "harborRef", "operator": "beginsWith", "value": "artifact:a/b@"},
-                {"property": "harborTags", "operator": "containsAny", "value": ["v1"]}]})
-        );
     }
 }

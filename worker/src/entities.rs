@@ -34,3 +34,26 @@ pub struct Entity {
     /// Related entities' identifiers.
     pub relations: Map<String, Value>,
 }
+
+impl Entity {
+    /// Whether Port holds it so (`held`, as Port answered it): the same title, and each of its
+    /// properties and relations the same there (a number the same number, whatever its form;
+    /// `null` the same as absent). What else Port holds is not its concern: upserts merge.
+    pub fn held_as(&self, held: &Value) -> bool {
+        let same = |ours: &Value, theirs: Option<&Value>| match (ours, theirs) {
+            (Value::Null, None) => true,
+            (Value::Number(a), Some(Value::Number(b))) => a.as_f64() == b.as_f64(),
+            (ours, Some(theirs)) => ours == theirs,
+            (_, None) => false,
+        };
+        held["title"].as_str() == Some(self.title.as_str())
+            && self
+                .properties
+                .iter()
+                .all(|(k, v)| same(v, held["properties"].get(k)))
+            && self
+                .relations
+                .iter()
+                .all(|(k, v)| same(v, held["relations"].get(k)))
+    }
+}

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tracing::debug;
 
-use crate::catalog::{Catalog, PortCatalog, Search};
+use crate::catalog::{Catalog, Expected, PortCatalog, Search};
 use crate::clients::harbor::HarborClient;
 use crate::harbor_ref::HarborRef;
 use crate::mapping::{Kind, Mapping};
@@ -139,7 +139,7 @@ impl<C: Catalog> Handler<C> {
         call.await
     }
 
-    async fn refresh_project(&self, name: &str) -> Report {
+    async fn refresh_project(&self, name: &str, expected: Expected) -> Report {
         let mut report = Report::default();
         match self.call(self.harbor.project(name)).await {
             Err(error) => report.main = Status::of::<()>(&Err(error)),
@@ -153,7 +153,7 @@ impl<C: Catalog> Handler<C> {
                     None,
                 );
                 batch.add(Part::Main, HarborRef::project(name).to_string(), rendered);
-                self.execute(batch, &mut report).await;
+                self.execute(batch, &mut report, expected).await;
             }
             Ok(None) => {
                 // Gone: its repositories go first (each through its own refresh), then it.
@@ -184,7 +184,7 @@ impl<C: Catalog> Handler<C> {
                         batch
                             .clear
                             .push((Part::Main, HarborRef::project(name).to_string()));
-                        self.execute(batch, &mut report).await;
+                        self.execute(batch, &mut report, expected).await;
                     }
                 }
             }
@@ -192,9 +192,15 @@ impl<C: Catalog> Handler<C> {
         report
     }
 
-    async fn refresh_repository(&self, name: &RepositoryName, work: &Work) -> Report {
+    async fn refresh_repository(
+        &self,
+        name: &RepositoryName,
+        work: &Work,
+        expected: Expected,
+    ) -> Report {
         let observed = self.observe_repository(name, work).await;
         if let Some(Ok(None)) = observed.repository {
+            drop(expected);
             return self.repository_gone(name, work).await;
         }
         let mut report = Report::default();
@@ -213,7 +219,7 @@ impl<C: Catalog> Handler<C> {
             report.main = Status::of::<()>(&Err(error.clone()));
         }
         let batch = self.desire_repository(name, work, observed);
-        self.execute(batch, &mut report).await;
+        self.execute(batch, &mut report, expected).await;
         report
     }
 
@@ -262,9 +268,10 @@ impl<C: Catalog> Reconcile for Handler<C> {
     type Report = Report;
 
     async fn run(&self, key: &Key, work: &Work) -> Report {
+        let expected = self.catalog.expect_writes();
         let report = match key {
-            Key::Project(name) => self.refresh_project(name).await,
-            Key::Repository(name) => self.refresh_repository(name, work).await,
+            Key::Project(name) => self.refresh_project(name, expected).await,
+            Key::Repository(name) => self.refresh_repository(name, work, expected).await,
         };
         debug!(
             ?key,

@@ -18,7 +18,6 @@
 //!   our webhook policy in every project when WEBHOOK_PUBLIC_URL is set, so that a project
 //!   created since is covered within one interval.
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -32,17 +31,12 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, error, info, warn};
+use tracing::{Instrument, error, info};
 
-use crate::catalog::{Catalog, Search};
-use crate::clients::CallError;
 use crate::fleet::Fleet;
 use crate::handler::Handler;
-use crate::harbor_ref::HarborRef;
-use crate::mapping::{Kind, Rendered};
-use crate::names::{Digest, RepositoryName};
-use crate::plan::{REQUEST_TYPE, ResyncRequest, Target};
-use crate::retry::{Budget, RetryPolicy};
+use crate::plan::{REQUEST_TYPE, ResyncRequest};
+use crate::retry::RetryPolicy;
 use crate::webhooks;
 
 /// How long a resync's requests may take to be confirmed by the broker, each.
@@ -85,49 +79,9 @@ impl Summary {
     }
 }
 
-/// What the mapping makes of Harbor's objects, and what this integration has in Port.
-#[derive(Default)]
-struct Stock {
-    /// The entities (blueprint, identifier) the mapping makes of Harbor's objects.
-    expected: BTreeSet<(String, String)>,
-    /// Objects the mapping failed on: their entities are not counted as to delete (their
-    /// refreshes will park with the reason).
-    unknown: BTreeSet<String>,
-    projects: BTreeSet<String>,
-    repositories: BTreeSet<String>,
-    /// This integration's entities in Port: (blueprint, identifier, harborRef).
-    ours: Vec<(String, String, Option<String>)>,
-}
+mod stock;
 
-impl Stock {
-    fn expect(&mut self, reference: String, rendered: Result<Rendered, String>) {
-        match rendered {
-            Ok(rendered) => self.expected.extend(
-                rendered
-                    .entities
-                    .into_iter()
-                    .map(|m| (m.blueprint, m.entity.identifier)),
-            ),
-            Err(reason) => {
-                warn!(object = %reference, %reason, "Resync: the mapping failed on an object");
-                self.unknown.insert(reference);
-            }
-        }
-    }
-
-    /// This integration's entities that the mapping no longer makes of anything in Harbor.
-    fn to_delete(&self) -> usize {
-        self.ours
-            .iter()
-            .filter(|(blueprint, id, reference)| {
-                !self.expected.contains(&(blueprint.clone(), id.clone()))
-                    && reference
-                        .as_ref()
-                        .is_some_and(|r| !self.unknown.contains(r))
-            })
-            .count()
-    }
-}
+use stock::{requests, take_stock};
 
 /// Takes stock, checks the deletion threshold, and (unless refused or dry) asks for the
 /// refreshes through the work exchange.
@@ -176,114 +130,6 @@ pub async fn resync(
         "Resync requested"
     );
     Ok(summary)
-}
-
-async fn take_stock(handler: &Handler, retry: RetryPolicy) -> Result<Stock, CallError> {
-    let harbor = handler.harbor();
-    let mut stock = Stock::default();
-    let projects = Budget::start(retry)
-        .run("harbor", || harbor.projects())
-        .await?;
-    for project in &projects {
-        stock.projects.insert(project.name.clone());
-        let reference = HarborRef::project(&project.name).to_string();
-        let rendered =
-            handler.render_object(Kind::Project, &project.raw, None, None, &reference, None);
-        stock.expect(reference, rendered);
-        let repositories = Budget::start(retry)
-            .run("harbor", || harbor.repositories(&project.name))
-            .await?;
-        for repository in repositories {
-            let Ok(name) = RepositoryName::parse(&repository.name) else {
-                warn!(repository = %repository.name, "Resync: skipping a repository with an unexpected name");
-                continue;
-            };
-            let reference = HarborRef::Repository(name.clone()).to_string();
-            let rendered = handler.render_object(
-                Kind::Repository,
-                &repository.raw,
-                Some(&project.raw),
-                None,
-                &reference,
-                None,
-            );
-            stock.expect(reference, rendered);
-            let artifacts = Budget::start(retry)
-                .run("harbor", || harbor.artifacts(&name))
-                .await?;
-            for artifact in artifacts {
-                let Ok(digest) = Digest::parse(&artifact.digest) else {
-                    continue;
-                };
-                let reference = HarborRef::Artifact(name.clone(), digest.clone()).to_string();
-                let tags = artifact
-                    .tags
-                    .iter()
-                    .flatten()
-                    .map(|t| t.name.clone())
-                    .collect();
-                let rendered = handler.render_object(
-                    Kind::Artifact,
-                    &artifact.raw,
-                    Some(&project.raw),
-                    Some(&repository.raw),
-                    &reference,
-                    Some(tags),
-                );
-                stock.expect(reference, rendered);
-            }
-            stock.repositories.insert(name.full().to_owned());
-        }
-    }
-    let found = Budget::start(retry)
-        .run("port", || handler.catalog().find(Search::default()))
-        .await?;
-    stock.ours = found
-        .into_iter()
-        .map(|f| (f.blueprint, f.identifier, f.reference))
-        .collect();
-    let unreferenced = stock.ours.iter().filter(|(_, _, r)| r.is_none()).count();
-    if unreferenced > 0 {
-        warn!(
-            count = unreferenced,
-            "Resync: entities of this integration without harborRef (written by a version before \
-             the mapping file); those whose objects still exist get it when refreshed, the others \
-             are left for you to delete"
-        );
-    }
-    Ok(stock)
-}
-
-/// A refresh of every project and repository in Harbor or among this integration's entities;
-/// artifacts are refreshed with their repositories.
-fn requests(stock: &Stock) -> Vec<ResyncRequest> {
-    let mut projects = stock.projects.clone();
-    let mut repositories = stock.repositories.clone();
-    for reference in stock.ours.iter().filter_map(|(_, _, r)| r.as_deref()) {
-        match HarborRef::parse(reference) {
-            Some(HarborRef::Project(project)) => {
-                projects.insert(project);
-            }
-            Some(HarborRef::Repository(name) | HarborRef::Artifact(name, _)) => {
-                repositories.insert(name.to_string());
-            }
-            None => {}
-        }
-    }
-    let request = |resync| ResyncRequest {
-        kind: REQUEST_TYPE.to_owned(),
-        resync,
-    };
-    projects
-        .into_iter()
-        .map(|p| request(Target::Project(p)))
-        .chain(
-            repositories
-                .into_iter()
-                .filter(|r| RepositoryName::parse(r).is_ok())
-                .map(|r| request(Target::Repository(r))),
-        )
-        .collect()
 }
 
 /// Publishes the requests (confirmed), each with its project's subject and, when named, the

@@ -257,4 +257,12 @@ fn register_metrics() {
     for api in ["harbor", "port"] {
         metrics::counter!("harbor_worker_retries_total", "api" => api).increment(0);
     }
+    for family in crate::clients::port::Family::ALL.map(|f| f.label()) {
+        for outcome in ["answered", "refused"] {
+            metrics::counter!("harbor_worker_port_requests_total", "family" => family, "outcome" => outcome)
+                .increment(0);
+        }
+        metrics::counter!("harbor_worker_port_waits_total", "family" => family).increment(0);
+        metrics::gauge!("harbor_worker_port_pace_per_second", "family" => family).increment(0.0);
+    }
 }

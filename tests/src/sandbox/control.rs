@@ -30,6 +30,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/sandbox/project", web::post().to(update_project))
         .route("/sandbox/port/entities", web::get().to(entities))
         .route("/sandbox/port/requests", web::get().to(requests))
+        .route("/sandbox/port/stats", web::get().to(stats))
         .route("/sandbox/harbor", web::get().to(registry))
         .route("/sandbox/webhooks", web::get().to(webhooks))
         .route("/", web::get().to(page));
@@ -385,4 +386,9 @@ async fn registry(shared: web::Data<Shared>) -> HttpResponse {
         .collect();
     let policies = lock(&shared.policies).shown();
     HttpResponse::Ok().json(json!({"repositories": repositories, "webhook_policies": policies}))
+}
+
+/// Port's requests by family and outcome, and the rate limits enforced.
+async fn stats(shared: web::Data<Shared>) -> HttpResponse {
+    HttpResponse::Ok().json(lock(&shared.limits).stats())
 }

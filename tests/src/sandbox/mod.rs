@@ -16,6 +16,7 @@
 
 pub mod control;
 pub mod harbor;
+pub mod limits;
 pub mod policies;
 pub mod port;
 pub mod state;
@@ -112,6 +113,12 @@ pub struct Settings {
     /// blueprints` to create them). By default they exist.
     #[arg(long, env = "SANDBOX_EMPTY_PORT")]
     pub empty_port: bool,
+
+    /// Enforce Port's published rate limits divided by this (20: a storm of N requests stands
+    /// for one of 20 × N at Port's real limits), with Port's `x-ratelimit-*` headers and 429s.
+    /// Unset: no limit.
+    #[arg(long, env = "SANDBOX_PORT_RATE_SCALE")]
+    pub port_rate_scale: Option<f64>,
 }
 
 /// What to do; serving is the default.
@@ -133,6 +140,8 @@ pub struct Shared {
     pub policies: Mutex<policies::Policies>,
     /// Port's contents.
     pub port: Mutex<PortStore>,
+    /// Port's rate limits, and its requests counted.
+    pub limits: Mutex<limits::Limits>,
     /// For sending webhooks.
     pub http: reqwest::Client,
     /// The last webhooks sent, with the ingest's answers, newest first.
@@ -162,9 +171,10 @@ impl Sandbox {
             }
         }
         let shared = web::Data::new(Shared {
-            settings,
+            settings: settings.clone(),
             registry: Mutex::new(Registry::default()),
             policies: Mutex::new(policies::Policies::default()),
+            limits: Mutex::new(limits::Limits::new(settings.port_rate_scale)),
             port: Mutex::new(store),
             http: reqwest::Client::new(),
             webhooks: Mutex::default(),
@@ -181,6 +191,7 @@ impl Sandbox {
                 )
                 .configure(harbor::routes)
                 .configure(port::routes)
+                .wrap_fn(limits::enforce)
                 .configure(control::routes)
         })
         .listen(listener)?

@@ -1,9 +1,10 @@
 //! The upserts of every refresh in flight, written together: each entity joins a queue, and a
-//! bulk request (at most [`BULK_LIMIT`] entities of one blueprint) leaves as soon as one may:
-//! a slot among [`IN_FLIGHT`] requests is free and Port's budget admits it. What arrives
-//! while requests are in flight, or while the budget makes them wait, fills the next ones; a
-//! lone entity leaves at once. Each entity's refresh is told what Port answered for it (a
-//! 207's per-entity error goes to its own refresh only).
+//! bulk request (at most [`BULK_LIMIT`] entities of one blueprint) leaves once it is full or
+//! nothing more is coming (no refresh in flight that has not written yet: [`Coming`]; at most
+//! [`LINGER`] after its first entity came), and then as soon as a slot among [`IN_FLIGHT`]
+//! requests is free and Port's budget admits it. What arrives meanwhile fills the next ones; a
+//! lone refresh's entities leave at once. Each entity's refresh is told what Port answered for
+//! it (a 207's per-entity error goes to its own refresh only).
 //!
 //! Order is kept where it matters: a refresh waits for Port's answer for each of its entities
 //! before it is done, and the scheduler never runs two refreshes of a key at once, so a newer
@@ -13,8 +14,11 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::clients::CallError;
 use crate::clients::port::{BULK_LIMIT, Family, PortClient};
@@ -22,6 +26,47 @@ use crate::entities::Entity;
 
 /// Bulk requests in flight at once.
 pub const IN_FLIGHT: usize = 4;
+
+/// The longest a request that is not full waits for the refreshes still coming.
+pub const LINGER: Duration = Duration::from_millis(20);
+
+/// The refreshes in flight that may still write: a request that is not full waits for them.
+#[derive(Debug, Default)]
+pub struct Coming {
+    count: AtomicUsize,
+    changed: Notify,
+}
+
+/// One refresh that may still write; dropped once it has queued its writes (or has none).
+pub struct Expected(Option<Arc<Coming>>);
+
+impl Expected {
+    /// For a catalog that does not wait for anyone.
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+impl Coming {
+    /// A refresh starts that may write.
+    pub fn expect(self: &Arc<Self>) -> Expected {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        Expected(Some(Arc::clone(self)))
+    }
+
+    fn any(&self) -> bool {
+        self.count.load(Ordering::Acquire) > 0
+    }
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        if let Some(coming) = self.0.take() {
+            coming.count.fetch_sub(1, Ordering::AcqRel);
+            coming.changed.notify_one();
+        }
+    }
+}
 
 /// One entity to upsert, and whom to tell.
 struct Item {
@@ -36,10 +81,11 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the task writing to `port`; it ends when the writer is dropped.
-    pub fn start(port: Arc<PortClient>) -> Self {
+    /// Starts the task writing to `port`, waiting for what `coming` says is coming; it ends
+    /// when the writer is dropped.
+    pub fn start(port: Arc<PortClient>, coming: Arc<Coming>) -> Self {
         let (queue, items) = mpsc::unbounded_channel();
-        tokio::spawn(run(port, items));
+        tokio::spawn(run(port, items, coming));
         Self { queue }
     }
 
@@ -73,7 +119,7 @@ impl Writer {
     }
 }
 
-async fn run(port: Arc<PortClient>, mut items: mpsc::UnboundedReceiver<Item>) {
+async fn run(port: Arc<PortClient>, mut items: mpsc::UnboundedReceiver<Item>, coming: Arc<Coming>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut pending: VecDeque<Item> = VecDeque::new();
     loop {
@@ -81,6 +127,24 @@ async fn run(port: Arc<PortClient>, mut items: mpsc::UnboundedReceiver<Item>) {
             match items.recv().await {
                 Some(item) => pending.push_back(item),
                 None => return,
+            }
+        }
+        // Until the next request is full or nothing more is coming, within the linger.
+        let until = Instant::now() + LINGER;
+        loop {
+            while let Ok(item) = items.try_recv() {
+                pending.push_back(item);
+            }
+            if full(&pending) || !coming.any() || Instant::now() >= until {
+                break;
+            }
+            tokio::select! {
+                item = items.recv() => match item {
+                    Some(item) => pending.push_back(item),
+                    None => break,
+                },
+                () = coming.changed.notified() => {}
+                () = tokio::time::sleep_until(until) => {}
             }
         }
         // Never closed: a slot is always granted.
@@ -106,6 +170,18 @@ async fn run(port: Arc<PortClient>, mut items: mpsc::UnboundedReceiver<Item>) {
             }
         });
     }
+}
+
+/// Whether the next request would be full.
+fn full(pending: &VecDeque<Item>) -> bool {
+    let Some(first) = pending.front() else {
+        return false;
+    };
+    pending
+        .iter()
+        .filter(|item| item.blueprint == first.blueprint)
+        .nth(BULK_LIMIT - 1)
+        .is_some()
 }
 
 /// The next request: up to [`BULK_LIMIT`] entities of the blueprint of the entity waiting

@@ -341,6 +341,24 @@ impl PortClient {
     /// named in `include` (`identifier`, `properties.digest`, ...).
     #[instrument(skip_all)]
     pub async fn search(&self, query: &Value, include: &[&str]) -> Result<Vec<Value>, CallError> {
+        self.search_as(query, include, false).await
+    }
+
+    /// [`Self::search`], its first attempt already admitted by the budget.
+    pub async fn search_admitted(
+        &self,
+        query: &Value,
+        include: &[&str],
+    ) -> Result<Vec<Value>, CallError> {
+        self.search_as(query, include, true).await
+    }
+
+    async fn search_as(
+        &self,
+        query: &Value,
+        include: &[&str],
+        admitted: bool,
+    ) -> Result<Vec<Value>, CallError> {
         let mut url = self.endpoint(&["entities", "search"]);
         {
             let mut pairs = url.query_pairs_mut();
@@ -351,7 +369,7 @@ impl PortClient {
         }
         let what = "Port search entities";
         let response = self
-            .send(what, Family::Search, |token| {
+            .send_admitted(what, Family::Search, admitted, |token| {
                 self.http
                     .client
                     .post(url.clone())

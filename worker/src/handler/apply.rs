@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 
 use super::Handler;
 use super::report::{Report, Status};
-use crate::catalog::{Catalog, Found, Search};
+use crate::catalog::{Catalog, Expected, Found, Search};
 use crate::clients::CallError;
 use crate::entities::Entity;
 use crate::mapping::{Mapped, Rendered};
@@ -55,9 +55,10 @@ impl Batch {
 }
 
 impl<C: Catalog> Handler<C> {
-    /// Upserts entities of one blueprint; what became of each, in order.
+    /// Upserts entities of one blueprint; what became of each, in order. Not one of the
+    /// `calls`: the catalog queues them at once (the first poll) and bounds its own requests.
     pub(super) async fn upsert_all(&self, blueprint: &str, entities: Vec<Entity>) -> Vec<Status> {
-        let done = self.call(self.catalog.upsert(blueprint, &entities)).await;
+        let done = self.catalog.upsert(blueprint, &entities).await;
         done.iter().map(Status::of).collect()
     }
 
@@ -89,8 +90,9 @@ impl<C: Catalog> Handler<C> {
 
     /// Does a batch's writes: the upserts (by blueprint, in bulk) and the deletes of the
     /// entities of the objects to clear (all of this integration's entities of each, but those
-    /// the batch upserts). Each part of the report is told what became of its own.
-    pub(super) async fn execute(&self, batch: Batch, report: &mut Report) {
+    /// the batch upserts). Each part of the report is told what became of its own. `expected`
+    /// (this refresh may still write) ends once its upserts are queued.
+    pub(super) async fn execute(&self, batch: Batch, report: &mut Report, expected: Expected) {
         let Batch {
             upserts,
             clear,
@@ -150,6 +152,16 @@ impl<C: Catalog> Handler<C> {
                     parts.into_iter().zip(statuses).collect::<Vec<_>>()
                 }),
         );
+        let upserted = async move {
+            let mut upserted = std::pin::pin!(upserted);
+            // The first poll queues every upsert: nothing more is coming from this refresh.
+            let first = futures_util::poll!(&mut upserted);
+            drop(expected);
+            match first {
+                std::task::Poll::Ready(done) => done,
+                std::task::Poll::Pending => upserted.await,
+            }
+        };
         let (cleared, upserted) = tokio::join!(cleared, upserted);
         let upserted: Vec<(Part, Status)> = upserted.into_iter().flatten().collect();
         report.upserted += upserted.len();

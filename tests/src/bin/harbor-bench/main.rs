@@ -8,9 +8,11 @@
 //!   target/release/harbor-bench worker --events 5000 --latency-ms 20
 //!   target/release/harbor-bench pull-flood
 //!   target/release/harbor-bench e2e --rate 500 --seconds 10
+//!   target/release/harbor-bench port-budget --scale 20
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a measuring program: fail loudly
 
+mod budget;
 mod cpu;
 mod ingest;
 mod load;
@@ -67,6 +69,13 @@ enum Mode {
             default_value = "signature,envelope,properties"
         )]
         contract: Vec<ingest::Step>,
+    },
+    /// What the worker spends of Port's rate limits: a backfill, an unchanged resync and a
+    /// push storm against the sandbox's Port, counting its requests by family; then a storm
+    /// with Port enforcing its published limits divided by `scale`.
+    PortBudget {
+        #[arg(long, default_value_t = 20.0)]
+        scale: f64,
     },
     /// N preloaded events through the worker, Harbor and Port faked with a latency.
     Worker {
@@ -689,6 +698,7 @@ async fn main() -> std::process::ExitCode {
             .await
         }
         Mode::PullFlood => pull_flood().await,
+        Mode::PortBudget { scale } => budget::run(scale).await,
         Mode::E2e { rate, seconds } => e2e(rate, seconds).await,
         Mode::Reference {
             listen,

@@ -34,7 +34,8 @@ pub enum Family {
 }
 
 impl Family {
-    const ALL: [Self; 5] = [
+    /// Every family.
+    pub const ALL: [Self; 5] = [
         Self::Upsert,
         Self::BulkUpsert,
         Self::Search,
