@@ -97,9 +97,9 @@ async fn a_port_401_fetches_a_new_token_once_and_retries() {
             harbor_json::artifact(&repo, &digest, &["3.17"], None),
         )
         .await;
-    // The first upsert finds the token revoked.
+    // The first upsert (in bulk, as every upsert) finds the token revoked.
     Mock::given(method("POST"))
-        .and(path_regex(r"^/v1/blueprints/harborArtifact/entities$"))
+        .and(path_regex(r"^/v1/blueprints/harborArtifact/entities/bulk$"))
         .and(header(
             "authorization",
             format!("Bearer {PORT_TOKEN}").as_str(),
@@ -122,9 +122,9 @@ async fn a_port_401_fetches_a_new_token_once_and_retries() {
         paths,
         [
             "/v1/auth/access_token",
-            "/v1/blueprints/harborArtifact/entities",
+            "/v1/blueprints/harborArtifact/entities/bulk",
             "/v1/auth/access_token",
-            "/v1/blueprints/harborArtifact/entities",
+            "/v1/blueprints/harborArtifact/entities/bulk",
         ]
     );
     assert_eq!(stack.broker.parked_ready().await, 0);
