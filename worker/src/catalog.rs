@@ -64,9 +64,13 @@ pub trait Catalog: Send + Sync + 'static {
         search: Search<'_>,
     ) -> impl Future<Output = Result<Vec<Found>, CallError>> + Send;
 
-    /// Every one of this integration's entities (of this Harbor), with what the catalog holds
-    /// of it (title, properties, relations), to compare with what the mapping makes.
-    fn holdings(&self) -> impl Future<Output = Result<Vec<(Found, Value)>, CallError>> + Send;
+    /// Every one of this integration's entities (of this Harbor) in `blueprints` (all of them:
+    /// `None`), with what the catalog holds of it (title, properties, relations), to compare
+    /// with what the mapping makes.
+    fn holdings(
+        &self,
+        blueprints: Option<&BTreeSet<String>>,
+    ) -> impl Future<Output = Result<Vec<(Found, Value)>, CallError>> + Send;
 
     /// Upserts entities of one blueprint; what became of each, in order.
     fn upsert(
@@ -129,9 +133,23 @@ impl Catalog for PortCatalog {
         reader.find(search).await
     }
 
-    async fn holdings(&self) -> Result<Vec<(Found, Value)>, CallError> {
+    /// Each blueprint's, page by page; without blueprints, in one search of them all.
+    async fn holdings(
+        &self,
+        blueprints: Option<&BTreeSet<String>>,
+    ) -> Result<Vec<(Found, Value)>, CallError> {
         let everything = reader::query(&self.instance, &[&reader::Owned::default()]);
-        let entities = self.port.search(&everything, &[]).await?;
+        let entities = match blueprints {
+            None => self.port.search(&everything, &[]).await?,
+            Some(blueprints) => {
+                let mut entities = Vec::new();
+                for blueprint in blueprints {
+                    let found = self.port.search_blueprint(blueprint, &everything, &[]);
+                    entities.extend(found.await?);
+                }
+                entities
+            }
+        };
         Ok(entities
             .into_iter()
             .filter_map(|entity| Some((reader::found_one(&entity)?, entity)))
@@ -208,8 +226,12 @@ impl Catalog for MemoryCatalog {
             .collect())
     }
 
-    async fn holdings(&self) -> Result<Vec<(Found, Value)>, CallError> {
-        let found = self.find(Search::default()).await?;
+    async fn holdings(
+        &self,
+        blueprints: Option<&BTreeSet<String>>,
+    ) -> Result<Vec<(Found, Value)>, CallError> {
+        let mut found = self.find(Search::default()).await?;
+        found.retain(|f| blueprints.is_none_or(|b| b.contains(&f.blueprint)));
         #[allow(clippy::unwrap_used)] // a test's lock, never poisoned
         let entities = self.entities.lock().unwrap();
         Ok(found

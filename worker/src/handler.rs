@@ -112,6 +112,11 @@ impl<C: Catalog> Handler<C> {
         &self.harbor
     }
 
+    /// The mapping it renders with.
+    pub fn mapping(&self) -> &Mapping {
+        &self.mapping
+    }
+
     /// The catalog it writes to.
     pub fn catalog(&self) -> &C {
         &self.catalog

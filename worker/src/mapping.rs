@@ -318,6 +318,32 @@ impl Mapping {
         self.reads.get(&kind).is_some_and(|r| r.1)
     }
 
+    /// The blueprints the mapping writes, when each resource names its blueprint whatever the
+    /// object (a constant, as Ocean's mappings do); `None` when one depends on the object.
+    pub fn blueprints(&self) -> Option<std::collections::BTreeSet<String>> {
+        let probes = [
+            val(&serde_json::json!({})),
+            val(&serde_json::json!({"name": "x"})),
+        ];
+        self.resources
+            .iter()
+            .map(|resource| {
+                let named: Vec<String> = probes
+                    .iter()
+                    .map(|probe| {
+                        resource
+                            .string("blueprint", &resource.blueprint, probe)
+                            .ok()
+                    })
+                    .collect::<Option<_>>()?;
+                named
+                    .windows(2)
+                    .all(|w| w[0] == w[1])
+                    .then(|| named[0].clone())
+            })
+            .collect()
+    }
+
     /// Whether any resource maps `kind`.
     pub fn maps(&self, kind: Kind) -> bool {
         self.resources.iter().any(|r| r.kind == kind)
@@ -500,6 +526,22 @@ mod tests {
             "__repository": {"name": format!("{project}/web")},
             "__project": {"name": project},
         })
+    }
+
+    #[test]
+    fn the_blueprints_are_named_when_no_resource_makes_them_of_its_object() {
+        let named = Mapping::default_mapping().blueprints().unwrap();
+        let named: Vec<&str> = named.iter().map(String::as_str).collect();
+        assert_eq!(
+            named,
+            ["harborArtifact", "harborProject", "harborRepository"]
+        );
+        let computed = Mapping::parse(
+            "resources:\n  - kind: project\n    port: {entity: {mappings: {identifier: '.name', blueprint: '.name + \"x\"'}}}",
+            "m.yaml",
+        )
+        .unwrap();
+        assert_eq!(computed.blueprints(), None);
     }
 
     #[test]

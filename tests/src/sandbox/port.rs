@@ -27,6 +27,10 @@ pub fn routes(config: &mut web::ServiceConfig) {
             web::post().to(bulk_upsert),
         )
         .route("/v1/entities/search", web::post().to(search))
+        .route(
+            "/v1/blueprints/{bp}/entities/search",
+            web::post().to(search_blueprint),
+        )
         .route("/v1/blueprints/{bp}/entities", web::get().to(list))
         .route(
             "/v1/blueprints/{bp}/entities/{id:.*}",
@@ -354,6 +358,62 @@ async fn search(
         }
     }
     HttpResponse::Ok().json(json!({"ok": true, "entities": found}))
+}
+
+/// `POST /v1/blueprints/{bp}/entities/search`: the blueprint's entities the body's `query`
+/// matches, `limit` (at most 1000) a page, in identifier order from the body's `from` (the
+/// previous page's `next`, absent on the last page), with the fields `include` names.
+async fn search_blueprint(
+    request: HttpRequest,
+    shared: web::Data<Shared>,
+    blueprint: web::Path<String>,
+    body: web::Json<Value>,
+) -> HttpResponse {
+    let store = lock(&shared.port);
+    if !authorized(&request, &store) {
+        return unauthorized();
+    }
+    let limit = body["limit"].as_u64().unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "limit must be 1 to 1000",
+        );
+    }
+    let include: Vec<String> = body["include"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    let from = body["from"].as_str().unwrap_or_default();
+    let everything = json!({"combinator": "and", "rules": []});
+    let query = body.get("query").unwrap_or(&everything);
+    let mut page = Vec::new();
+    let mut next = None;
+    let entities = store.entities.get(blueprint.as_str());
+    for (id, entity) in entities.into_iter().flatten() {
+        if id.as_str() < from {
+            continue;
+        }
+        match matches(query, &blueprint, entity) {
+            Ok(false) => {}
+            Ok(true) if page.len() as u64 == limit => {
+                next = Some(id.clone());
+                break;
+            }
+            Ok(true) => page.push(included(entity, &blueprint, &include)),
+            Err(message) => {
+                return error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message);
+            }
+        }
+    }
+    let mut answer = json!({"ok": true, "entities": page});
+    if let Some(next) = next {
+        answer["next"] = json!(next);
+    }
+    HttpResponse::Ok().json(answer)
 }
 
 /// Whether a search query matches an entity of `blueprint` (also used by the fake Port).

@@ -27,6 +27,9 @@ pub const DEFAULT_RATE_SHARE: f64 = 0.5;
 /// The most entities Port's bulk upsert takes in one request.
 pub const BULK_LIMIT: usize = 20;
 
+/// Entities per page of a blueprint's search (Port's most).
+pub const PAGE: usize = 1000;
+
 struct Token {
     value: SecretString,
     refresh_at: Instant,
@@ -233,6 +236,25 @@ impl PortClient {
             .map_err(|error| transport_error(what, &error))
     }
 
+    /// [`Self::send_admitted`] of a `POST` of `body` (JSON) to `url`.
+    async fn post(
+        &self,
+        what: &str,
+        family: Family,
+        admitted: bool,
+        url: &Url,
+        body: &(impl serde::Serialize + ?Sized),
+    ) -> Result<Response, CallError> {
+        self.send_admitted(what, family, admitted, |token| {
+            self.http
+                .client
+                .post(url.clone())
+                .bearer_auth(token)
+                .json(body)
+        })
+        .await
+    }
+
     /// An upsert endpoint with the upsert options: create or merge, and whether to create
     /// missing related entities.
     fn upsert_url(&self, segments: &[&str]) -> Url {
@@ -259,13 +281,7 @@ impl PortClient {
         let url = self.upsert_url(&["blueprints", blueprint, "entities"]);
         let what = format!("Port upsert {blueprint} {}", entity.identifier);
         let response = self
-            .send(&what, Family::Upsert, |token| {
-                self.http
-                    .client
-                    .post(url.clone())
-                    .bearer_auth(token)
-                    .json(entity)
-            })
+            .post(&what, Family::Upsert, false, &url, entity)
             .await?;
         success(&what, response).await.map(drop)
     }
@@ -287,13 +303,7 @@ impl PortClient {
         let what = format!("Port bulk upsert of {} {blueprint}", entities.len());
         let body = json!({ "entities": entities });
         let response = self
-            .send_admitted(&what, Family::BulkUpsert, admitted, |token| {
-                self.http
-                    .client
-                    .post(url.clone())
-                    .bearer_auth(token)
-                    .json(&body)
-            })
+            .post(&what, Family::BulkUpsert, admitted, &url, &body)
             .await?;
         #[derive(Deserialize)]
         struct Bulk {
@@ -369,13 +379,7 @@ impl PortClient {
         }
         let what = "Port search entities";
         let response = self
-            .send_admitted(what, Family::Search, admitted, |token| {
-                self.http
-                    .client
-                    .post(url.clone())
-                    .bearer_auth(token)
-                    .json(query)
-            })
+            .post(what, Family::Search, admitted, &url, &query)
             .await?;
         #[derive(Deserialize)]
         struct Found {
@@ -383,6 +387,52 @@ impl PortClient {
         }
         let found: Found = self.http.json(what, success(what, response).await?).await?;
         Ok(found.entities)
+    }
+
+    /// Every entity of `blueprint` a search query finds, page after page of [`PAGE`]
+    /// (`POST /v1/blueprints/{bp}/entities/search`, each page's `next` the following one's
+    /// `from`), with only the fields named in `include` (all of them when empty).
+    #[instrument(skip_all, fields(blueprint = blueprint))]
+    pub async fn search_blueprint(
+        &self,
+        blueprint: &str,
+        query: &Value,
+        include: &[&str],
+    ) -> Result<Vec<Value>, CallError> {
+        #[derive(Deserialize)]
+        struct Page {
+            entities: Vec<Value>,
+            #[serde(default)]
+            next: Option<String>,
+        }
+        let mut url = self.endpoint(&["blueprints", blueprint, "entities", "search"]);
+        url.query_pairs_mut()
+            .append_pair("exclude_calculated_properties", "true");
+        let what = format!("Port search {blueprint} entities");
+        let mut found = Vec::new();
+        let mut from: Option<String> = None;
+        loop {
+            let mut body = json!({"query": query, "limit": PAGE});
+            if !include.is_empty() {
+                body["include"] = json!(include);
+            }
+            if let Some(from) = &from {
+                body["from"] = json!(from);
+            }
+            let response = self.post(&what, Family::Search, false, &url, &body).await?;
+            let page: Page = self
+                .http
+                .json(&what, success(&what, response).await?)
+                .await?;
+            found.extend(page.entities.into_iter().map(|mut entity| {
+                entity["blueprint"] = json!(blueprint);
+                entity
+            }));
+            match page.next {
+                Some(next) if Some(&next) != from.as_ref() => from = Some(next),
+                _ => return Ok(found),
+            }
+        }
     }
 
     /// Deletes the entity; one that does not exist counts as deleted.
@@ -434,14 +484,74 @@ impl PortClient {
         let what = format!("Port create blueprint {identifier}");
         let url = self.endpoint(&["blueprints"]);
         let response = self
-            .send(&what, Family::Other, |token| {
-                self.http
-                    .client
-                    .post(url.clone())
-                    .bearer_auth(token)
-                    .json(blueprint)
-            })
+            .post(&what, Family::Other, false, &url, &blueprint)
             .await?;
         success(&what, response).await.map(|_| Applied::Created)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wiremock::matchers::{body_partial_json, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    use super::*;
+
+    /// Port, with a token for anyone.
+    async fn port() -> (MockServer, PortClient) {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/v1/auth/access_token"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({"accessToken": "t", "expiresIn": 3600})),
+            )
+            .mount(&server)
+            .await;
+        let http = Http::new(Duration::from_secs(5), 1 << 20).unwrap();
+        let url = Url::parse(&server.uri()).unwrap();
+        let client = PortClient::new(http, url, "id".into(), SecretString::from("secret"));
+        (server, client)
+    }
+
+    #[tokio::test]
+    async fn a_blueprints_search_reads_every_page() {
+        let (server, client) = port().await;
+        let route = "/v1/blueprints/harborArtifact/entities/search";
+        let page = |ids: &[&str], next: Option<&str>| {
+            let entities: Vec<Value> = ids.iter().map(|i| json!({"identifier": i})).collect();
+            let mut body = json!({"ok": true, "entities": entities});
+            if let Some(next) = next {
+                body["next"] = json!(next);
+            }
+            ResponseTemplate::new(200).set_body_json(body)
+        };
+        Mock::given(method("POST"))
+            .and(path(route))
+            .and(body_partial_json(json!({"from": "c"})))
+            .respond_with(page(&["c"], None))
+            .with_priority(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(path(route))
+            .and(body_partial_json(json!({"limit": PAGE})))
+            .respond_with(page(&["a", "b"], Some("c")))
+            .mount(&server)
+            .await;
+
+        let query = json!({"combinator": "and", "rules": []});
+        let found = client
+            .search_blueprint("harborArtifact", &query, &[])
+            .await
+            .unwrap();
+        let ids: Vec<&str> = found
+            .iter()
+            .filter_map(|e| e["identifier"].as_str())
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert!(found.iter().all(|e| e["blueprint"] == "harborArtifact"));
+        let searches = server.received_requests().await.unwrap();
+        assert_eq!(searches.iter().filter(|r| r.url.path() == route).count(), 2);
     }
 }

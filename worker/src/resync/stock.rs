@@ -122,8 +122,19 @@ pub(super) async fn take_stock(handler: &Handler, retry: RetryPolicy) -> Result<
             stock.repositories.insert(name.full().to_owned());
         }
     }
+    // Each blueprint the mapping writes, page by page; all of them at once when a resource's
+    // blueprint depends on its object.
+    let blueprints = handler.mapping().blueprints().map(|mut named| {
+        named.extend(
+            stock
+                .expected
+                .keys()
+                .map(|(blueprint, _)| blueprint.clone()),
+        );
+        named
+    });
     let held = Budget::start(retry)
-        .run("port", || handler.catalog().holdings())
+        .run("port", || handler.catalog().holdings(blueprints.as_ref()))
         .await?;
     for (found, entity) in held {
         let key = (found.blueprint.clone(), found.identifier.clone());

@@ -108,6 +108,13 @@ enum Mode {
         rate: u64,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// A `harbor-worker` binary of another build, run in turns with this one (this,
+        /// baseline, this, baseline, ...) on fresh topologies and fakes.
+        #[arg(long)]
+        baseline_worker: Option<std::path::PathBuf>,
+        /// Turns each with a baseline.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
     },
     /// The `ingest` mode's reference servers, run by it as processes of their own: actix-web on
     /// one worker as in the ingest, answering each webhook with 202.
@@ -569,7 +576,37 @@ async fn pull_flood() -> bool {
     true_counts && settled == PULLS as usize
 }
 
-async fn e2e(rate: u64, seconds: u64) -> bool {
+async fn e2e(rate: u64, seconds: u64, baseline: Option<std::path::PathBuf>, rounds: usize) -> bool {
+    println!("e2e: {rate} webhooks/s for {seconds} s (202 → first Port write of the artifact)");
+    let Some(baseline) = baseline else {
+        return e2e_round("harbor-worker", rate, seconds).await.is_some();
+    };
+    let baseline = baseline.display().to_string();
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        println!("this build:");
+        let Some(p50) = e2e_round("harbor-worker", rate, seconds).await else {
+            return false;
+        };
+        ours.push(p50);
+        println!("baseline {baseline}:");
+        let Some(p50) = e2e_round(&baseline, rate, seconds).await else {
+            return false;
+        };
+        theirs.push(p50);
+    }
+    let mean = |v: &[Duration]| v.iter().sum::<Duration>() / v.len() as u32;
+    println!(
+        "p50 this ÷ baseline        {:.3} (means of {rounds} turns each: {:.2?} ÷ {:.2?})",
+        mean(&ours).as_secs_f64() / mean(&theirs).as_secs_f64(),
+        mean(&ours),
+        mean(&theirs)
+    );
+    true
+}
+
+/// One e2e run with the worker `binary`; its p50, or `None` when a count did not hold.
+async fn e2e_round(binary: &str, rate: u64, seconds: u64) -> Option<Duration> {
     let broker = TestTopology::new().await;
     let harbor = FakeHarbor::start().await;
     harbor
@@ -578,7 +615,16 @@ async fn e2e(rate: u64, seconds: u64) -> bool {
     let (port, _, first) = slow_port(Duration::ZERO).await;
     let mut processes = Processes::new(&format!("bench-{}", broker.topology().queue()));
     let ingest = start_ingest(&mut processes, "ingest", &broker, &[]).await;
-    let _metrics = start_worker(&mut processes, &broker, &harbor, &port, &[]).await;
+    let _metrics = start_worker_binary(
+        &mut processes,
+        "worker",
+        binary,
+        &broker,
+        &harbor,
+        &port,
+        &[],
+    )
+    .await;
     let client = reqwest::Client::new();
     let sent = Arc::new(Mutex::new(BTreeMap::new()));
     let errors = Arc::new(AtomicUsize::new(0));
@@ -632,7 +678,6 @@ async fn e2e(rate: u64, seconds: u64) -> bool {
         (latencies, sent.len())
     };
     latencies.sort();
-    println!("e2e: {rate} webhooks/s for {seconds} s (202 → first Port write of the artifact)");
     println!(
         "  latency         p50 {:.2?}  p99 {:.2?}",
         percentile(&latencies, 0.5),
@@ -643,7 +688,7 @@ async fn e2e(rate: u64, seconds: u64) -> bool {
     println!("  written         {written} of {accepted}; errors {errors}");
     drop(client);
     stop(processes).await;
-    written == accepted && errors == 0
+    (written == accepted && errors == 0).then(|| percentile(&latencies, 0.5))
 }
 
 /// SIGINT or SIGTERM.
@@ -699,7 +744,12 @@ async fn main() -> std::process::ExitCode {
         }
         Mode::PullFlood => pull_flood().await,
         Mode::PortBudget { scale } => budget::run(scale).await,
-        Mode::E2e { rate, seconds } => e2e(rate, seconds).await,
+        Mode::E2e {
+            rate,
+            seconds,
+            baseline_worker,
+            rounds,
+        } => e2e(rate, seconds, baseline_worker, rounds.max(1)).await,
         Mode::Reference {
             listen,
             naive,

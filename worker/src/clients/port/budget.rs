@@ -63,6 +63,14 @@ impl Family {
         }
     }
 
+    /// Port's published burst, a tenth of the limit (200 for single upserts).
+    fn burst(self) -> f64 {
+        match self {
+            Self::Upsert => 200.0,
+            other => other.published() / 10.0,
+        }
+    }
+
     fn index(self) -> usize {
         Self::ALL.iter().position(|f| *f == self).unwrap_or(0)
     }
@@ -81,6 +89,8 @@ struct Bucket {
     org_rate: f64,
     /// Port's period for the family: no pause lasts longer (a reset is never further away).
     period: Duration,
+    /// Port's burst for the family, as many periods' worth of its rate as published.
+    burst_periods: f64,
     tokens: f64,
     updated: Instant,
     /// No request of the family leaves before this.
@@ -103,6 +113,7 @@ impl PortBudget {
             Mutex::new(Bucket {
                 org_rate: family.published() / PUBLISHED_PERIOD.as_secs_f64(),
                 period: PUBLISHED_PERIOD,
+                burst_periods: family.burst() / family.published(),
                 tokens: 0.0,
                 updated: now,
                 paused_until: None,
@@ -117,7 +128,7 @@ impl PortBudget {
         for family in Family::ALL {
             // A full bucket to start with: the first requests do not wait.
             if let Ok(mut bucket) = budget.bucket(family).lock() {
-                bucket.tokens = budget.capacity(bucket.org_rate);
+                bucket.tokens = budget.capacity(&bucket);
             }
             budget.show(family);
         }
@@ -141,9 +152,13 @@ impl PortBudget {
         org_rate * self.share / self.workers.load(Ordering::Relaxed).max(1) as f64
     }
 
-    /// A second of this worker's rate, and at least one request.
-    fn capacity(&self, org_rate: f64) -> f64 {
-        self.rate(org_rate).max(1.0)
+    /// This worker's part of Port's burst (Port's published burst, in proportion to the limit
+    /// Port says), at least a second of its rate and one request: a storm's first requests
+    /// leave at once, as Port's own bucket lets them.
+    fn capacity(&self, bucket: &Bucket) -> f64 {
+        let org_burst = bucket.burst_periods * bucket.org_rate * bucket.period.as_secs_f64();
+        let burst = org_burst * self.share / self.workers.load(Ordering::Relaxed).max(1) as f64;
+        burst.max(self.rate(bucket.org_rate)).max(1.0)
     }
 
     fn show(&self, family: Family) {
@@ -168,7 +183,7 @@ impl PortBudget {
                         let rate = self.rate(bucket.org_rate);
                         let elapsed = now.saturating_duration_since(bucket.updated);
                         bucket.tokens = (bucket.tokens + elapsed.as_secs_f64() * rate)
-                            .min(self.capacity(bucket.org_rate));
+                            .min(self.capacity(&bucket));
                         bucket.updated = now;
                         if bucket.tokens >= 1.0 {
                             bucket.tokens -= 1.0;
@@ -259,13 +274,17 @@ mod tests {
         budget.set_workers(2);
         assert_eq!(budget.pace(Family::BulkUpsert), 2.5);
 
-        // The bucket holds what it had; then each request waits its turn.
+        // Its part of Port's burst leaves at once (a tenth of the limit, 60, × 0.5 ÷ 2 = 15);
+        // then each request waits its turn.
         let started = Instant::now();
         for _ in 0..20 {
             budget.admit(Family::BulkUpsert).await;
         }
         let took = started.elapsed().as_secs_f64();
-        assert!(took > 6.0 && took < 8.5, "20 requests at 2.5/s: {took}");
+        assert!(
+            took > 1.9 && took < 2.5,
+            "15 at once, then 5 at 2.5/s: {took}"
+        );
         // Another family is not held by it.
         let started = Instant::now();
         budget.admit(Family::Search).await;
