@@ -43,6 +43,8 @@ pub struct Found {
     pub reference: Option<String>,
     /// Its `harborTags` (an artifact's).
     pub tags: Vec<String>,
+    /// What the catalog holds of it (title, properties, relations), when the search asked.
+    pub held: Option<Value>,
 }
 
 /// Which of this integration's entities to find: all of them, narrowed by each part given.
@@ -54,6 +56,8 @@ pub struct Search<'a> {
     pub under: Option<&'a str>,
     /// Those carrying any of these tags.
     pub tagged: Option<&'a BTreeSet<String>>,
+    /// With what the catalog holds of each, to write only what differs.
+    pub whole: bool,
 }
 
 /// What the worker needs of the catalog it writes to.
@@ -152,7 +156,7 @@ impl Catalog for PortCatalog {
         };
         Ok(entities
             .into_iter()
-            .filter_map(|entity| Some((reader::found_one(&entity)?, entity)))
+            .filter_map(|entity| Some((reader::found_one(&entity, false)?, entity)))
             .collect())
     }
 
@@ -222,6 +226,9 @@ impl Catalog for MemoryCatalog {
                     .filter_map(Value::as_str)
                     .map(str::to_owned)
                     .collect(),
+                held: search
+                    .whole
+                    .then(|| serde_json::to_value(e).unwrap_or_default()),
             })
             .collect())
     }
@@ -232,6 +239,7 @@ impl Catalog for MemoryCatalog {
     ) -> Result<Vec<(Found, Value)>, CallError> {
         let mut found = self.find(Search::default()).await?;
         found.retain(|f| blueprints.is_none_or(|b| b.contains(&f.blueprint)));
+        found.iter_mut().for_each(|f| f.held = None);
         #[allow(clippy::unwrap_used)] // a test's lock, never poisoned
         let entities = self.entities.lock().unwrap();
         Ok(found

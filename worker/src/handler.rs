@@ -397,4 +397,69 @@ mod tests {
             .collect();
         assert_eq!(left, [format!("artifact:library/redis@{D1}")]);
     }
+
+    /// An every-artifact refresh reads what the catalog holds: a second one, Harbor unchanged,
+    /// writes nothing; an entity edited in the catalog is put right.
+    #[tokio::test]
+    async fn an_every_artifact_refresh_writes_only_what_differs_from_the_catalog() {
+        use wiremock::matchers::{method, path};
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let harbor = MockServer::start().await;
+        let nginx = "/api/v2.0/projects/library/repositories/nginx";
+        let artifact = |digest: &str| {
+            json!({"id": 1, "project_id": 1, "repository_name": "library/nginx",
+                   "digest": digest, "tags": [{"name": "v1"}]})
+        };
+        let d2 = D1.replace("0a1b", "ffff");
+        let routes = [
+            (
+                nginx.to_owned(),
+                json!({"id": 1, "project_id": 1, "name": "library/nginx"}),
+            ),
+            (
+                format!("{nginx}/artifacts"),
+                json!([artifact(D1), artifact(&d2)]),
+            ),
+            (
+                "/api/v2.0/projects/library".to_owned(),
+                json!({"project_id": 1, "name": "library"}),
+            ),
+        ];
+        for (route, body) in routes {
+            Mock::given(method("GET"))
+                .and(path(route))
+                .respond_with(ResponseTemplate::new(200).set_body_json(body))
+                .mount(&harbor)
+                .await;
+        }
+        let handler = in_memory(&harbor);
+        let key = Key::Repository(RepositoryName::parse("library/nginx").unwrap());
+        let work = Work {
+            every_artifact: true,
+            ..Work::default()
+        };
+
+        let first = handler.run(&key, &work).await;
+        assert_eq!(
+            (verdict(&first, &work), first.upserted),
+            (Judgement::Done, 2)
+        );
+        let again = handler.run(&key, &work).await;
+        assert_eq!(
+            (verdict(&again, &work), again.upserted),
+            (Judgement::Done, 0)
+        );
+
+        let edited = format!("library/nginx@{D1}");
+        handler
+            .catalog
+            .entities
+            .lock()
+            .unwrap()
+            .get_mut(&("harborArtifact".to_owned(), edited))
+            .unwrap()
+            .title = "edited in Port".into();
+        let repaired = handler.run(&key, &work).await;
+        assert_eq!(repaired.upserted, 1);
+    }
 }

@@ -23,6 +23,7 @@ pub struct Owned {
     references: Option<Vec<String>>,
     under: Option<String>,
     tagged: Option<BTreeSet<String>>,
+    whole: bool,
 }
 
 impl From<Search<'_>> for Owned {
@@ -33,6 +34,7 @@ impl From<Search<'_>> for Owned {
                 .map(|r| r.iter().map(|s| (*s).to_owned()).collect()),
             under: search.under.map(str::to_owned),
             tagged: search.tagged.cloned(),
+            whole: search.whole,
         }
     }
 }
@@ -89,13 +91,16 @@ pub fn query(instance: &str, searches: &[&Owned]) -> Value {
     json!({"combinator": "and", "rules": rules})
 }
 
-/// The entities of an answer, as found.
-pub fn found(entities: &[Value]) -> Vec<Found> {
-    entities.iter().filter_map(found_one).collect()
+/// The entities of an answer, as found; `whole`: the answer holds them whole.
+pub fn found(entities: &[Value], whole: bool) -> Vec<Found> {
+    entities
+        .iter()
+        .filter_map(|e| found_one(e, whole))
+        .collect()
 }
 
 /// An entity of an answer, as found (`None` without an identifier or a blueprint).
-pub fn found_one(entity: &Value) -> Option<Found> {
+pub fn found_one(entity: &Value, whole: bool) -> Option<Found> {
     Some(Found {
         identifier: entity["identifier"].as_str()?.to_owned(),
         blueprint: entity["blueprint"].as_str()?.to_owned(),
@@ -109,6 +114,7 @@ pub fn found_one(entity: &Value) -> Option<Found> {
             .filter_map(Value::as_str)
             .map(str::to_owned)
             .collect(),
+        held: whole.then(|| entity.clone()),
     })
 }
 
@@ -169,16 +175,22 @@ async fn run(port: Arc<PortClient>, instance: String, mut asks: mpsc::UnboundedR
         }
         let group = next_group(&mut pending);
         let searches: Vec<&Owned> = group.iter().map(|a| &a.search).collect();
+        // Whole entities when one of the searches asks.
+        let whole = searches.iter().any(|s| s.whole);
+        let include: &[&str] = if whole { &[] } else { &INCLUDE };
         let answer = port
-            .search_admitted(&query(&instance, &searches), &INCLUDE)
+            .search_admitted(&query(&instance, &searches), include)
             .await;
-        let found = answer.map(|entities| found(&entities));
+        let found = answer.map(|entities| found(&entities, whole));
         for ask in group {
             let mine = match &found {
                 Ok(all) => Ok(all
                     .iter()
                     .filter(|f| ask.search.matches(f))
-                    .cloned()
+                    .map(|f| Found {
+                        held: f.held.clone().filter(|_| ask.search.whole),
+                        ..f.clone()
+                    })
                     .collect()),
                 Err(error) => Err(error.clone()),
             };
@@ -190,7 +202,12 @@ async fn run(port: Arc<PortClient>, instance: String, mut asks: mpsc::UnboundedR
 /// The next request's searches: up to [`GROUP`] in the order they came; a search of
 /// everything alone.
 fn next_group(pending: &mut VecDeque<Ask>) -> Vec<Ask> {
-    let everything = |a: &Ask| a.search == Owned::default();
+    let everything = |a: &Ask| {
+        Owned {
+            whole: a.search.whole,
+            ..Owned::default()
+        } == a.search
+    };
     match pending.front() {
         Some(first) if everything(first) => pending.pop_front().into_iter().collect(),
         _ => {
@@ -215,6 +232,7 @@ mod tests {
 
     fn found(reference: &str, tags: &[&str]) -> Found {
         Found {
+            held: None,
             identifier: reference.to_owned(),
             blueprint: "b".to_owned(),
             reference: Some(reference.to_owned()),

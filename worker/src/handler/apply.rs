@@ -31,6 +31,9 @@ pub(super) struct Batch {
     pub(super) clear: Vec<(Part, String)>,
     /// Parts that failed before writing anything (a read, the mapping).
     pub(super) failed: Vec<(Part, Status)>,
+    /// What the catalog holds of entities the refresh read it for: those it holds as they
+    /// are upserted are not written again.
+    pub(super) held: BTreeMap<(String, String), serde_json::Value>,
 }
 
 impl Batch {
@@ -94,15 +97,22 @@ impl<C: Catalog> Handler<C> {
     /// (this refresh may still write) ends once its upserts are queued.
     pub(super) async fn execute(&self, batch: Batch, report: &mut Report, expected: Expected) {
         let Batch {
-            upserts,
+            mut upserts,
             clear,
             failed,
+            held,
         } = batch;
         let mut outcomes: Vec<(Part, Status)> = failed;
         let upserted: BTreeSet<(String, String)> = upserts
             .iter()
             .map(|(_, m)| (m.blueprint.clone(), m.entity.identifier.clone()))
             .collect();
+        // Only what differs from what the catalog holds is written; the rest is done (and, being
+        // in `upserted`, still kept from the deletes below).
+        upserts.retain(|(_, m)| {
+            let key = (m.blueprint.clone(), m.entity.identifier.clone());
+            !held.get(&key).is_some_and(|h| m.entity.held_as(h))
+        });
         let cleared = async {
             if clear.is_empty() {
                 return Vec::new();

@@ -159,6 +159,7 @@ impl<C: Catalog> Handler<C> {
             project,
             artifacts,
             failed,
+            held,
         } = observed;
         let project = project.and_then(|p| p.ok().flatten()).map(|p| p.raw);
         let repository = repository.and_then(|r| r.ok().flatten()).map(|r| r.raw);
@@ -166,7 +167,10 @@ impl<C: Catalog> Handler<C> {
             project: project.as_ref(),
             repository: repository.as_ref(),
         };
-        let mut batch = Batch::default();
+        let mut batch = Batch {
+            held,
+            ..Batch::default()
+        };
         if let Some(raw) = repository.as_ref().filter(|_| work.repository) {
             let reference = HarborRef::Repository(name.clone()).to_string();
             let alone = Context {

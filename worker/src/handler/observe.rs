@@ -6,10 +6,11 @@
 //! the list missed or that a tag moved off. What the reads mean (gone, failed, to render) is
 //! desire's and apply's to decide.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures_util::future::join_all;
 use harbor_shared::quote::quoted;
+use serde_json::Value;
 use tracing::{debug, warn};
 
 use super::Handler;
@@ -36,6 +37,9 @@ pub(super) struct Observed {
     pub artifacts: Vec<Read>,
     /// The parts that could not be observed (the list, a catalog search).
     pub failed: Vec<(Part, CallError)>,
+    /// What the catalog holds of the repository's artifacts' entities (every-artifact refreshes),
+    /// by blueprint and identifier.
+    pub held: BTreeMap<(String, String), Value>,
 }
 
 impl<C: Catalog> Handler<C> {
@@ -65,7 +69,12 @@ impl<C: Catalog> Handler<C> {
             match work.every_artifact {
                 true => Some(tokio::join!(
                     self.call(self.harbor.artifacts(name)),
-                    self.find_under(&prefix)
+                    // Whole: what the catalog holds is compared, and only what differs written.
+                    self.find(Search {
+                        under: Some(&prefix),
+                        whole: true,
+                        ..Search::default()
+                    })
                 )),
                 false => None,
             }
@@ -77,6 +86,7 @@ impl<C: Catalog> Handler<C> {
             project,
             artifacts: Vec::new(),
             failed: Vec::new(),
+            held: BTreeMap::new(),
         };
         if matches!(observed.repository, Some(Ok(None))) {
             // Gone: there is nothing more to read.
@@ -102,6 +112,13 @@ impl<C: Catalog> Handler<C> {
                 observed.failed.push((Part::Every, error));
             }
             Some((Ok(listed), Ok(in_catalog))) => {
+                observed.held = in_catalog
+                    .iter()
+                    .filter_map(|(_, f)| {
+                        let key = (f.blueprint.clone(), f.identifier.clone());
+                        Some((key, f.held.clone()?))
+                    })
+                    .collect();
                 let unlisted = self.unlisted(name, &listed, in_catalog);
                 for artifact in listed {
                     let Ok(digest) = Digest::parse(&artifact.digest) else {
