@@ -1,3 +1,4 @@
+
 use super::*;
 use serde_json::json;
 
@@ -7,18 +8,18 @@ fn mapping(resources: &str) -> Result<Mapping, MappingError> {
 
 const ARTIFACT: &str = r#"
   - kind: artifact
-selector:
-  query: '.__project.name | startswith("sandbox-") | not'
-port:
-  entity:
-    mappings:
-      identifier: '.__repository.name + "@" + .digest'
-      title: '.__repository.name + ":" + ((.tags // [])[0].name // "untagged")'
-      blueprint: '"harborArtifact"'
-      properties:
-        tags: '[.tags[]?.name]'
-      relations:
-        repository: '.__repository.name'
+    selector:
+      query: '.__project.name | startswith("sandbox-") | not'
+    port:
+      entity:
+        mappings:
+          identifier: '.__repository.name + "@" + .digest'
+          title: '.__repository.name + ":" + ((.tags // [])[0].name // "untagged")'
+          blueprint: '"harborArtifact"'
+          properties:
+            tags: '[.tags[]?.name]'
+          relations:
+            repository: '.__repository.name'
 "#;
 
 fn artifact(project: &str) -> Value {
@@ -38,10 +39,10 @@ fn the_blueprints_are_named_when_no_resource_makes_them_of_its_object() {
         ["harborArtifact", "harborProject", "harborRepository"]
     );
     let computed = Mapping::parse(
-        "resources:\n  - kind: project\n    port: {entity: {mappings: {identifier: '.name', blueprint: '.name + \"x\"'}}}",
-        "m.yaml",
-    )
-    .unwrap();
+            "resources:\n  - kind: project\n    port: {entity: {mappings: {identifier: '.name', blueprint: '.name + \"x\"'}}}",
+            "m.yaml",
+        )
+        .unwrap();
     assert_eq!(computed.blueprints(), None);
 }
 

@@ -1,3 +1,4 @@
+
 use clap::Parser as _;
 
 use super::*;

@@ -1,3 +1,4 @@
+
 use serde_json::json;
 use wiremock::matchers::{method, path, query_param};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
@@ -138,7 +139,7 @@ async fn a_403_in_a_project_that_exists_stands_and_an_unproven_404_is_transient(
     match client.project("proxied").await {
         Err(CallError::Transient { reason, .. }) => {
             let expected = "Harbor GET project proxied answered 403; then Harbor HEAD \
-                            project proxied answered 404 without";
+                                project proxied answered 404 without";
             assert!(reason.starts_with(expected), "{reason}");
         }
         other => panic!("{other:?}"),
