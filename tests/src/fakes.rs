@@ -344,6 +344,24 @@ impl FakePort {
             })
             .mount(&server)
             .await;
+        Mock::given(method("POST"))
+            .and(path_regex(r"^/v1/blueprints/[^/]+/bulk/entities/delete$"))
+            .and(query_param("delete_dependents", "false"))
+            .and(header("authorization", bearer.as_str()))
+            .respond_with({
+                let held = held.clone();
+                move |request: &Request| {
+                    let writes = entity_writes(request);
+                    for write in &writes {
+                        held.write(write);
+                    }
+                    let deleted: Vec<&str> = writes.iter().map(|w| w.identifier.as_str()).collect();
+                    ResponseTemplate::new(200)
+                        .set_body_json(json!({"ok": true, "deletedEntities": deleted}))
+                }
+            })
+            .mount(&server)
+            .await;
         Mock::given(method("DELETE"))
             .and(path_regex(r"^/v1/blueprints/[^/]+/entities/[^/]+$"))
             .and(query_param("delete_dependents", "false"))
@@ -525,6 +543,21 @@ pub fn entity_writes(request: &Request) -> Vec<PortWrite> {
             .flatten()
             .filter_map(|entity| upsert(blueprint, entity))
             .collect(),
+        ("POST", ["v1", "blueprints", blueprint, "bulk", "entities", "delete"]) => {
+            body()["entities"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|id| {
+                    Some(PortWrite {
+                        action: "delete",
+                        blueprint: (*blueprint).to_owned(),
+                        identifier: id.as_str()?.to_owned(),
+                        entity: None,
+                    })
+                })
+                .collect()
+        }
         ("DELETE", ["v1", "blueprints", blueprint, "entities", id]) => {
             let identifier = url::form_urlencoded::parse(format!("x={id}").as_bytes())
                 .next()

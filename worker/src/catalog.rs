@@ -122,6 +122,11 @@ impl PortCatalog {
         }
     }
 
+    fn writer(&self) -> &Writer {
+        self.writer
+            .get_or_init(|| Writer::start(Arc::clone(&self.port), Arc::clone(&self.coming)))
+    }
+
     /// The Port client, for commands that talk to Port directly (blueprints).
     pub fn port(&self) -> &PortClient {
         &self.port
@@ -162,18 +167,16 @@ impl Catalog for PortCatalog {
 
     /// Through the bulk endpoint, with the upserts of the other refreshes in flight.
     async fn upsert(&self, blueprint: &str, entities: &[Entity]) -> Vec<Result<(), CallError>> {
-        let writer = self
-            .writer
-            .get_or_init(|| Writer::start(Arc::clone(&self.port), Arc::clone(&self.coming)));
-        writer.upsert(blueprint, entities).await
+        self.writer().upsert(blueprint, entities).await
     }
 
     fn expect_writes(&self) -> Expected {
         self.coming.expect()
     }
 
+    /// Through the bulk delete, with the deletes of the other refreshes in flight.
     async fn delete(&self, blueprint: &str, identifier: &str) -> Result<(), CallError> {
-        self.port.delete(blueprint, identifier).await
+        self.writer().delete(blueprint, identifier).await
     }
 }
 

@@ -35,6 +35,10 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route(
             "/v1/blueprints/{bp}/entities/{id:.*}",
             web::delete().to(recorded_delete),
+        )
+        .route(
+            "/v1/blueprints/{bp}/bulk/entities/delete",
+            web::post().to(bulk_delete),
         );
 }
 
@@ -543,6 +547,54 @@ async fn recorded_delete(request: HttpRequest, shared: web::Data<Shared>) -> Htt
     let response = delete(&request, &shared, blueprint, &id);
     lock(&shared.port).record("DELETE", blueprint, &id, response.status().as_u16());
     response
+}
+
+/// `POST /v1/blueprints/{bp}/bulk/entities/delete`: 1 to 100 identifiers, all deleted or, when
+/// one does not exist, none (404); each remembered for `GET /sandbox/port/requests`.
+async fn bulk_delete(
+    request: HttpRequest,
+    shared: web::Data<Shared>,
+    blueprint: web::Path<String>,
+    body: web::Json<Value>,
+) -> HttpResponse {
+    let mut store = lock(&shared.port);
+    if !authorized(&request, &store) {
+        return unauthorized();
+    }
+    let Some(ids) = body["entities"]
+        .as_array()
+        .filter(|ids| (1..=100).contains(&ids.len()))
+        .and_then(|ids| {
+            ids.iter()
+                .map(|id| id.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+        })
+    else {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "entities must hold 1 to 100 identifiers",
+        );
+    };
+    let held = store.entities.entry(blueprint.to_string()).or_default();
+    let missing = ids.iter().find(|id| !held.contains_key(*id)).cloned();
+    if missing.is_none() {
+        for id in &ids {
+            held.remove(id);
+        }
+    }
+    let status = if missing.is_some() { 404 } else { 200 };
+    for id in &ids {
+        store.record("DELETE", &blueprint, id, status);
+    }
+    if let Some(id) = missing {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("entity {blueprint}/{id} not found"),
+        );
+    }
+    HttpResponse::Ok().json(json!({"ok": true, "deletedEntities": ids}))
 }
 
 fn delete(request: &HttpRequest, shared: &Shared, blueprint: &str, id: &str) -> HttpResponse {

@@ -1,10 +1,13 @@
-//! The upserts of every refresh in flight, written together: each entity joins a queue, and a
-//! bulk request (at most [`BULK_LIMIT`] entities of one blueprint) leaves once it is full or
+//! The writes of every refresh in flight, sent together: each upsert or delete joins a queue,
+//! and a bulk request (at most [`BULK_LIMIT`] upserts, or [`DELETE_LIMIT`] deletes, of one
+//! blueprint) leaves once it is full or
 //! nothing more is coming (no refresh in flight that has not written yet: [`Coming`]; at most
 //! [`LINGER`] after its first entity came), and then as soon as a slot among [`IN_FLIGHT`]
 //! requests is free and Port's budget admits it. What arrives meanwhile fills the next ones; a
 //! lone refresh's entities leave at once. Each entity's refresh is told what Port answered for
-//! it (a 207's per-entity error goes to its own refresh only).
+//! it (a 207's per-entity error goes to its own refresh only). Port refuses a bulk delete whole
+//! when one of its entities cannot go (dependents, say): each is then deleted alone, so that the
+//! refusal is told to its own refresh.
 //!
 //! Order is kept where it matters: a refresh waits for Port's answer for each of its entities
 //! before it is done, and the scheduler never runs two refreshes of a key at once, so a newer
@@ -21,7 +24,7 @@ use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::clients::CallError;
-use crate::clients::port::{BULK_LIMIT, Family, PortClient};
+use crate::clients::port::{BULK_LIMIT, DELETE_LIMIT, Family, PortClient};
 use crate::entities::Entity;
 
 /// Bulk requests in flight at once.
@@ -68,11 +71,47 @@ impl Drop for Expected {
     }
 }
 
-/// One entity to upsert, and whom to tell.
+/// A write.
+#[derive(Debug, Clone)]
+enum Op {
+    Upsert(Entity),
+    Delete(String),
+}
+
+impl Op {
+    fn identifier(&self) -> &str {
+        match self {
+            Self::Upsert(entity) => &entity.identifier,
+            Self::Delete(identifier) => identifier,
+        }
+    }
+
+    fn is_delete(&self) -> bool {
+        matches!(self, Self::Delete(_))
+    }
+}
+
+/// One write, and whom to tell.
 struct Item {
     blueprint: String,
-    entity: Entity,
+    op: Op,
     done: oneshot::Sender<Result<(), CallError>>,
+}
+
+impl Item {
+    /// Writes that may share a request: of one blueprint, all upserts or all deletes.
+    fn goes_with(&self, other: &Self) -> bool {
+        self.blueprint == other.blueprint && self.op.is_delete() == other.op.is_delete()
+    }
+
+    /// The most a request of its kind holds.
+    fn limit(&self) -> usize {
+        if self.op.is_delete() {
+            DELETE_LIMIT
+        } else {
+            BULK_LIMIT
+        }
+    }
 }
 
 /// The queue of entities to upsert, and the task that writes them.
@@ -92,13 +131,30 @@ impl Writer {
     /// Upserts entities of one blueprint, with whatever else is being written; what became of
     /// each, in order.
     pub async fn upsert(&self, blueprint: &str, entities: &[Entity]) -> Vec<Result<(), CallError>> {
-        let answers: Vec<_> = entities
-            .iter()
-            .map(|entity| {
+        self.write(blueprint, entities.iter().cloned().map(Op::Upsert))
+            .await
+    }
+
+    /// Deletes an entity (one already gone is deleted), with whatever else is being written.
+    pub async fn delete(&self, blueprint: &str, identifier: &str) -> Result<(), CallError> {
+        let mut done = self
+            .write(blueprint, [Op::Delete(identifier.to_owned())])
+            .await;
+        done.pop().unwrap_or(Ok(()))
+    }
+
+    async fn write(
+        &self,
+        blueprint: &str,
+        ops: impl IntoIterator<Item = Op>,
+    ) -> Vec<Result<(), CallError>> {
+        let answers: Vec<_> = ops
+            .into_iter()
+            .map(|op| {
                 let (done, answer) = oneshot::channel();
                 let item = Item {
                     blueprint: blueprint.to_owned(),
-                    entity: entity.clone(),
+                    op,
                     done,
                 };
                 // A send fails only once the task is gone: the answer says so below.
@@ -151,24 +207,56 @@ async fn run(port: Arc<PortClient>, mut items: mpsc::UnboundedReceiver<Item>, co
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
             return;
         };
-        port.budget().admit(Family::BulkUpsert).await;
+        let deletes = pending.front().is_some_and(|item| item.op.is_delete());
+        let family = if deletes {
+            Family::Entity
+        } else {
+            Family::BulkUpsert
+        };
+        port.budget().admit(family).await;
         while let Ok(item) = items.try_recv() {
             pending.push_back(item);
         }
-        let (blueprint, batch) = next_batch(&mut pending);
+        let batch = next_batch(&mut pending);
         let port = Arc::clone(&port);
         tokio::spawn(async move {
-            let entities: Vec<Entity> = batch.iter().map(|item| item.entity.clone()).collect();
-            let answered = port.upsert_bulk(&blueprint, &entities, true).await;
+            let each = send(&port, &batch).await;
             drop(slot);
-            let each = match answered {
-                Ok(each) => each,
-                Err(error) => vec![Err(error); batch.len()],
-            };
             for (item, result) in batch.into_iter().zip(each) {
                 let _ = item.done.send(result);
             }
         });
+    }
+}
+
+/// Sends one request (its first attempt admitted); what became of each write.
+async fn send(port: &PortClient, batch: &[Item]) -> Vec<Result<(), CallError>> {
+    let Some(first) = batch.first() else {
+        return Vec::new();
+    };
+    let blueprint = first.blueprint.as_str();
+    if !first.op.is_delete() {
+        let entities: Vec<Entity> = batch
+            .iter()
+            .filter_map(|item| match &item.op {
+                Op::Upsert(entity) => Some(entity.clone()),
+                Op::Delete(_) => None,
+            })
+            .collect();
+        return match port.upsert_bulk(blueprint, &entities, true).await {
+            Ok(each) => each,
+            Err(error) => vec![Err(error); batch.len()],
+        };
+    }
+    let identifiers: Vec<&str> = batch.iter().map(|item| item.op.identifier()).collect();
+    match port.delete_bulk(blueprint, &identifiers, true).await {
+        Ok(()) => vec![Ok(()); batch.len()],
+        Err(error @ CallError::Transient { .. }) => vec![Err(error); batch.len()],
+        // Refused whole: each alone, so that each refresh hears of its own.
+        Err(CallError::Permanent { .. }) => {
+            let alone = identifiers.iter().map(|id| port.delete(blueprint, id));
+            futures_util::future::join_all(alone).await
+        }
     }
 }
 
@@ -179,25 +267,25 @@ fn full(pending: &VecDeque<Item>) -> bool {
     };
     pending
         .iter()
-        .filter(|item| item.blueprint == first.blueprint)
-        .nth(BULK_LIMIT - 1)
+        .filter(|item| item.goes_with(first))
+        .nth(first.limit() - 1)
         .is_some()
 }
 
-/// The next request: up to [`BULK_LIMIT`] entities of the blueprint of the entity waiting
+/// The next request: up to its kind's limit of the writes that go with the one waiting
 /// longest, each identifier once, in the order they came; the rest keep theirs.
-fn next_batch(pending: &mut VecDeque<Item>) -> (String, Vec<Item>) {
-    let blueprint = pending
-        .front()
-        .map(|item| item.blueprint.clone())
-        .unwrap_or_default();
-    let mut batch = Vec::new();
-    let mut identifiers = BTreeSet::new();
+fn next_batch(pending: &mut VecDeque<Item>) -> Vec<Item> {
+    let Some(first) = pending.pop_front() else {
+        return Vec::new();
+    };
+    let limit = first.limit();
+    let mut identifiers = BTreeSet::from([first.op.identifier().to_owned()]);
+    let mut batch = vec![first];
     let mut rest = VecDeque::with_capacity(pending.len());
     for item in pending.drain(..) {
-        if batch.len() < BULK_LIMIT
-            && item.blueprint == blueprint
-            && identifiers.insert(item.entity.identifier.clone())
+        if batch.len() < limit
+            && item.goes_with(&batch[0])
+            && identifiers.insert(item.op.identifier().to_owned())
         {
             batch.push(item);
         } else {
@@ -205,7 +293,7 @@ fn next_batch(pending: &mut VecDeque<Item>) -> (String, Vec<Item>) {
         }
     }
     *pending = rest;
-    (blueprint, batch)
+    batch
 }
 
 #[cfg(test)]
@@ -214,22 +302,25 @@ mod tests {
 
     fn item(blueprint: &str, identifier: &str) -> (Item, oneshot::Receiver<Result<(), CallError>>) {
         let (done, answer) = oneshot::channel();
-        let entity = Entity {
-            identifier: identifier.to_owned(),
-            title: identifier.to_owned(),
-            properties: serde_json::Map::new(),
-            relations: serde_json::Map::new(),
+        let op = match identifier.strip_prefix("-") {
+            Some(deleted) => Op::Delete(deleted.to_owned()),
+            None => Op::Upsert(Entity {
+                identifier: identifier.to_owned(),
+                title: identifier.to_owned(),
+                properties: serde_json::Map::new(),
+                relations: serde_json::Map::new(),
+            }),
         };
         let item = Item {
             blueprint: blueprint.to_owned(),
-            entity,
+            op,
             done,
         };
         (item, answer)
     }
 
     #[test]
-    fn a_request_is_one_blueprint_each_identifier_once_at_most_twenty() {
+    fn a_request_is_one_kind_of_one_blueprint_each_identifier_once_at_most_its_limit() {
         let mut pending = VecDeque::new();
         let mut answers = Vec::new();
         let mut add = |bp: &str, id: &str| {
@@ -239,23 +330,22 @@ mod tests {
         };
         add("harborArtifact", "a");
         add("harborRepository", "r");
+        add("harborArtifact", "-gone");
         add("harborArtifact", "a");
         for n in 0..25 {
             add("harborArtifact", &format!("x{n}"));
         }
-        let (blueprint, batch) = next_batch(&mut pending);
-        assert_eq!(blueprint, "harborArtifact");
-        let ids: Vec<&str> = batch.iter().map(|i| i.entity.identifier.as_str()).collect();
+        let batch = next_batch(&mut pending);
+        assert_eq!(batch[0].blueprint, "harborArtifact");
+        let ids: Vec<&str> = batch.iter().map(|i| i.op.identifier()).collect();
         assert_eq!(ids.len(), BULK_LIMIT);
         assert_eq!(ids[..3], ["a", "x0", "x1"]);
-        // The rest keep their order: the repository first, then the second `a`.
-        let left: Vec<&str> = pending
-            .iter()
-            .map(|i| i.entity.identifier.as_str())
-            .collect();
-        assert_eq!(left[..2], ["r", "a"]);
-        assert_eq!(left.len(), 28 - BULK_LIMIT);
-        let (blueprint, _) = next_batch(&mut pending);
-        assert_eq!(blueprint, "harborRepository");
+        // The rest keep their order: the repository, the delete, then the second `a`.
+        let left: Vec<&str> = pending.iter().map(|i| i.op.identifier()).collect();
+        assert_eq!(left[..3], ["r", "gone", "a"]);
+        assert_eq!(left.len(), 29 - BULK_LIMIT);
+        assert_eq!(next_batch(&mut pending)[0].blueprint, "harborRepository");
+        let deletes = next_batch(&mut pending);
+        assert!(deletes.len() == 1 && deletes[0].op.is_delete());
     }
 }

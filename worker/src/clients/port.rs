@@ -27,6 +27,9 @@ pub const DEFAULT_RATE_SHARE: f64 = 0.5;
 /// The most entities Port's bulk upsert takes in one request.
 pub const BULK_LIMIT: usize = 20;
 
+/// The most entities Port's bulk delete takes in one request.
+pub const DELETE_LIMIT: usize = 100;
+
 /// Entities per page of a blueprint's search (Port's most).
 pub const PAGE: usize = 1000;
 
@@ -456,6 +459,34 @@ impl PortClient {
         if response.status() == StatusCode::NOT_FOUND {
             return Ok(());
         }
+        success(&what, response).await.map(drop)
+    }
+
+    /// Deletes up to [`DELETE_LIMIT`] entities of one blueprint in one request
+    /// (`POST /v1/blueprints/{bp}/bulk/entities/delete`); Port deletes all or none (an entity
+    /// with dependents refuses the whole request when `delete_dependents` is off).
+    /// `admitted`: as for [`Self::upsert_bulk`].
+    #[instrument(skip_all, fields(blueprint = blueprint, entities = identifiers.len()))]
+    pub async fn delete_bulk(
+        &self,
+        blueprint: &str,
+        identifiers: &[&str],
+        admitted: bool,
+    ) -> Result<(), CallError> {
+        let mut url = self.endpoint(&["blueprints", blueprint, "bulk", "entities", "delete"]);
+        url.query_pairs_mut().append_pair(
+            "delete_dependents",
+            if self.delete_dependents {
+                "true"
+            } else {
+                "false"
+            },
+        );
+        let what = format!("Port bulk delete of {} {blueprint}", identifiers.len());
+        let body = json!({ "entities": identifiers });
+        let response = self
+            .post(&what, Family::Entity, admitted, &url, &body)
+            .await?;
         success(&what, response).await.map(drop)
     }
 
