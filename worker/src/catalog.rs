@@ -136,9 +136,10 @@ impl PortCatalog {
 impl Catalog for PortCatalog {
     /// With the other searches waiting; a search of everything alone.
     async fn find(&self, search: Search<'_>) -> Result<Vec<Found>, CallError> {
-        let reader = self
-            .reader
-            .get_or_init(|| Reader::start(Arc::clone(&self.port), self.instance.clone()));
+        let reader = self.reader.get_or_init(|| {
+            let coming = Arc::clone(&self.coming);
+            Reader::start(Arc::clone(&self.port), self.instance.clone(), coming)
+        });
         reader.find(search).await
     }
 

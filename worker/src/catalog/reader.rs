@@ -1,8 +1,9 @@
 //! The searches of every refresh in flight, asked together: each search joins a queue, and
 //! one request to Port asks for all those waiting (up to [`GROUP`], each a group of rules under
-//! one `or`) as soon as the previous request is answered and Port's budget admits it. What
-//! Port finds is handed to each search it matches, matched here by the same rules. A lone
-//! search leaves at once; a search of everything leaves alone.
+//! one `or`) once every refresh in flight has asked (or [`LINGER`] after the first search
+//! came), the previous request is answered and Port's budget admits it. What Port finds is
+//! handed to each search it matches, matched here by the same rules. A lone search leaves at
+//! once; a search of everything leaves alone.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
+use super::writer::{Coming, LINGER};
 use super::{Found, INSTANCE_PROPERTY, REF_PROPERTY, Search, TAGS_PROPERTY};
 use crate::clients::CallError;
 use crate::clients::port::{Family, PortClient};
@@ -137,10 +139,11 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// Starts the task searching this Harbor's entities (`instance`) in `port`.
-    pub fn start(port: Arc<PortClient>, instance: String) -> Self {
+    /// Starts the task searching this Harbor's entities (`instance`) in `port`, waiting for
+    /// the searches of the refreshes `coming`.
+    pub fn start(port: Arc<PortClient>, instance: String, coming: Arc<Coming>) -> Self {
         let (queue, asks) = mpsc::unbounded_channel();
-        tokio::spawn(run(port, instance, asks));
+        tokio::spawn(run(port, instance, asks, coming));
         Self { queue }
     }
 
@@ -160,13 +163,34 @@ impl Reader {
     }
 }
 
-async fn run(port: Arc<PortClient>, instance: String, mut asks: mpsc::UnboundedReceiver<Ask>) {
+async fn run(
+    port: Arc<PortClient>,
+    instance: String,
+    mut asks: mpsc::UnboundedReceiver<Ask>,
+    coming: Arc<Coming>,
+) {
     let mut pending: VecDeque<Ask> = VecDeque::new();
+    let mut coming = coming.watch();
     loop {
         if pending.is_empty() {
             match asks.recv().await {
                 Some(ask) => pending.push_back(ask),
                 None => return,
+            }
+        }
+        // Until every refresh in flight has asked (a refresh asks once or twice at a time),
+        // the group is full, or the linger is over.
+        let until = tokio::time::Instant::now() + LINGER;
+        while pending.len() < *coming.borrow_and_update() && pending.len() < GROUP {
+            tokio::select! {
+                ask = asks.recv() => match ask {
+                    Some(ask) => pending.push_back(ask),
+                    None => break,
+                },
+                changed = coming.changed() => if changed.is_err() {
+                    break;
+                },
+                () = tokio::time::sleep_until(until) => break,
             }
         }
         port.budget().admit(Family::Search).await;

@@ -17,10 +17,9 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::clients::CallError;
@@ -31,13 +30,20 @@ use crate::entities::Entity;
 pub const IN_FLIGHT: usize = 4;
 
 /// The longest a request that is not full waits for the refreshes still coming.
-pub const LINGER: Duration = Duration::from_millis(20);
+pub const LINGER: Duration = Duration::from_millis(50);
 
 /// The refreshes in flight that may still write: a request that is not full waits for them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Coming {
-    count: AtomicUsize,
-    changed: Notify,
+    count: watch::Sender<usize>,
+}
+
+impl Default for Coming {
+    fn default() -> Self {
+        Self {
+            count: watch::Sender::new(0),
+        }
+    }
 }
 
 /// One refresh that may still write; dropped once it has queued its writes (or has none).
@@ -53,20 +59,22 @@ impl Expected {
 impl Coming {
     /// A refresh starts that may write.
     pub fn expect(self: &Arc<Self>) -> Expected {
-        self.count.fetch_add(1, Ordering::AcqRel);
+        self.count.send_modify(|count| *count += 1);
         Expected(Some(Arc::clone(self)))
     }
 
-    fn any(&self) -> bool {
-        self.count.load(Ordering::Acquire) > 0
+    /// The count of refreshes in flight that may still write, to read and to wait on.
+    pub fn watch(&self) -> watch::Receiver<usize> {
+        self.count.subscribe()
     }
 }
 
 impl Drop for Expected {
     fn drop(&mut self) {
         if let Some(coming) = self.0.take() {
-            coming.count.fetch_sub(1, Ordering::AcqRel);
-            coming.changed.notify_one();
+            coming
+                .count
+                .send_modify(|count| *count = count.saturating_sub(1));
         }
     }
 }
@@ -178,6 +186,7 @@ impl Writer {
 async fn run(port: Arc<PortClient>, mut items: mpsc::UnboundedReceiver<Item>, coming: Arc<Coming>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut pending: VecDeque<Item> = VecDeque::new();
+    let mut coming = coming.watch();
     loop {
         if pending.is_empty() {
             match items.recv().await {
@@ -191,7 +200,7 @@ async fn run(port: Arc<PortClient>, mut items: mpsc::UnboundedReceiver<Item>, co
             while let Ok(item) = items.try_recv() {
                 pending.push_back(item);
             }
-            if full(&pending) || !coming.any() || Instant::now() >= until {
+            if full(&pending) || *coming.borrow_and_update() == 0 || Instant::now() >= until {
                 break;
             }
             tokio::select! {
@@ -199,7 +208,9 @@ async fn run(port: Arc<PortClient>, mut items: mpsc::UnboundedReceiver<Item>, co
                     Some(item) => pending.push_back(item),
                     None => break,
                 },
-                () = coming.changed.notified() => {}
+                changed = coming.changed() => if changed.is_err() {
+                    break;
+                },
                 () = tokio::time::sleep_until(until) => {}
             }
         }
