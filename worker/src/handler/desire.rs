@@ -213,3 +213,57 @@ impl<C: Catalog> Handler<C> {
         batch.add(part, reference, rendered);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::super::tests::{D1, harbor_without_anything, in_memory};
+    use super::*;
+    use crate::clients::harbor::Repository;
+
+    #[tokio::test]
+    async fn an_objects_entities_carry_the_bookkeeping_and_a_gone_artifact_is_cleared() {
+        let handler = in_memory(&harbor_without_anything().await);
+        let name = RepositoryName::parse("library/nginx").unwrap();
+        let d2 = Digest::parse(&D1.replace("0a1b", "ffff")).unwrap();
+        let raw = json!({"id": 1, "project_id": 1, "repository_name": "library/nginx",
+            "digest": D1, "tags": [{"name": "v1"}]});
+        let mut artifact: Artifact = serde_json::from_value(raw.clone()).unwrap();
+        artifact.raw = raw;
+        let raw = json!({"id": 1, "project_id": 1, "name": "library/nginx"});
+        let mut repository: Repository = serde_json::from_value(raw.clone()).unwrap();
+        repository.raw = raw;
+        let observed = Observed {
+            repository: Some(Ok(Some(repository))),
+            project: None,
+            artifacts: vec![
+                (Part::Every, Digest::parse(D1).unwrap(), Ok(Some(artifact))),
+                (Part::Moved, d2.clone(), Ok(None)),
+            ],
+            failed: Vec::new(),
+            held: Default::default(),
+        };
+        let work = Work {
+            every_artifact: true,
+            ..Work::default()
+        };
+        let batch = handler.desire_repository(&name, &work, observed);
+
+        let failed: Vec<String> = batch.failed.iter().map(|(_, s)| format!("{s:?}")).collect();
+        assert_eq!(batch.upserts.len(), 1, "{failed:?}");
+        let (part, mapped) = &batch.upserts[0];
+        assert_eq!(*part, Part::Every);
+        let properties = &mapped.entity.properties;
+        assert_eq!(properties[INSTANCE_PROPERTY], "default");
+        assert_eq!(
+            properties[REF_PROPERTY],
+            format!("artifact:library/nginx@{D1}")
+        );
+        assert_eq!(properties[TAGS_PROPERTY], json!(["v1"]));
+        assert_eq!(
+            batch.clear,
+            [(Part::Moved, format!("artifact:library/nginx@{d2}"))]
+        );
+    }
+}
