@@ -70,7 +70,7 @@ apt_install() {
   fi
 }
 
-rabbitmq() {
+step_rabbitmq() {
   if ! port_open "$AMQP_PORT"; then
     if ! command -v "${RABBITMQ_SBIN:+$RABBITMQ_SBIN/}rabbitmq-server" >/dev/null 2>&1; then
       apt_install rabbitmq-server RabbitMQ
@@ -107,11 +107,12 @@ rabbitmq() {
   wait_for_port "$PROMETHEUS_PORT" 60 "RabbitMQ's Prometheus endpoint"
 }
 
-chromium() {
-  command -v "$CHROMIUM" >/dev/null 2>&1 || apt_install chromium Chromium
+step_chromium() {
+  # `type -P`: a path on PATH, never a shell function or alias of that name.
+  type -P "$CHROMIUM" >/dev/null 2>&1 || apt_install chromium Chromium
 }
 
-nextest() {
+step_nextest() {
   cargo nextest --version >/dev/null 2>&1 && return 0
   command -v cargo >/dev/null 2>&1 ||
     fail "cargo is missing: install a Rust toolchain (1.88 or later) with rustup"
@@ -123,7 +124,7 @@ nextest() {
 [ $# -gt 0 ] || fail "usage: $0 rabbitmq|chromium|nextest ..."
 for step in "$@"; do
   case "$step" in
-    rabbitmq | chromium | nextest) "$step" ;;
+    rabbitmq | chromium | nextest) "step_$step" ;;
     *) fail "no such step: $step (rabbitmq, chromium, nextest)" ;;
   esac
 done
