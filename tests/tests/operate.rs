@@ -159,6 +159,13 @@ async fn backlog_counts_ready_unacked_and_parked_events() {
     assert_eq!((counts[1].ready, counts[1].consumers), (1, 0));
     let counts = backlog(&broker.amqp, Some(&management)).await.unwrap();
     assert_eq!(counts[0].unacked, Some(0));
+    // The form KEDA takes (and deploy/k8s/secret.yaml ships): credentials and the vhost in it.
+    let mut keda = management.clone();
+    keda.set_username("guest").unwrap();
+    keda.set_password(Some("guest")).unwrap();
+    keda.set_path("/%2F");
+    let counts = backlog(&broker.amqp, Some(&keda)).await.unwrap();
+    assert_eq!(counts[0].unacked, Some(0));
     let json = serde_json::to_value(&counts).unwrap();
     assert_eq!(json[1]["queue"], broker.topology().parked_queue());
 }

@@ -73,15 +73,42 @@ pub async fn backlog(
     Ok(vec![work, parked])
 }
 
-/// `messages_unacknowledged` from `GET /api/queues/{vhost}/{queue}`, with the broker URL's
-/// credentials.
-async fn unacked(base: &Url, amqp: &AmqpSettings, queue: &str) -> anyhow::Result<u64> {
-    let (user, password, vhost) = amqp.url.credentials_and_vhost();
+/// The management API's address of `queue`, and the credentials to ask with. The address may
+/// be given as KEDA takes it, `http://user:password@host:15672/<vhost>`: its credentials, else
+/// the broker URL's; its path as the vhost, else the broker URL's.
+fn queue_url(
+    base: &Url,
+    amqp: &AmqpSettings,
+    queue: &str,
+) -> anyhow::Result<(Url, String, String)> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let (mut user, mut password, mut vhost) = amqp.url.credentials_and_vhost();
+    if !base.username().is_empty() {
+        user = decode(base.username());
+        password = base.password().map(decode).unwrap_or_default();
+    }
+    let path = base.path().trim_matches('/');
+    if !path.is_empty() {
+        vhost = decode(path);
+    }
     let mut url = base.clone();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_query(None);
     url.path_segments_mut()
-        .map_err(|()| anyhow::anyhow!("RABBITMQ_MANAGEMENT_URL cannot have a path"))?
-        .pop_if_empty()
+        .map_err(|()| anyhow::anyhow!("RABBITMQ_MANAGEMENT_URL must be an http(s) address"))?
+        .clear()
         .extend(["api", "queues", &vhost, queue]);
+    Ok((url, user, password))
+}
+
+/// `messages_unacknowledged` from `GET /api/queues/{vhost}/{queue}`.
+async fn unacked(base: &Url, amqp: &AmqpSettings, queue: &str) -> anyhow::Result<u64> {
+    let (url, user, password) = queue_url(base, amqp, queue)?;
     // No redirects (reqwest would follow them with the credentials); errors without the URL,
     // which may carry them.
     let client = reqwest::Client::builder()
@@ -102,4 +129,40 @@ async fn unacked(base: &Url, amqp: &AmqpSettings, queue: &str) -> anyhow::Result
         .await
         .context("The management API's answer is unreadable")?;
     Ok(answer["messages_unacknowledged"].as_u64().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn amqp(url: &str) -> AmqpSettings {
+        AmqpSettings {
+            url: harbor_shared::broker::BrokerUrl::parse(url).unwrap(),
+            topology: harbor_shared::topology::Topology::new("harbor.events", "harbor.events")
+                .unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_management_url_may_carry_credentials_and_a_vhost_as_keda_takes_it() {
+        let broker = amqp("amqp://sync:secret@rabbitmq:5672/%2F");
+        let keda = Url::parse("http://keda:k%40y@rabbitmq:15672/%2F").unwrap();
+        let (url, user, password) = queue_url(&keda, &broker, "harbor.events.0").unwrap();
+        assert_eq!(
+            url.as_str(),
+            "http://rabbitmq:15672/api/queues/%2F/harbor.events.0"
+        );
+        assert_eq!((user.as_str(), password.as_str()), ("keda", "k@y"));
+
+        let bare = Url::parse("http://rabbitmq:15672").unwrap();
+        let (url, user, password) = queue_url(&bare, &broker, "q").unwrap();
+        assert_eq!(url.as_str(), "http://rabbitmq:15672/api/queues/%2F/q");
+        assert_eq!((user.as_str(), password.as_str()), ("sync", "secret"));
+
+        let other = Url::parse("http://rabbitmq:15672/team").unwrap();
+        assert_eq!(
+            queue_url(&other, &broker, "q").unwrap().0.as_str(),
+            "http://rabbitmq:15672/api/queues/team/q"
+        );
+    }
 }
