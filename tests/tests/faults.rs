@@ -398,6 +398,44 @@ async fn a_429_retry_after_is_waited_out_before_the_next_attempt() {
     );
 }
 
+/// Port's rate limit is waited for, not failed on: refused with 429 for longer than the retry
+/// budget, the event is still written once Port accepts, and nothing is parked.
+#[tokio::test]
+async fn port_refusing_for_its_rate_limit_longer_than_the_retry_budget_parks_nothing() {
+    let stack =
+        Stack::start_with(|settings| settings.retry.max_elapsed = Duration::from_secs(1)).await;
+    stack
+        .harbor
+        .holds_any_artifact(REPOSITORY, Duration::ZERO)
+        .await;
+    let digest = samples::digest(7);
+    // Three refusals of a second each: three times the budget.
+    let attempts = answer_upserts_of(
+        &stack.port,
+        &format!("{REPOSITORY}@{digest}"),
+        |attempt, _| match attempt {
+            1..=3 => (429, Some(Duration::from_secs(1))),
+            _ => (201, None),
+        },
+    )
+    .await;
+
+    stack.webhook(&samples::push(REPOSITORY, &digest)).await;
+    stack.wait_for_outcome("synced", 1).await;
+
+    let times = attempts.lock().unwrap().clone();
+    assert_eq!(times.len(), 4, "three refusals, then the write");
+    assert!(times[3] - times[0] >= Duration::from_secs(3));
+    assert_eq!(stack.broker.parked_ready().await, 0);
+    let metrics = stack.worker.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"harbor_worker_port_requests_total{family="bulk_upsert",outcome="refused"} 3"#
+        ),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn harbor_asking_to_wait_for_ever_has_the_event_parked_and_the_worker_goes_on() {
     // `Retry-After: 10000000000000000000` from a proxy in front of Harbor: no clock can add that
