@@ -151,18 +151,24 @@ impl Rig {
         );
         harbor_sync_tests::apps::wait_ready_at(&format!("http://127.0.0.1:{ingest_port}/readyz"))
             .await;
-        let metrics_port = free_port();
-        let mut env = sandbox_worker_env(&broker, &sandbox, metrics_port);
-        env.push(("RUST_LOG", "warn".to_owned()));
-        processes.spawn("worker", "harbor-worker", &env);
-        let metrics = format!("http://127.0.0.1:{metrics_port}");
-        harbor_sync_tests::apps::wait_ready_at(&format!("{metrics}/readyz")).await;
-        Self {
+        let mut rig = Self {
             broker,
             sandbox,
             processes,
-            metrics,
-        }
+            metrics: String::new(),
+        };
+        rig.start_worker().await;
+        rig
+    }
+
+    /// Starts the worker (its metrics counted from zero).
+    async fn start_worker(&mut self) {
+        let metrics_port = free_port();
+        let mut env = sandbox_worker_env(&self.broker, &self.sandbox, metrics_port);
+        env.push(("RUST_LOG", "warn".to_owned()));
+        self.processes.spawn("worker", "harbor-worker", &env);
+        self.metrics = format!("http://127.0.0.1:{metrics_port}");
+        harbor_sync_tests::apps::wait_ready_at(&format!("{}/readyz", self.metrics)).await;
     }
 
     /// `harbor-worker resync`, run to its end.
@@ -298,6 +304,25 @@ pub async fn run(scale: f64) -> bool {
     };
     // Each push writes its artifact and its repository (its artifact count changed).
     storm.print("push", accepted, (accepted + 300).div_ceil(20));
+    holds &= rig.artifacts().await == held_before + accepted as usize;
+    let (_, parked) = rig.settled().await;
+    holds &= parked == 0;
+
+    // The same storm met as a backlog: the worker stopped (idle) while 600 more are pushed.
+    let mut rig = rig;
+    rig.processes.signal("worker", "TERM");
+    let before = Counts::of(&rig.sandbox).await;
+    let held_before = rig.artifacts().await;
+    let accepted = rig.storm(600, 2, "backlog").await;
+    let started = Instant::now();
+    rig.start_worker().await;
+    holds &= rig.quiet(accepted as usize, Duration::from_secs(600)).await;
+    let backlog = Phase {
+        name: format!("the same met as a backlog: {accepted} pushes queued, then the worker"),
+        requests: Counts::of(&rig.sandbox).await.since(&before),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    backlog.print("push", accepted, (accepted + 300).div_ceil(20));
     holds &= rig.artifacts().await == held_before + accepted as usize;
     let (_, parked) = rig.settled().await;
     holds &= parked == 0;
