@@ -242,7 +242,8 @@ impl PortBudget {
         refused
     }
 
-    /// This worker's rate for `family` now, in requests per second.
+    /// This worker's rate for `family` now, in requests per second (its gauge shows it).
+    #[cfg(test)]
     pub fn pace(&self, family: Family) -> f64 {
         self.bucket(family)
             .lock()
