@@ -364,6 +364,23 @@ mod tests {
         harbor
     }
 
+    /// A Harbor answering each of `routes` (a path, and its answer) to a GET.
+    pub(super) async fn harbor_answering(
+        routes: impl IntoIterator<Item = (String, Value)>,
+    ) -> wiremock::MockServer {
+        use wiremock::matchers::{method, path};
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let harbor = MockServer::start().await;
+        for (route, body) in routes {
+            Mock::given(method("GET"))
+                .and(path(route))
+                .respond_with(ResponseTemplate::new(200).set_body_json(body))
+                .mount(&harbor)
+                .await;
+        }
+        harbor
+    }
+
     #[tokio::test]
     async fn a_repository_harbor_no_longer_has_takes_its_artifacts_entities_with_it() {
         let harbor = harbor_without_anything().await;
@@ -402,9 +419,6 @@ mod tests {
     /// writes nothing; an entity edited in the catalog is put right.
     #[tokio::test]
     async fn an_every_artifact_refresh_writes_only_what_differs_from_the_catalog() {
-        use wiremock::matchers::{method, path};
-        use wiremock::{Mock, MockServer, ResponseTemplate};
-        let harbor = MockServer::start().await;
         let nginx = "/api/v2.0/projects/library/repositories/nginx";
         let artifact = |digest: &str| {
             json!({"id": 1, "project_id": 1, "repository_name": "library/nginx",
@@ -425,13 +439,7 @@ mod tests {
                 json!({"project_id": 1, "name": "library"}),
             ),
         ];
-        for (route, body) in routes {
-            Mock::given(method("GET"))
-                .and(path(route))
-                .respond_with(ResponseTemplate::new(200).set_body_json(body))
-                .mount(&harbor)
-                .await;
-        }
+        let harbor = harbor_answering(routes).await;
         let handler = in_memory(&harbor);
         let key = Key::Repository(RepositoryName::parse("library/nginx").unwrap());
         let work = Work {

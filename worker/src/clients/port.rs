@@ -438,18 +438,23 @@ impl PortClient {
         }
     }
 
+    /// A delete endpoint with the delete option: whether dependents go too.
+    fn delete_url(&self, segments: &[&str]) -> Url {
+        let mut url = self.endpoint(segments);
+        let dependents = if self.delete_dependents {
+            "true"
+        } else {
+            "false"
+        };
+        url.query_pairs_mut()
+            .append_pair("delete_dependents", dependents);
+        url
+    }
+
     /// Deletes the entity; one that does not exist counts as deleted.
     #[instrument(skip_all, fields(blueprint = blueprint, identifier = identifier))]
     pub async fn delete(&self, blueprint: &str, identifier: &str) -> Result<(), CallError> {
-        let mut url = self.endpoint(&["blueprints", blueprint, "entities", identifier]);
-        url.query_pairs_mut().append_pair(
-            "delete_dependents",
-            if self.delete_dependents {
-                "true"
-            } else {
-                "false"
-            },
-        );
+        let url = self.delete_url(&["blueprints", blueprint, "entities", identifier]);
         let what = format!("Port delete {blueprint} {identifier}");
         let response = self
             .send(&what, Family::Entity, |token| {
@@ -473,15 +478,7 @@ impl PortClient {
         identifiers: &[&str],
         admitted: bool,
     ) -> Result<(), CallError> {
-        let mut url = self.endpoint(&["blueprints", blueprint, "bulk", "entities", "delete"]);
-        url.query_pairs_mut().append_pair(
-            "delete_dependents",
-            if self.delete_dependents {
-                "true"
-            } else {
-                "false"
-            },
-        );
+        let url = self.delete_url(&["blueprints", blueprint, "bulk", "entities", "delete"]);
         let what = format!("Port bulk delete of {} {blueprint}", identifiers.len());
         let body = json!({ "entities": identifiers });
         let response = self

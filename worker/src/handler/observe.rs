@@ -232,10 +232,8 @@ impl<C: Catalog> Handler<C> {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use wiremock::matchers::{method, path};
-    use wiremock::{Mock, MockServer, ResponseTemplate};
 
-    use super::super::tests::{D1, harbor_without_anything, in_memory, ours};
+    use super::super::tests::{D1, harbor_answering, harbor_without_anything, in_memory, ours};
     use super::*;
 
     const NGINX: &str = "/api/v2.0/projects/library/repositories/nginx";
@@ -268,7 +266,6 @@ mod tests {
     /// alone, once, though a tag moved off it too): each digest read once, as its part.
     #[tokio::test]
     async fn every_digest_is_read_once_as_the_first_part_that_needs_it() {
-        let harbor = MockServer::start().await;
         let d2 = D1.replace("0a1b", "ffff");
         let repository = json!({"id": 1, "project_id": 1, "name": "library/nginx"});
         let routes = [
@@ -276,13 +273,7 @@ mod tests {
             (format!("{NGINX}/artifacts"), json!([artifact(D1, "v1")])),
             (format!("{NGINX}/artifacts/{D1}"), artifact(D1, "v1")),
         ];
-        for (route, body) in routes {
-            Mock::given(method("GET"))
-                .and(path(route))
-                .respond_with(ResponseTemplate::new(200).set_body_json(body))
-                .mount(&harbor)
-                .await;
-        }
+        let harbor = harbor_answering(routes).await;
         let handler = in_memory(&harbor);
         let mut stale = ours(&format!("artifact:library/nginx@{d2}"));
         stale.properties.insert("harborTags".into(), json!(["v1"]));
