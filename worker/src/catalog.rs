@@ -69,12 +69,12 @@ pub trait Catalog: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Found>, CallError>> + Send;
 
     /// Every one of this integration's entities (of this Harbor) in `blueprints` (all of them:
-    /// `None`), with what the catalog holds of it (title, properties, relations), to compare
-    /// with what the mapping makes.
+    /// `None`), each with what the catalog holds of it (`held`: title, properties, relations),
+    /// to compare with what the mapping makes.
     fn holdings(
         &self,
         blueprints: Option<&BTreeSet<String>>,
-    ) -> impl Future<Output = Result<Vec<(Found, Value)>, CallError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Found>, CallError>> + Send;
 
     /// Upserts entities of one blueprint; what became of each, in order.
     fn upsert(
@@ -147,7 +147,7 @@ impl Catalog for PortCatalog {
     async fn holdings(
         &self,
         blueprints: Option<&BTreeSet<String>>,
-    ) -> Result<Vec<(Found, Value)>, CallError> {
+    ) -> Result<Vec<Found>, CallError> {
         let everything = reader::query(&self.instance, &[&reader::Owned::default()]);
         let entities = match blueprints {
             None => self.port.search(&everything, &[]).await?,
@@ -160,10 +160,7 @@ impl Catalog for PortCatalog {
                 entities
             }
         };
-        Ok(entities
-            .into_iter()
-            .filter_map(|entity| Some((reader::found_one(&entity, false)?, entity)))
-            .collect())
+        Ok(reader::found(&entities, true))
     }
 
     /// Through the bulk endpoint, with the upserts of the other refreshes in flight.
@@ -240,20 +237,14 @@ impl Catalog for MemoryCatalog {
     async fn holdings(
         &self,
         blueprints: Option<&BTreeSet<String>>,
-    ) -> Result<Vec<(Found, Value)>, CallError> {
-        let mut found = self.find(Search::default()).await?;
+    ) -> Result<Vec<Found>, CallError> {
+        let whole = Search {
+            whole: true,
+            ..Search::default()
+        };
+        let mut found = self.find(whole).await?;
         found.retain(|f| blueprints.is_none_or(|b| b.contains(&f.blueprint)));
-        found.iter_mut().for_each(|f| f.held = None);
-        #[allow(clippy::unwrap_used)] // a test's lock, never poisoned
-        let entities = self.entities.lock().unwrap();
-        Ok(found
-            .into_iter()
-            .map(|f| {
-                let entity = &entities[&(f.blueprint.clone(), f.identifier.clone())];
-                let held = serde_json::to_value(entity).unwrap_or_default();
-                (f, held)
-            })
-            .collect())
+        Ok(found)
     }
 
     async fn upsert(&self, blueprint: &str, entities: &[Entity]) -> Vec<Result<(), CallError>> {

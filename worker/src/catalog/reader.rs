@@ -102,7 +102,7 @@ pub fn found(entities: &[Value], whole: bool) -> Vec<Found> {
 }
 
 /// An entity of an answer, as found (`None` without an identifier or a blueprint).
-pub fn found_one(entity: &Value, whole: bool) -> Option<Found> {
+fn found_one(entity: &Value, whole: bool) -> Option<Found> {
     Some(Found {
         identifier: entity["identifier"].as_str()?.to_owned(),
         blueprint: entity["blueprint"].as_str()?.to_owned(),

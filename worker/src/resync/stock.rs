@@ -136,9 +136,9 @@ pub(super) async fn take_stock(handler: &Handler, retry: RetryPolicy) -> Result<
     let held = Budget::start(retry)
         .run("port", || handler.catalog().holdings(blueprints.as_ref()))
         .await?;
-    for (found, entity) in held {
+    for found in held {
         let key = (found.blueprint.clone(), found.identifier.clone());
-        stock.held.insert(key, entity);
+        stock.held.insert(key, found.held.unwrap_or_default());
         stock
             .ours
             .push((found.blueprint, found.identifier, found.reference));
