@@ -14,12 +14,14 @@ use crate::clients::CallError;
 use crate::clients::port::PortClient;
 use crate::entities::Entity;
 
+mod coming;
 mod reader;
 mod writer;
 
+use coming::Coming;
+pub use coming::Expected;
 use reader::Reader;
-pub use writer::Expected;
-use writer::{Coming, Writer};
+use writer::Writer;
 
 /// The property every entity this integration writes carries: which Harbor it came from. It is
 /// how the worker tells its entities from others when it deletes what Harbor no longer has.
@@ -111,14 +113,15 @@ pub struct PortCatalog {
 }
 
 impl PortCatalog {
-    /// Port's catalog of the entities of the Harbor named `instance`.
-    pub fn new(port: PortClient, instance: &str) -> Self {
+    /// Port's catalog of the entities of the Harbor named `instance`, for a worker running at
+    /// most `concurrency` refreshes at once.
+    pub fn new(port: PortClient, instance: &str, concurrency: usize) -> Self {
         Self {
             port: Arc::new(port),
             instance: instance.to_owned(),
             reader: OnceLock::new(),
             writer: OnceLock::new(),
-            coming: Arc::default(),
+            coming: Arc::new(Coming::new(concurrency)),
         }
     }
 

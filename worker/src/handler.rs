@@ -144,7 +144,7 @@ impl<C: Catalog> Handler<C> {
         call.await
     }
 
-    async fn refresh_project(&self, name: &str, expected: Expected) -> Report {
+    async fn refresh_project(&self, name: &str, expected: &mut Expected) -> Report {
         let mut report = Report::default();
         match self.call(self.harbor.project(name)).await {
             Err(error) => report.main = Status::of::<()>(&Err(error)),
@@ -201,11 +201,11 @@ impl<C: Catalog> Handler<C> {
         &self,
         name: &RepositoryName,
         work: &Work,
-        expected: Expected,
+        expected: &mut Expected,
     ) -> Report {
         let observed = self.observe_repository(name, work).await;
         if let Some(Ok(None)) = observed.repository {
-            drop(expected);
+            expected.written();
             return self.repository_gone(name, work).await;
         }
         let mut report = Report::default();
@@ -273,10 +273,11 @@ impl<C: Catalog> Reconcile for Handler<C> {
     type Report = Report;
 
     async fn run(&self, key: &Key, work: &Work) -> Report {
-        let expected = self.catalog.expect_writes();
+        // In flight until the report is made.
+        let mut expected = self.catalog.expect_writes();
         let report = match key {
-            Key::Project(name) => self.refresh_project(name, expected).await,
-            Key::Repository(name) => self.refresh_repository(name, work, expected).await,
+            Key::Project(name) => self.refresh_project(name, &mut expected).await,
+            Key::Repository(name) => self.refresh_repository(name, work, &mut expected).await,
         };
         debug!(
             ?key,

@@ -42,7 +42,11 @@ pub fn fleet(
             name: harbor.name.clone(),
             prefixed,
         };
-        let catalog = PortCatalog::new(port_client(port, http.clone()), identity.instance());
+        let catalog = PortCatalog::new(
+            port_client(port, http.clone()),
+            identity.instance(),
+            usize::from(concurrency),
+        );
         Member {
             handler: Handler::new(
                 harbor_client(harbor, http.clone()),

@@ -1,7 +1,7 @@
 //! The searches of every refresh in flight, asked together: each search joins a queue, and
 //! one request to Port asks for all those waiting (up to [`GROUP`], each a group of rules under
-//! one `or`) once every refresh in flight has asked (or [`LINGER`] after the first search
-//! came), the previous request is answered and Port's budget admits it. What Port finds is
+//! one `or`) once nothing more is coming (what [`Coming`] says), the previous request is
+//! answered and Port's budget admits it. What Port finds is
 //! handed to each search it matches, matched here by the same rules. A lone search leaves at
 //! once; a search of everything leaves alone.
 
@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
-use super::writer::{Coming, LINGER};
+use super::coming::{Coming, gather};
 use super::{Found, INSTANCE_PROPERTY, REF_PROPERTY, Search, TAGS_PROPERTY};
 use crate::clients::CallError;
 use crate::clients::port::{Family, PortClient};
@@ -131,6 +132,8 @@ pub const INCLUDE: [&str; 4] = [
 struct Ask {
     search: Owned,
     done: oneshot::Sender<Result<Vec<Found>, CallError>>,
+    /// When it came.
+    since: Instant,
 }
 
 /// The queue of searches, and the task that asks Port.
@@ -153,6 +156,7 @@ impl Reader {
         let _ = self.queue.send(Ask {
             search: search.into(),
             done,
+            since: Instant::now(),
         });
         answer.await.unwrap_or_else(|_| {
             Err(CallError::Transient {
@@ -178,21 +182,15 @@ async fn run(
                 None => return,
             }
         }
-        // Until every refresh in flight has asked (a refresh asks once or twice at a time),
-        // the group is full, or the linger is over.
-        let until = tokio::time::Instant::now() + LINGER;
-        while pending.len() < *coming.borrow_and_update() && pending.len() < GROUP {
-            tokio::select! {
-                ask = asks.recv() => match ask {
-                    Some(ask) => pending.push_back(ask),
-                    None => break,
-                },
-                changed = coming.changed() => if changed.is_err() {
-                    break;
-                },
-                () = tokio::time::sleep_until(until) => break,
-            }
-        }
+        // Until nothing more is coming (a refresh asks once or twice at a time) or the group
+        // is full.
+        gather(&mut asks, &mut pending, &mut coming, |pending, flight| {
+            let oldest = pending.front().map_or_else(Instant::now, |ask| ask.since);
+            let unheard = pending.len() < flight.count;
+            let wait = flight.wait_until(oldest, unheard, Instant::now());
+            wait.filter(|_| pending.len() < GROUP)
+        })
+        .await;
         port.budget().admit(Family::Search).await;
         while let Ok(ask) = asks.try_recv() {
             pending.push_back(ask);
@@ -299,7 +297,11 @@ mod tests {
     fn a_search_of_everything_goes_alone() {
         let ask = |search: Owned| {
             let (done, _) = oneshot::channel();
-            Ask { search, done }
+            Ask {
+                search,
+                done,
+                since: Instant::now(),
+            }
         };
         let under: Owned = Search {
             under: Some("x"),

@@ -1,10 +1,8 @@
 //! The writes of every refresh in flight, sent together: each upsert or delete joins a queue,
 //! and a bulk request (at most [`BULK_LIMIT`] upserts, or [`DELETE_LIMIT`] deletes, of one
-//! blueprint) leaves once it is full or
-//! nothing more is coming (no refresh in flight that has not written yet: [`Coming`]; at most
-//! [`LINGER`] after its first entity came), and then as soon as a slot among [`IN_FLIGHT`]
-//! requests is free and Port's budget admits it. What arrives meanwhile fills the next ones; a
-//! lone refresh's entities leave at once. Each entity's refresh is told what Port answered for
+//! blueprint) leaves once it is full or nothing more is coming (what [`Coming`] says), and then
+//! as soon as a slot among [`IN_FLIGHT`] requests is free and Port's budget admits it. What
+//! arrives meanwhile fills the next ones; a lone refresh's entities leave at once. Each entity's refresh is told what Port answered for
 //! it (a 207's per-entity error goes to its own refresh only). Port refuses a bulk delete whole
 //! when one of its entities cannot go (dependents, say): each is then deleted alone, so that the
 //! refusal is told to its own refresh.
@@ -17,67 +15,17 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::coming::{Coming, gather};
 use crate::clients::CallError;
 use crate::clients::port::{BULK_LIMIT, DELETE_LIMIT, Family, PortClient};
 use crate::entities::Entity;
 
 /// Bulk requests in flight at once.
 pub const IN_FLIGHT: usize = 4;
-
-/// The longest a request that is not full waits for the refreshes still coming.
-pub const LINGER: Duration = Duration::from_millis(50);
-
-/// The refreshes in flight that may still write: a request that is not full waits for them.
-#[derive(Debug)]
-pub struct Coming {
-    count: watch::Sender<usize>,
-}
-
-impl Default for Coming {
-    fn default() -> Self {
-        Self {
-            count: watch::Sender::new(0),
-        }
-    }
-}
-
-/// One refresh that may still write; dropped once it has queued its writes (or has none).
-pub struct Expected(Option<Arc<Coming>>);
-
-impl Expected {
-    /// For a catalog that does not wait for anyone.
-    pub fn none() -> Self {
-        Self(None)
-    }
-}
-
-impl Coming {
-    /// A refresh starts that may write.
-    pub fn expect(self: &Arc<Self>) -> Expected {
-        self.count.send_modify(|count| *count += 1);
-        Expected(Some(Arc::clone(self)))
-    }
-
-    /// The count of refreshes in flight that may still write, to read and to wait on.
-    pub fn watch(&self) -> watch::Receiver<usize> {
-        self.count.subscribe()
-    }
-}
-
-impl Drop for Expected {
-    fn drop(&mut self) {
-        if let Some(coming) = self.0.take() {
-            coming
-                .count
-                .send_modify(|count| *count = count.saturating_sub(1));
-        }
-    }
-}
 
 /// A write.
 #[derive(Debug, Clone)]
@@ -104,6 +52,8 @@ struct Item {
     blueprint: String,
     op: Op,
     done: oneshot::Sender<Result<(), CallError>>,
+    /// When it came.
+    since: Instant,
 }
 
 impl Item {
@@ -164,6 +114,7 @@ impl Writer {
                     blueprint: blueprint.to_owned(),
                     op,
                     done,
+                    since: Instant::now(),
                 };
                 // A send fails only once the task is gone: the answer says so below.
                 let _ = self.queue.send(item);
@@ -194,31 +145,19 @@ async fn run(port: Arc<PortClient>, mut items: mpsc::UnboundedReceiver<Item>, co
                 None => return,
             }
         }
-        // Until the next request is full or nothing more is coming, within the linger.
-        let until = Instant::now() + LINGER;
-        loop {
-            while let Ok(item) = items.try_recv() {
-                pending.push_back(item);
-            }
-            if full(&pending) || *coming.borrow_and_update() == 0 || Instant::now() >= until {
-                break;
-            }
-            tokio::select! {
-                item = items.recv() => match item {
-                    Some(item) => pending.push_back(item),
-                    None => break,
-                },
-                changed = coming.changed() => if changed.is_err() {
-                    break;
-                },
-                () = tokio::time::sleep_until(until) => {}
-            }
-        }
+        // Until a request is full or nothing more is coming.
+        gather(&mut items, &mut pending, &mut coming, |pending, flight| {
+            let oldest = pending.front().map_or_else(Instant::now, |item| item.since);
+            let wait = flight.wait_until(oldest, flight.count > 0, Instant::now());
+            wait.filter(|_| full(pending).is_none())
+        })
+        .await;
         // Never closed: a slot is always granted.
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
             return;
         };
-        let deletes = pending.front().is_some_and(|item| item.op.is_delete());
+        let lead = full(&pending).unwrap_or(0);
+        let deletes = pending.get(lead).is_some_and(|item| item.op.is_delete());
         let family = if deletes {
             Family::Entity
         } else {
@@ -228,7 +167,7 @@ async fn run(port: Arc<PortClient>, mut items: mpsc::UnboundedReceiver<Item>, co
         while let Ok(item) = items.try_recv() {
             pending.push_back(item);
         }
-        let batch = next_batch(&mut pending);
+        let batch = next_batch(&mut pending, lead);
         let port = Arc::clone(&port);
         tokio::spawn(async move {
             let each = send(&port, &batch).await;
@@ -271,22 +210,26 @@ async fn send(port: &PortClient, batch: &[Item]) -> Vec<Result<(), CallError>> {
     }
 }
 
-/// Whether the next request would be full.
-fn full(pending: &VecDeque<Item>) -> bool {
-    let Some(first) = pending.front() else {
-        return false;
-    };
-    pending
-        .iter()
-        .filter(|item| item.goes_with(first))
-        .nth(first.limit() - 1)
-        .is_some()
+/// The oldest write whose request would be full, if any.
+fn full(pending: &VecDeque<Item>) -> Option<usize> {
+    let mut seen: Vec<&Item> = Vec::new();
+    pending.iter().enumerate().find_map(|(at, item)| {
+        if seen.iter().any(|other| other.goes_with(item)) {
+            return None;
+        }
+        seen.push(item);
+        let mut fill = pending
+            .iter()
+            .skip(at)
+            .filter(|other| other.goes_with(item));
+        fill.nth(item.limit() - 1).map(|_| at)
+    })
 }
 
-/// The next request: up to its kind's limit of the writes that go with the one waiting
-/// longest, each identifier once, in the order they came; the rest keep theirs.
-fn next_batch(pending: &mut VecDeque<Item>) -> Vec<Item> {
-    let Some(first) = pending.pop_front() else {
+/// The next request: up to its kind's limit of the writes that go with the one at `lead`,
+/// each identifier once, in the order they came; the rest keep theirs.
+fn next_batch(pending: &mut VecDeque<Item>, lead: usize) -> Vec<Item> {
+    let Some(first) = pending.remove(lead) else {
         return Vec::new();
     };
     let limit = first.limit();
@@ -326,6 +269,7 @@ mod tests {
             blueprint: blueprint.to_owned(),
             op,
             done,
+            since: Instant::now(),
         };
         (item, answer)
     }
@@ -346,7 +290,8 @@ mod tests {
         for n in 0..25 {
             add("harborArtifact", &format!("x{n}"));
         }
-        let batch = next_batch(&mut pending);
+        assert_eq!(full(&pending), Some(0));
+        let batch = next_batch(&mut pending, 0);
         assert_eq!(batch[0].blueprint, "harborArtifact");
         let ids: Vec<&str> = batch.iter().map(|i| i.op.identifier()).collect();
         assert_eq!(ids.len(), BULK_LIMIT);
@@ -355,8 +300,31 @@ mod tests {
         let left: Vec<&str> = pending.iter().map(|i| i.op.identifier()).collect();
         assert_eq!(left[..3], ["r", "gone", "a"]);
         assert_eq!(left.len(), 29 - BULK_LIMIT);
-        assert_eq!(next_batch(&mut pending)[0].blueprint, "harborRepository");
-        let deletes = next_batch(&mut pending);
+        assert_eq!(full(&pending), None);
+        assert_eq!(next_batch(&mut pending, 0)[0].blueprint, "harborRepository");
+        let deletes = next_batch(&mut pending, 0);
         assert!(deletes.len() == 1 && deletes[0].op.is_delete());
+    }
+
+    #[test]
+    fn a_full_request_leaves_before_an_older_one_that_is_not() {
+        let mut pending = VecDeque::new();
+        let mut answers = Vec::new();
+        for (bp, id) in [("harborRepository", "r"), ("harborArtifact", "-gone")] {
+            let (item, answer) = item(bp, id);
+            pending.push_back(item);
+            answers.push(answer);
+        }
+        for n in 0..BULK_LIMIT {
+            let (item, answer) = item("harborArtifact", &format!("x{n}"));
+            pending.push_back(item);
+            answers.push(answer);
+        }
+        assert_eq!(full(&pending), Some(2));
+        let batch = next_batch(&mut pending, 2);
+        assert_eq!(batch.len(), BULK_LIMIT);
+        assert!(batch.iter().all(|i| !i.op.is_delete()));
+        let left: Vec<&str> = pending.iter().map(|i| i.op.identifier()).collect();
+        assert_eq!(left, ["r", "gone"]);
     }
 }

@@ -94,8 +94,8 @@ impl<C: Catalog> Handler<C> {
     /// Does a batch's writes: the upserts (by blueprint, in bulk) and the deletes of the
     /// entities of the objects to clear (all of this integration's entities of each, but those
     /// the batch upserts). Each part of the report is told what became of its own. `expected`
-    /// (this refresh may still write) ends once its upserts are queued.
-    pub(super) async fn execute(&self, batch: Batch, report: &mut Report, expected: Expected) {
+    /// (this refresh may still write) is written once its upserts are queued.
+    pub(super) async fn execute(&self, batch: Batch, report: &mut Report, expected: &mut Expected) {
         let Batch {
             mut upserts,
             clear,
@@ -166,7 +166,7 @@ impl<C: Catalog> Handler<C> {
             let mut upserted = std::pin::pin!(upserted);
             // The first poll queues every upsert: nothing more is coming from this refresh.
             let first = futures_util::poll!(&mut upserted);
-            drop(expected);
+            expected.written();
             match first {
                 std::task::Poll::Ready(done) => done,
                 std::task::Poll::Pending => upserted.await,

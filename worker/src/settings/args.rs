@@ -244,7 +244,7 @@ pub struct PortArgs {
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Refreshes at once, and calls to Harbor and Port in flight at once, 1-1000.
-    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 32)]
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 100)]
     pub worker_concurrency: u16,
 
     /// Deliveries held at once per work queue (each consumer's prefetch): handled, or waiting to

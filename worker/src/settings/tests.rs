@@ -102,7 +102,7 @@ fn complete_options_give_settings_with_the_documented_defaults() {
     );
     assert_eq!(settings.harbors[0].name, None);
     assert_eq!(settings.port.url.as_str(), "https://api.port.io/");
-    assert_eq!(settings.concurrency, 32);
+    assert_eq!(settings.concurrency, 100);
     assert_eq!(settings.retry.max_elapsed, Duration::from_secs(60));
     assert_eq!(settings.metrics_addr.port(), 9090);
     assert_eq!(
