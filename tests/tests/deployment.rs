@@ -1,4 +1,4 @@
-//! The Kubernetes manifests run as written: `deploy/k8s` (one Harbor) and
+//! The documented deployments run as written. The Kubernetes manifests: `deploy/k8s` (one Harbor) and
 //! `deploy/k8s-several-harbors` are rendered with kustomize, and each container of ours gets
 //! the environment Kubernetes would give it (env, envFrom of the ConfigMap and the Secret,
 //! secretKeyRef and configMapKeyRef, the files of mounted Secrets), with only the in-cluster
@@ -7,7 +7,9 @@
 //! broker user the Secret's URLs name is made as deploy/k8s/rabbitmq/user.yaml makes it. The
 //! ingest and the worker must become ready, a push must reach Port through them, and the
 //! commands the README runs through `kubectl exec` must succeed with the worker's environment.
-//! Every `REPLACE_ME` is filled in, as the manifests tell the operator to.
+//! Every `REPLACE_ME` is filled in, as the manifests tell the operator to. The same for
+//! `docker-compose.yml` as a real install runs it (its variables given, the sandbox service off,
+//! a sandbox of the test's standing in for the real Harbor and Port).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -224,9 +226,8 @@ async fn worker_command(env: &[(String, String)], args: &[&str]) -> Result<Strin
     }
 }
 
-/// One rendering run: the ingest and the worker of `dir` become ready, a push to `endpoint`
-/// reaches Port, and the documented commands succeed.
-async fn runs_as_rendered(dir: &str, endpoint: &str, vhost: &str) {
+/// `dir`'s ingest and worker (and blueprints Job) as Kubernetes would run them.
+fn rendered(dir: &str) -> (Container, Container, Option<Container>) {
     let documents = render(dir);
     let ingest = container(&documents, "Deployment", "harbor-ingest", "ingest");
     let worker = container(&documents, "Deployment", "harbor-worker", "worker");
@@ -236,7 +237,66 @@ async fn runs_as_rendered(dir: &str, endpoint: &str, vhost: &str) {
         "harbor-port-sync-blueprints",
         "blueprints",
     );
+    (ingest, worker, Some(blueprints))
+}
 
+/// The value compose gives `value` (`${NAME}`, `${NAME:-default}`, `${NAME:?error}`) with
+/// `variables` set; compose's refusal fails the test.
+fn interpolate(value: &str, variables: &BTreeMap<&str, &str>) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = start + rest[start..].find('}').unwrap();
+        let expression = &rest[start + 2..end];
+        let (name, otherwise) =
+            expression.split_at(expression.find(':').unwrap_or(expression.len()));
+        let set = variables.get(name).copied().filter(|v| !v.is_empty());
+        out.push_str(&match (set, otherwise.get(..2), otherwise.get(2..)) {
+            (Some(value), _, _) => value.to_owned(),
+            (None, Some(":-"), Some(default)) => default.to_owned(),
+            (None, Some(":?"), Some(error)) => panic!("compose refuses to run: {error}"),
+            (None, ..) => String::new(),
+        });
+        rest = &rest[end + 1..];
+    }
+    out + rest
+}
+
+/// docker-compose.yml's ingest and worker with `variables` set, as compose would run them;
+/// each listens where it publishes its port.
+fn composed(variables: &BTreeMap<&str, &str>) -> (Container, Container, Option<Container>) {
+    let path = repository().join("docker-compose.yml");
+    let compose: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let service = |name: &str, listen: (&str, &str)| {
+        let mut env: BTreeMap<String, String> = compose["services"][name]["environment"]
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                let value = interpolate(v.as_str().unwrap(), variables);
+                (k.as_str().unwrap().to_owned(), value)
+            })
+            .collect();
+        env.insert(listen.0.to_owned(), listen.1.to_owned());
+        Container {
+            env,
+            files: BTreeMap::new(),
+        }
+    };
+    let ingest = service("ingest", ("LISTEN_ADDR", "0.0.0.0:8080"));
+    let worker = service("worker", ("METRICS_ADDR", "0.0.0.0:9090"));
+    (ingest, worker, None)
+}
+
+/// One deployment run (`dir` names it): its ingest and worker become ready, a push to
+/// `endpoint` reaches Port, and the documented commands succeed.
+async fn runs(
+    dir: &str,
+    (ingest, worker, blueprints): (Container, Container, Option<Container>),
+    endpoint: &str,
+    vhost: &str,
+) {
     let (ingest_port, metrics_port) = (free_port(), free_port());
     // The sandbox plays Harbor (every instance) and Port with the manifests' credentials, and
     // sends its webhooks to the ingest with the first Harbor's secret.
@@ -280,15 +340,22 @@ async fn runs_as_rendered(dir: &str, endpoint: &str, vhost: &str) {
                 "https://harbor-webhooks.example.com".into(),
                 format!("http://127.0.0.1:{ingest_port}"),
             ),
+            // The broker's compose service.
+            (
+                "guest:guest@rabbitmq:5672/%2f".into(),
+                format!("guest:guest@127.0.0.1:5672/{vhost}"),
+            ),
             ("0.0.0.0:8080".into(), format!("127.0.0.1:{ingest_port}")),
             ("0.0.0.0:9090".into(), format!("127.0.0.1:{metrics_port}")),
         ],
         root: std::env::temp_dir().join(format!("deployment-{}", uuid::Uuid::new_v4().simple())),
     };
     let worker_env = local.environment(&worker);
-    worker_command(&local.environment(&blueprints), &["blueprints"])
-        .await
-        .unwrap();
+    if let Some(blueprints) = &blueprints {
+        worker_command(&local.environment(blueprints), &["blueprints"])
+            .await
+            .unwrap();
+    }
 
     let mut processes = Processes::new("deployment");
     processes.spawn(
@@ -376,12 +443,46 @@ async fn the_kubernetes_manifests_run_as_rendered_for_one_harbor_and_for_several
     .await;
     let on = vhost.clone();
     let run = async move {
-        runs_as_rendered("deploy/k8s", "/webhook", &on).await;
-        runs_as_rendered("deploy/k8s-several-harbors", "/webhook/eu", &on).await;
+        runs("deploy/k8s", rendered("deploy/k8s"), "/webhook", &on).await;
+        let several = rendered("deploy/k8s-several-harbors");
+        runs("deploy/k8s-several-harbors", several, "/webhook/eu", &on).await;
     };
     let outcome = tokio::spawn(run).await;
     management(Method::DELETE, &format!("vhosts/{vhost}"), None).await;
     management(Method::DELETE, "users/harbor-port-sync", None).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic.into_panic());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compose_runs_as_written_against_a_real_harbor_and_port() {
+    let vhost = format!("deployment-{}", uuid::Uuid::new_v4().simple());
+    use reqwest::Method;
+    management(Method::PUT, &format!("vhosts/{vhost}"), None).await;
+    management(
+        Method::PUT,
+        &format!("permissions/{vhost}/guest"),
+        Some(serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
+    )
+    .await;
+    // What a real install sets (README, docker-compose.yml's header); PORT_API_URL left to its
+    // default.
+    let variables = BTreeMap::from([
+        ("WEBHOOK_SECRET", FILLED_IN),
+        ("HARBOR_URL", "https://harbor.example.com"),
+        ("HARBOR_USERNAME", "robot$port-sync"),
+        ("HARBOR_PASSWORD", FILLED_IN),
+        ("PORT_CLIENT_ID", FILLED_IN),
+        ("PORT_CLIENT_SECRET", FILLED_IN),
+        ("WEBHOOK_PUBLIC_URL", "https://harbor-webhooks.example.com"),
+    ]);
+    let containers = composed(&variables);
+    let on = vhost.clone();
+    let outcome =
+        tokio::spawn(async move { runs("docker-compose.yml", containers, "/webhook", &on).await })
+            .await;
+    management(Method::DELETE, &format!("vhosts/{vhost}"), None).await;
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic.into_panic());
     }
