@@ -284,7 +284,7 @@ mod tests {
                 "--webhook-secret",
                 "WEBHOOK_SECRET (or WEBHOOK_SECRET_FILE)",
             ),
-            ("--amqp-url", "AMQP_URL"),
+            ("--amqp-url", "AMQP_URL (or AMQP_URL_FILE)"),
         ] {
             let args = ["harbor-ingest", flag, "amqp://u:a-long-enough-secret@h/"];
             let err = harbor_shared::config::try_parse_cli::<Cli>(args).unwrap_err();

@@ -64,19 +64,21 @@ fn credential_flag(command: &clap::Command, matches: &ArgMatches) -> Option<Stri
     credential_flag(command.find_subcommand(name)?, sub)
 }
 
+/// The broker when AMQP_URL is not set: a local one, as RabbitMQ installs it.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
 /// The broker a binary talks to and the names of the exchange and queue.
 #[derive(Args, Debug, Clone)]
 pub struct AmqpArgs {
-    /// AMQP URL of the broker (`amqp://` or `amqps://`, with credentials and vhost); from the
-    /// environment only, as it holds the broker's password.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true,
-        hide_default_value = true
-    )]
-    pub amqp_url: String,
+    /// AMQP URL of the broker (`amqp://` or `amqps://`, with credentials and vhost; by default
+    /// the local broker as RabbitMQ installs it: user guest at 127.0.0.1:5672, vhost /); from
+    /// the environment or AMQP_URL_FILE only, as it holds the broker's password.
+    #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+    pub amqp_url: Option<String>,
+
+    /// A file holding AMQP_URL (its trailing newline dropped), in place of it.
+    #[arg(long, env = "AMQP_URL_FILE")]
+    pub amqp_url_file: Option<PathBuf>,
 
     /// Exchange the webhooks are published to (topic, durable).
     #[arg(long, env = "AMQP_EXCHANGE", default_value = "harbor.events")]
@@ -90,8 +92,12 @@ pub struct AmqpArgs {
 impl AmqpArgs {
     /// Checks the URL and the names, naming the variable at fault.
     pub fn into_settings(self) -> anyhow::Result<AmqpSettings> {
+        let url = secret_from(self.amqp_url, self.amqp_url_file, "AMQP_URL")?;
+        let url = url
+            .as_ref()
+            .map_or(DEFAULT_AMQP_URL, ExposeSecret::expose_secret);
         Ok(AmqpSettings {
-            url: BrokerUrl::parse(&self.amqp_url).context("Invalid AMQP_URL")?,
+            url: BrokerUrl::parse(url).context("Invalid AMQP_URL")?,
             topology: Topology::new(&self.amqp_exchange, &self.amqp_queue)?,
         })
     }
@@ -193,6 +199,41 @@ pub fn required_secret(
 mod tests {
     use super::*;
     use secrecy::ExposeSecret;
+
+    #[derive(Parser, Debug)]
+    struct Broker {
+        #[command(flatten)]
+        amqp: AmqpArgs,
+    }
+
+    #[test]
+    fn the_broker_url_comes_from_the_environment_or_a_file_never_both() {
+        let file = std::env::temp_dir().join(format!("amqp-url-{}", std::process::id()));
+        std::fs::write(&file, "amqp://sync:from-a-file@rabbit:5672/%2f\n").unwrap();
+        let parse = |args: &[&str]| {
+            // Whatever this process's environment says of the broker aside.
+            let command = <Broker as clap::CommandFactory>::command()
+                .mut_arg("amqp_url", |a| a.env(None))
+                .mut_arg("amqp_url_file", |a| a.env(None));
+            let matches = command
+                .try_get_matches_from(["x"].iter().chain(args))
+                .unwrap();
+            let cli = <Broker as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+            cli.amqp.into_settings().map(|s| format!("{:?}", s.url))
+        };
+        let from_file = parse(&["--amqp-url-file", file.to_str().unwrap()]).unwrap();
+        assert!(from_file.contains("rabbit"), "{from_file}");
+        let default = parse(&[]).unwrap();
+        assert!(default.contains("127.0.0.1"), "{default}");
+        let both = parse(&[
+            "--amqp-url",
+            "amqp://h/",
+            "--amqp-url-file",
+            file.to_str().unwrap(),
+        ]);
+        assert!(both.unwrap_err().to_string().contains("both set"));
+        std::fs::remove_file(file).unwrap();
+    }
 
     #[derive(Parser, Debug)]
     struct Toy {

@@ -196,10 +196,8 @@ fn assert_run_by_ci(command: &str) {
     let (file, proof) = match command {
         "deploy/local/run.sh" => ("tests/tests/readme.rs", "deploy/local/run.sh"),
         "deploy/local/test.sh" => (".ci/run", "\ndeploy/local/test.sh\n"),
-        "kubectl apply -k deploy/k8s" => ("deploy/validate.sh", "kustomize \"$dir\""),
-        "kubectl -n harbor-port-sync apply -f deploy/k8s/blueprints-job.yaml" => {
-            ("deploy/validate.sh", "deploy/k8s/blueprints-job.yaml")
-        }
+        "kubectl apply -k deploy/k8s/rabbitmq" => ("deploy/validate.sh", "deploy/k8s/rabbitmq;"),
+        "kubectl apply -k deploy/k8s" => ("tests/tests/deployment.rs", "rendered(\"deploy/k8s\")"),
         other => panic!("no test or CI step runs this README command: {other}"),
     };
     assert!(
