@@ -83,7 +83,8 @@ enum Mode {
         events: u64,
         #[arg(long, default_value_t = 20)]
         latency_ms: u64,
-        #[arg(long, default_value_t = 32)]
+        /// WORKER_CONCURRENCY (the worker's default: 100).
+        #[arg(long, default_value_t = 100)]
         concurrency: u16,
         /// Worker processes sharing the work queues.
         #[arg(long, default_value_t = 1)]
