@@ -422,50 +422,50 @@ async fn runs(
     let _ = std::fs::remove_dir_all(&local.root);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_kubernetes_manifests_run_as_rendered_for_one_harbor_and_for_several() {
-    // The user of the Secret's URLs, as deploy/k8s/rabbitmq/user.yaml makes it, on a vhost of
-    // this test's own (the manifests' `/`).
-    let vhost = format!("deployment-{}", uuid::Uuid::new_v4().simple());
+/// Runs `run` with the name of a vhost of its own on which `user` may do everything (made with
+/// the `management` tag when `password` is given, as deploy/k8s/rabbitmq/user.yaml makes it),
+/// then deletes what it made, whatever `run` did.
+async fn on_a_vhost_of_its_own<F>(user: &str, password: Option<&str>, run: impl FnOnce(String) -> F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
     use reqwest::Method;
+    let vhost = format!("deployment-{}", uuid::Uuid::new_v4().simple());
     management(Method::PUT, &format!("vhosts/{vhost}"), None).await;
+    if let Some(password) = password {
+        let made = serde_json::json!({"password": password, "tags": "management"});
+        management(Method::PUT, &format!("users/{user}"), Some(made)).await;
+    }
+    let everything = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
     management(
         Method::PUT,
-        "users/harbor-port-sync",
-        Some(serde_json::json!({"password": FILLED_IN, "tags": "management"})),
+        &format!("permissions/{vhost}/{user}"),
+        Some(everything),
     )
     .await;
-    management(
-        Method::PUT,
-        &format!("permissions/{vhost}/harbor-port-sync"),
-        Some(serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
-    )
-    .await;
-    let on = vhost.clone();
-    let run = async move {
-        runs("deploy/k8s", rendered("deploy/k8s"), "/webhook", &on).await;
-        let several = rendered("deploy/k8s-several-harbors");
-        runs("deploy/k8s-several-harbors", several, "/webhook/eu", &on).await;
-    };
-    let outcome = tokio::spawn(run).await;
+    let outcome = tokio::spawn(run(vhost.clone())).await;
     management(Method::DELETE, &format!("vhosts/{vhost}"), None).await;
-    management(Method::DELETE, "users/harbor-port-sync", None).await;
+    if password.is_some() {
+        management(Method::DELETE, &format!("users/{user}"), None).await;
+    }
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic.into_panic());
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn compose_runs_as_written_against_a_real_harbor_and_port() {
-    let vhost = format!("deployment-{}", uuid::Uuid::new_v4().simple());
-    use reqwest::Method;
-    management(Method::PUT, &format!("vhosts/{vhost}"), None).await;
-    management(
-        Method::PUT,
-        &format!("permissions/{vhost}/guest"),
-        Some(serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
-    )
+async fn the_kubernetes_manifests_run_as_rendered_for_one_harbor_and_for_several() {
+    // The user of the Secret's URLs, on a vhost of this test's own (the manifests' `/`).
+    on_a_vhost_of_its_own("harbor-port-sync", Some(FILLED_IN), |vhost| async move {
+        runs("deploy/k8s", rendered("deploy/k8s"), "/webhook", &vhost).await;
+        let several = rendered("deploy/k8s-several-harbors");
+        runs("deploy/k8s-several-harbors", several, "/webhook/eu", &vhost).await;
+    })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compose_runs_as_written_against_a_real_harbor_and_port() {
     // What a real install sets (README, docker-compose.yml's header); PORT_API_URL left to its
     // default.
     let variables = BTreeMap::from([
@@ -478,12 +478,9 @@ async fn compose_runs_as_written_against_a_real_harbor_and_port() {
         ("WEBHOOK_PUBLIC_URL", "https://harbor-webhooks.example.com"),
     ]);
     let containers = composed(&variables);
-    let on = vhost.clone();
-    let outcome =
-        tokio::spawn(async move { runs("docker-compose.yml", containers, "/webhook", &on).await })
-            .await;
-    management(Method::DELETE, &format!("vhosts/{vhost}"), None).await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic.into_panic());
-    }
+    // Compose's broker user, guest, on a vhost of this test's own (compose's `/`).
+    on_a_vhost_of_its_own("guest", None, |vhost| async move {
+        runs("docker-compose.yml", containers, "/webhook", &vhost).await;
+    })
+    .await;
 }
