@@ -1,9 +1,10 @@
 //! What is still coming to the searches and writes waiting to go to Port, and so how long a
 //! request that is not full waits: while refreshes in flight have not yet asked or written
 //! theirs, and in a storm (at least [`STORM`] refreshes started in the last [`WINDOW`]) for as
-//! long as it lasts and more refreshes can start (fewer run than the worker's concurrency);
-//! never more than [`LINGER`] after its oldest part came. A lone refresh's request, or one of a
-//! steady trickle, leaves at once.
+//! long as it lasts and more refreshes can start (for writes: fewer run than the worker's
+//! concurrency; searches wait regardless, as the writes in flight free places as they are
+//! answered); never more than [`LINGER`] after its oldest part came. A lone refresh's request,
+//! or one of a steady trickle, leaves at once.
 
 use std::time::Duration;
 
@@ -36,6 +37,15 @@ pub struct Flight {
 }
 
 impl Flight {
+    /// As the searches see it: refreshes waiting for their writes' answers free their places as
+    /// those come (the writer never waits for a search), so more may start even at capacity.
+    pub fn searching(self) -> Self {
+        Self {
+            capacity: usize::MAX,
+            ..self
+        }
+    }
+
     /// Until when a request whose oldest part came at `since` waits, at `now`; `None`: it
     /// goes. `unheard`: refreshes in flight have still to ask or write theirs.
     pub fn wait_until(&self, since: Instant, unheard: bool, now: Instant) -> Option<Instant> {
@@ -205,6 +215,12 @@ mod tests {
             ..storm
         };
         assert_eq!(full.wait_until(t0 + 20 * MS, false, t0 + 20 * MS), None);
+        // Unless for searches: the writes those wait for free their places as they are answered.
+        assert_eq!(
+            full.searching()
+                .wait_until(t0 + 20 * MS, false, t0 + 20 * MS),
+            Some(oldest + WINDOW)
+        );
         // Never past the linger, however long the storm.
         let late: Vec<Instant> = (0..20u32).map(|n| t0 + LINGER + n * MS).collect();
         assert_eq!(

@@ -187,7 +187,9 @@ async fn run(
         gather(&mut asks, &mut pending, &mut coming, |pending, flight| {
             let oldest = pending.front().map_or_else(Instant::now, |ask| ask.since);
             let unheard = pending.len() < flight.count;
-            let wait = flight.wait_until(oldest, unheard, Instant::now());
+            let wait = flight
+                .searching()
+                .wait_until(oldest, unheard, Instant::now());
             wait.filter(|_| pending.len() < GROUP)
         })
         .await;
