@@ -17,7 +17,7 @@ use lapin::{BasicProperties, Channel, Connection, Consumer};
 
 /// The broker tests use.
 pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("AMQP_URL").unwrap_or_else(|_| harbor_shared::config::DEFAULT_AMQP_URL.into())
 }
 
 /// One test's exchanges and queues (`test.<random>`), declared as the binaries declare them.

@@ -1,15 +1,15 @@
-//! The documented deployments run as written. The Kubernetes manifests: `deploy/k8s` (one Harbor) and
-//! `deploy/k8s-several-harbors` are rendered with kustomize, and each container of ours gets
-//! the environment Kubernetes would give it (env, envFrom of the ConfigMap and the Secret,
-//! secretKeyRef and configMapKeyRef, the files of mounted Secrets), with only the in-cluster
-//! addresses mapped to local ones: the broker's Service to the local broker (the vhost to one of
-//! the test's own), Harbor and Port to the sandbox, the listening addresses to free ports. The
-//! broker user the Secret's URLs name is made as deploy/k8s/rabbitmq/user.yaml makes it. The
-//! ingest and the worker must become ready, a push must reach Port through them, and the
-//! commands the README runs through `kubectl exec` must succeed with the worker's environment.
-//! Every `REPLACE_ME` is filled in, as the manifests tell the operator to. The same for
-//! `docker-compose.yml` as a real install runs it (its variables given, the sandbox service off,
-//! a sandbox of the test's standing in for the real Harbor and Port).
+//! The documented deployments run as written. The Kubernetes manifests: `deploy/k8s` (one
+//! Harbor) and `deploy/k8s-several-harbors` are rendered with kustomize, and each container of
+//! ours gets the environment Kubernetes would give it (env, envFrom of the ConfigMap and the
+//! Secret, secretKeyRef and configMapKeyRef, the files of mounted Secrets), with only the
+//! in-cluster addresses mapped to local ones: the broker's Service to the local broker (the
+//! vhost to one of the test's own), Harbor and Port to the sandbox, the listening addresses to
+//! free ports. The broker user the Secret's URLs name is made as deploy/k8s/rabbitmq/user.yaml
+//! makes it. The ingest and the worker must become ready, a push must reach Port through them,
+//! and the commands the README runs through `kubectl exec` must succeed with the worker's
+//! environment. Every `REPLACE_ME` is filled in, as the manifests tell the operator to. The
+//! same for `docker-compose.yml` as a real install runs it (its variables given, the sandbox
+//! service off, a sandbox of the test's standing in for the real Harbor and Port).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -6,9 +6,9 @@
 //! answered); never more than [`LINGER`] after its oldest part came. A lone refresh's request,
 //! or one of a steady trickle, leaves at once.
 
-use std::time::Duration;
-
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -85,7 +85,7 @@ impl Coming {
     }
 
     /// A refresh starts that may write.
-    pub fn expect(self: &std::sync::Arc<Self>) -> Expected {
+    pub fn expect(self: &Arc<Self>) -> Expected {
         self.flight.send_modify(|flight| {
             flight.count += 1;
             flight.running += 1;
@@ -93,7 +93,7 @@ impl Coming {
             flight.next = (flight.next + 1) % STORM;
         });
         Expected {
-            coming: Some(std::sync::Arc::clone(self)),
+            coming: Some(Arc::clone(self)),
             writing: true,
         }
     }
@@ -106,7 +106,7 @@ impl Coming {
 
 /// One refresh in flight, until dropped; it may still write until [`written`](Self::written).
 pub struct Expected {
-    coming: Option<std::sync::Arc<Coming>>,
+    coming: Option<Arc<Coming>>,
     writing: bool,
 }
 
@@ -142,28 +142,28 @@ impl Drop for Expected {
 }
 
 /// Gathers into `pending` what `incoming` brings, for as long as `wait` (of what is pending
-/// and the refreshes in flight) says; `false` once `incoming` has ended.
+/// and the refreshes in flight) says, or until `incoming` ends.
 pub async fn gather<T>(
     incoming: &mut mpsc::UnboundedReceiver<T>,
     pending: &mut VecDeque<T>,
     flight: &mut watch::Receiver<Flight>,
     wait: impl Fn(&VecDeque<T>, Flight) -> Option<Instant>,
-) -> bool {
+) {
     loop {
         while let Ok(item) = incoming.try_recv() {
             pending.push_back(item);
         }
         let Some(until) = wait(pending, *flight.borrow_and_update()) else {
-            return true;
+            return;
         };
         tokio::select! {
             item = incoming.recv() => match item {
                 Some(item) => pending.push_back(item),
-                None => return false,
+                None => return,
             },
             // The sender lives as long as the catalog: a refresh's drop still changes it.
             changed = flight.changed() => if changed.is_err() {
-                return true;
+                return;
             },
             () = tokio::time::sleep_until(until) => {}
         }

@@ -1,8 +1,8 @@
 //! The searches of every refresh in flight, asked together: each search joins a queue, and
 //! one request to Port asks for all those waiting (up to [`GROUP`], each a group of rules under
 //! one `or`) once nothing more is coming (what [`Coming`] says), the previous request is
-//! answered and Port's budget admits it. What Port finds is
-//! handed to each search it matches, matched here by the same rules. A lone search leaves at
+//! answered and Port's budget admits it. What Port finds is handed to each search it matches,
+//! matched here by the same rules. A lone search leaves at
 //! once; a search of everything leaves alone.
 
 use std::collections::{BTreeSet, VecDeque};

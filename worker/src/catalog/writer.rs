@@ -2,8 +2,9 @@
 //! and a bulk request (at most [`BULK_LIMIT`] upserts, or [`DELETE_LIMIT`] deletes, of one
 //! blueprint) leaves once it is full or nothing more is coming (what [`Coming`] says), and then
 //! as soon as a slot among [`IN_FLIGHT`] requests is free and Port's budget admits it. What
-//! arrives meanwhile fills the next ones; a lone refresh's entities leave at once. Each entity's refresh is told what Port answered for
-//! it (a 207's per-entity error goes to its own refresh only). Port refuses a bulk delete whole
+//! arrives meanwhile fills the next ones; a lone refresh's entities leave at once. Each
+//! entity's refresh is told what Port answered for it (a 207's per-entity error goes to its
+//! own refresh only). Port refuses a bulk delete whole
 //! when one of its entities cannot go (dependents, say): each is then deleted alone, so that the
 //! refusal is told to its own refresh.
 //!
