@@ -362,6 +362,12 @@ impl TestTopology {
     }
 }
 
+/// Whether a queue of the default vhost exists, as the management API says (a passive
+/// declare cannot tell of another connection's exclusive queue).
+pub async fn queue_exists(queue: &str) -> bool {
+    queue_info(queue).await.get("name").is_some()
+}
+
 /// What the management API says of a queue of the default vhost.
 async fn queue_info(queue: &str) -> serde_json::Value {
     let (url, user, password) = management(&format!("/api/queues/%2f/{queue}"));

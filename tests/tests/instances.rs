@@ -60,13 +60,14 @@ impl Drop for InstancesFile {
 
 /// Runs `harbor-worker <args>` with the instances file, Port at `port`, and this broker; the
 /// exit code and stdout (the secrets checked absent from both outputs).
-fn worker_command(
+async fn worker_command(
     file: &InstancesFile,
     port: &TestSandbox,
     broker: &TestTopology,
     args: &[&str],
 ) -> (Option<i32>, String) {
-    let output = std::process::Command::new(binary("harbor-worker"))
+    let mut command = std::process::Command::new(binary("harbor-worker"));
+    command
         .args(args)
         .env_clear()
         .env("HARBOR_INSTANCES_FILE", file.path())
@@ -76,8 +77,11 @@ fn worker_command(
         .env("AMQP_URL", amqp_url())
         .env("AMQP_EXCHANGE", broker.topology().exchange())
         .env("AMQP_QUEUE", broker.topology().queue())
-        .env("WEBHOOK_PUBLIC_URL", "https://harbor-sync.example.com")
-        .output()
+        .env("WEBHOOK_PUBLIC_URL", "https://harbor-sync.example.com");
+    // Off the test's runtime thread: the worker a resync asks runs on it.
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
         .unwrap();
     let stdout = String::from_utf8(output.stdout).unwrap();
     let stderr = String::from_utf8(output.stderr).unwrap();
@@ -260,7 +264,8 @@ async fn two_harbors_one_port_kept_apart() {
         &eu,
         &broker,
         &["resync", "--json", "--instance", "us"],
-    );
+    )
+    .await;
     assert_eq!(code, Some(0), "{out}");
     let summaries = by_instance(&out);
     assert_eq!(summaries.len(), 1, "{out}");
@@ -283,7 +288,7 @@ async fn two_harbors_one_port_kept_apart() {
             .is_some(),
         "the us resync deleted an entity of eu"
     );
-    let (code, out) = worker_command(&file, &eu, &broker, &["resync", "--json"]);
+    let (code, out) = worker_command(&file, &eu, &broker, &["resync", "--json"]).await;
     assert_eq!(code, Some(0), "{out}");
     let instances: Vec<String> = by_instance(&out).into_iter().map(|(i, _)| i).collect();
     assert_eq!(instances, ["eu", "us"], "{out}");
@@ -300,7 +305,7 @@ async fn two_harbors_one_port_kept_apart() {
     assert!(eu.ids("harborArtifact").await.contains(&us_artifact));
 
     // Our policy in both Harbors, each posting to its own endpoint with its own secret.
-    let (code, out) = worker_command(&file, &eu, &broker, &["webhooks", "sync", "--json"]);
+    let (code, out) = worker_command(&file, &eu, &broker, &["webhooks", "sync", "--json"]).await;
     assert_eq!(code, Some(0), "{out}");
     let reports = by_instance(&out);
     assert_eq!(reports.len(), 2, "{out}");
@@ -328,7 +333,7 @@ async fn two_harbors_one_port_kept_apart() {
         );
         assert_eq!(target["auth_header"], secret);
     }
-    let (code, out) = worker_command(&file, &eu, &broker, &["webhooks", "status", "--json"]);
+    let (code, out) = worker_command(&file, &eu, &broker, &["webhooks", "status", "--json"]).await;
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(by_instance(&out).len(), 2, "{out}");
     let (code, _) = worker_command(
@@ -343,7 +348,8 @@ async fn two_harbors_one_port_kept_apart() {
             "--project",
             "library",
         ],
-    );
+    )
+    .await;
     assert_eq!(code, Some(1), "mapping render must ask which instance");
     let (code, out) = worker_command(
         &file,
@@ -359,7 +365,8 @@ async fn two_harbors_one_port_kept_apart() {
             "--instance",
             "us",
         ],
-    );
+    )
+    .await;
     assert_eq!(code, Some(0), "{out}");
     let rendered: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(rendered["entity"]["identifier"], "us:library");

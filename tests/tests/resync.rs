@@ -11,13 +11,13 @@ use harbor_sync_tests::apps::{
     wait_ready_at,
 };
 use harbor_sync_tests::processes::{Processes, binary, free_port, sandbox_worker_env, stdout_of};
-use harbor_sync_tests::rabbit::TestTopology;
+use harbor_sync_tests::rabbit::{TestTopology, queue_exists};
 use harbor_sync_tests::samples;
 use harbor_sync_tests::sandbox::PayloadFormat;
 use harbor_sync_tests::wait_until;
 use harbor_worker::clients::{Http, MAX_ANSWER_BYTES};
 use harbor_worker::fleet::Fleet;
-use harbor_worker::resync::{Options, Summary, resync};
+use harbor_worker::resync::{Options, Summary, lock_queue, resync};
 use harbor_worker::retry::RetryPolicy;
 use harbor_worker::startup::fleet;
 use serde_json::json;
@@ -322,6 +322,80 @@ async fn the_resync_command_on_a_broker_where_nothing_ran_yet_leaves_its_request
         || async { sandbox.ids("harborArtifact").await.len() == 106 },
     )
     .await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn the_resync_command_is_run_by_the_worker_holding_the_lock_with_the_fleets_port_token() {
+    let sandbox = drifted().await;
+    let broker = TestTopology::new().await;
+    let worker = TestWorker::start(sandbox.worker_settings(&broker.amqp)).await;
+    let lock = lock_queue(broker.topology());
+    wait_until(
+        "the worker to hold the resync lock",
+        Duration::from_secs(30),
+        || queue_exists(&lock),
+    )
+    .await;
+    let run = || async {
+        // Off the test's runtime thread, which the worker answering it runs on.
+        let mut command = std::process::Command::new(binary("harbor-worker"));
+        command
+            .args(["resync", "--json"])
+            .envs(sandbox_worker_env(&broker, &sandbox, free_port()));
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .unwrap()
+            .unwrap();
+        let (out, err) = (
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        );
+        assert!(output.status.success(), "{out}\n{err}");
+        assert!(
+            err.contains("run by the worker that holds the resync lock"),
+            "{err}"
+        );
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()
+    };
+    let summary = run().await;
+    assert_eq!(
+        (
+            &summary["harbor"],
+            &summary["to_delete"],
+            &summary["requested"]
+        ),
+        (&json!(110), &json!(3), &json!(6)),
+        "{summary}"
+    );
+    wait_until("Port to match Harbor", Duration::from_secs(30), || async {
+        let (artifacts, _, projects) = held(&sandbox).await;
+        artifacts == 106 && !projects.contains(&"ghost".to_owned())
+    })
+    .await;
+
+    // Again, now that the worker has its token: the command costs Port nothing of its own.
+    let others = || async {
+        let stats: serde_json::Value = reqwest::get(format!("{}/sandbox/port/stats", sandbox.base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        stats["requests"]["other"]["answered"].as_u64().unwrap_or(0)
+    };
+    let before = others().await;
+    let again = run().await;
+    assert_eq!(
+        (&again["to_delete"], &again["requested"]),
+        (&json!(0), &json!(0)),
+        "{again}"
+    );
+    assert_eq!(
+        others().await,
+        before,
+        "the command took a Port token of its own"
+    );
     worker.stop().await;
 }
 

@@ -13,24 +13,20 @@
 //! - a resync that would delete more than the deletion threshold (90 % by default, as Port
 //!   Ocean's `entityDeletionThreshold`) of this integration's entities is refused unless forced:
 //!   a resync pointed at the wrong or an empty Harbor must not empty the catalog;
-//! - with `RESYNC_INTERVAL` the workers run it periodically, one of them at a time: the one that
-//!   holds the resync lock (an exclusive queue, released with its connection), and then keeps
-//!   our webhook policy in every project when WEBHOOK_PUBLIC_URL is set, so that a project
-//!   created since is covered within one interval.
+//! - one worker of the fleet at a time holds the resync lock ([`lock`]): it runs the resyncs
+//!   `harbor-worker resync` asks for ([`asked`]) and, with `RESYNC_INTERVAL`, a periodic one,
+//!   each followed by our webhook policy kept in every project when WEBHOOK_PUBLIC_URL is set,
+//!   so that a project created since is covered within one interval.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use harbor_shared::broker;
 use harbor_shared::broker::AmqpSettings;
 use harbor_shared::message;
 use harbor_shared::publisher::{Outgoing, Publisher};
 use harbor_shared::topology::Topology;
 use lapin::Connection;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
-use serde::Serialize;
-use tokio_util::sync::CancellationToken;
+use serde::{Deserialize, Serialize};
 use tracing::{Instrument, error, info};
 
 use crate::fleet::Fleet;
@@ -43,7 +39,7 @@ use crate::webhooks;
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a resync runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Options {
     /// Refused when it would delete more than this share of this integration's entities.
     pub deletion_threshold: f64,
@@ -54,7 +50,7 @@ pub struct Options {
 }
 
 /// What a resync found and did.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     /// Projects, repositories and artifacts in Harbor.
     pub harbor: usize,
@@ -79,8 +75,11 @@ impl Summary {
     }
 }
 
+pub mod asked;
+mod lock;
 mod stock;
 
+pub use lock::{Holding, hold, lock_queue};
 use stock::{requests, take_stock};
 
 /// Takes stock, checks the deletion threshold, and (unless refused or dry) asks for the
@@ -166,115 +165,27 @@ async fn publish(
     published.map(drop)
 }
 
-/// The name of the queue whose holder runs the periodic resync.
-pub fn lock_queue(topology: &Topology) -> String {
-    format!("{}.resync-lock", topology.queue())
-}
-
-/// How the workers resync by themselves.
-#[derive(Debug, Clone)]
-pub struct Periodic {
-    /// How often.
-    pub interval: Duration,
-    /// The retry policy of its calls.
-    pub retry: RetryPolicy,
-    /// Its threshold.
-    pub options: Options,
-}
-
-/// Runs a resync of each Harbor every `interval` while this worker holds the resync lock
-/// (trying for it at start and then every `interval`), until shutdown; so the fleet resyncs
-/// once per interval, whichever worker does it. A worker that takes the lock waits a whole
-/// interval first. Each Harbor's resync is judged alone (its own deletion threshold), and its
-/// webhook policies kept after it.
-pub async fn every(
-    periodic: &Periodic,
+/// Resyncs the fleet's members `chosen` (by place) in turn, keeping each one's webhook policies
+/// after it (only saying what it would do when dry): what each resync found, or why it failed.
+pub async fn resync_each(
     fleet: &Fleet,
+    chosen: Vec<usize>,
+    retry: RetryPolicy,
+    options: Options,
     amqp: &AmqpSettings,
-    shutdown: &CancellationToken,
-) {
-    let Periodic {
-        interval,
-        retry,
-        options,
-    } = *periodic;
-    let mut held: Option<Connection> = None;
-    loop {
-        if held.as_ref().is_none_or(|c| !c.status().connected()) {
-            held = take_lock(amqp).await;
-            if held.is_some() {
-                info!("Holding the resync lock: this worker runs the periodic resync");
-            }
+    connection: &Connection,
+) -> Vec<asked::Outcome> {
+    let mut outcomes = Vec::new();
+    for member in chosen.into_iter().filter_map(|i| fleet.members().get(i)) {
+        let handler = &member.handler;
+        let done = resync(handler, retry, amqp, connection, options).await;
+        if let Some(desired) = &member.webhooks {
+            let span = tracing::info_span!("webhooks", instance = handler.instance());
+            webhooks::keep(handler.harbor(), desired, options.dry_run)
+                .instrument(span)
+                .await;
         }
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            () = shutdown.cancelled() => break,
-        }
-        // Taken (again) during this interval: the first resync waits for the next.
-        if held.as_ref().is_none_or(|c| !c.status().connected()) {
-            continue;
-        }
-        let Some(connection) = &held else { continue };
-        for member in fleet.members() {
-            let handler = &member.handler;
-            tokio::select! {
-                done = resync(handler, retry, amqp, connection, options) => {
-                    let outcome = match done {
-                        Ok(summary) if summary.refused => "refused",
-                        Ok(_) => "requested",
-                        Err(error) => {
-                            error!(
-                                instance = handler.instance(),
-                                error = format!("{error:#}"),
-                                "Resync failed; the next interval tries again"
-                            );
-                            "failed"
-                        }
-                    };
-                    metrics::counter!("harbor_worker_resyncs_total", "outcome" => outcome).increment(1);
-                }
-                () = shutdown.cancelled() => break,
-            }
-            if let Some(desired) = &member.webhooks {
-                let span = tracing::info_span!("webhooks", instance = handler.instance());
-                let kept = webhooks::keep(handler.harbor(), desired, false).instrument(span);
-                tokio::select! {
-                    () = kept => {}
-                    () = shutdown.cancelled() => break,
-                }
-            }
-        }
-        if shutdown.is_cancelled() {
-            break;
-        }
+        outcomes.push(asked::Outcome::of(handler.instance(), done));
     }
-    if let Some(connection) = held {
-        let _ = connection.close(200, "stopping".into()).await;
-    }
-}
-
-/// A connection holding the resync lock, or `None` if another worker holds it (or the broker
-/// cannot be reached).
-async fn take_lock(amqp: &AmqpSettings) -> Option<Connection> {
-    let connection = broker::connect(&amqp.url, "harbor-worker resync")
-        .await
-        .ok()?;
-    let channel = connection.create_channel().await.ok()?;
-    let exclusive = QueueDeclareOptions {
-        exclusive: true,
-        auto_delete: true,
-        ..QueueDeclareOptions::default()
-    };
-    let queue = lock_queue(&amqp.topology);
-    match channel
-        .queue_declare(queue.as_str().into(), exclusive, FieldTable::default())
-        .await
-    {
-        Ok(_) => Some(connection),
-        Err(_) => {
-            // RESOURCE_LOCKED: another worker's.
-            let _ = connection.close(200, "lock held elsewhere".into()).await;
-            None
-        }
-    }
+    outcomes
 }

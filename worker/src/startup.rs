@@ -118,23 +118,22 @@ impl Worker {
             settings.concurrency,
         ));
         let scheduler = scheduler(Arc::clone(&fleet), &settings);
-        let periodic = settings.resync_interval.map(|interval| resync::Periodic {
-            interval,
+        let holding = resync::Holding {
+            interval: settings.resync_interval,
             retry: settings.retry,
             options: resync::Options {
                 deletion_threshold: settings.deletion_threshold,
                 force: false,
                 dry_run: false,
             },
-        });
+            deployment: resync::asked::deployment(&settings.harbors, &settings.port),
+        };
         let amqp = settings.amqp.clone();
         let worker = Self::start(settings, Arc::clone(&fleet), scheduler).await?;
-        if let Some(periodic) = periodic {
-            let shutdown = worker.shutdown_token();
-            tokio::spawn(async move {
-                resync::every(&periodic, &fleet, &amqp, &shutdown).await;
-            });
-        }
+        let shutdown = worker.shutdown_token();
+        tokio::spawn(async move {
+            resync::hold(&holding, &fleet, &amqp, &shutdown).await;
+        });
         Ok(worker)
     }
 

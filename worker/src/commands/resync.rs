@@ -1,4 +1,6 @@
 //! `harbor-worker resync`: take stock of each Harbor and ask the workers for the refreshes.
+//! The worker holding the resync lock runs it when one does (with the fleet's Port budget and
+//! token); else this command runs it itself.
 
 use std::time::Duration;
 
@@ -6,10 +8,11 @@ use anyhow::bail;
 use harbor_shared::broker;
 
 use super::{heading, with_instance};
+use crate::resync;
+use crate::resync::asked::{self, Asked};
 use crate::retry::RetryPolicy;
 use crate::settings::{Cli, select};
 use crate::startup::fleet;
-use crate::{resync, webhooks};
 
 /// Resyncs each Harbor chosen, printing a summary of each.
 pub async fn run(
@@ -28,44 +31,57 @@ pub async fn run(
         dry_run,
     };
     let amqp = cli.amqp.into_settings()?;
-    let run = &cli.run;
-    let http = run.http()?;
-    let retry = RetryPolicy::with_budget(run.retry_max_elapsed);
-    let fleet = fleet(
-        &harbors,
-        &port,
-        http,
-        Duration::ZERO,
-        run.worker_concurrency,
-    );
     let connection = broker::connect(&amqp.url, "harbor-worker resync").await?;
-    if !dry_run {
-        // The usual first install runs a resync before any worker: its requests wait in
-        // the work queues, which must exist for the publish to be routed.
-        amqp.topology.declare(&connection).await?;
-    }
+    let asked = Asked {
+        deployment: asked::deployment(&harbors, &port),
+        chosen: chosen.clone(),
+        options,
+    };
+    let outcomes = match asked::ask(&connection, &amqp.topology, &asked).await? {
+        Some(outcomes) => {
+            eprintln!("run by the worker that holds the resync lock");
+            outcomes
+        }
+        None => {
+            if !dry_run {
+                // The usual first install runs a resync before any worker: its requests wait
+                // in the work queues, which must exist for the publish to be routed.
+                amqp.topology.declare(&connection).await?;
+            }
+            let run = &cli.run;
+            let fleet = fleet(
+                &harbors,
+                &port,
+                run.http()?,
+                Duration::ZERO,
+                run.worker_concurrency,
+            );
+            let retry = RetryPolicy::with_budget(run.retry_max_elapsed);
+            resync::resync_each(&fleet, chosen, retry, options, &amqp, &connection).await
+        }
+    };
+    let _ = connection.close(200, "done".into()).await;
     let (mut refused, mut failed) = (Vec::new(), Vec::new());
-    for index in chosen {
-        let member = &fleet.members()[index];
-        let handler = &member.handler;
-        let name = handler.instance();
-        let summary = match resync::resync(handler, retry, &amqp, &connection, options).await {
+    for outcome in outcomes {
+        let name = outcome.instance;
+        let title = heading(
+            harbors
+                .iter()
+                .find_map(|h| h.name.as_deref().filter(|n| *n == name)),
+        );
+        let summary = match outcome.result {
             Ok(summary) => summary,
             Err(error) => {
-                eprintln!("{}resync failed: {error:#}", heading(handler.name()));
+                eprintln!("{title}resync failed: {error}");
                 failed.push(name);
                 continue;
             }
         };
-        if let Some(desired) = &member.webhooks {
-            webhooks::keep(handler.harbor(), desired, dry_run).await;
-        }
         if json {
-            println!("{}", with_instance(serde_json::json!(summary), name));
+            println!("{}", with_instance(serde_json::json!(summary), &name));
         } else {
             println!(
-                "{}Harbor has {}; this integration has {} in Port, of which {} ({:.0} %) Harbor no longer has",
-                heading(handler.name()),
+                "{title}Harbor has {}; this integration has {} in Port, of which {} ({:.0} %) Harbor no longer has",
                 summary.harbor,
                 summary.ours,
                 summary.to_delete,
@@ -77,7 +93,6 @@ pub async fn run(
             refused.push(format!("{name} ({:.0} %)", summary.deleted_share() * 100.0));
         }
     }
-    let _ = connection.close(200, "done".into()).await;
     if !failed.is_empty() {
         bail!("the resync of {} failed", failed.join(", "));
     }
