@@ -400,6 +400,52 @@ async fn the_resync_command_is_run_by_the_worker_holding_the_lock_with_the_fleet
 }
 
 #[tokio::test]
+async fn the_resync_command_runs_the_resync_itself_when_the_lock_holder_does_not_take_it() {
+    // A worker of an earlier version holds the lock without reading its queue.
+    let sandbox = drifted().await;
+    let broker = TestTopology::new().await;
+    let earlier = broker::connect(&broker.amqp.url, "an earlier worker")
+        .await
+        .unwrap();
+    let exclusive = lapin::options::QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    earlier
+        .create_channel()
+        .await
+        .unwrap()
+        .queue_declare(
+            lock_queue(broker.topology()).as_str().into(),
+            exclusive,
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let output = std::process::Command::new(binary("harbor-worker"))
+        .args(["resync", "--json"])
+        .envs(sandbox_worker_env(&broker, &sandbox, free_port()))
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{out}\n{err}");
+    assert!(err.contains("did not take the resync"), "{err}");
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(summary["requested"], 6, "{summary}");
+    assert_eq!(
+        broker.work_ready().await,
+        6,
+        "the requests wait in the work queues"
+    );
+    let _ = earlier.close(200, "done".into()).await;
+}
+
+#[tokio::test]
 async fn an_entity_whose_reference_this_version_cannot_read_is_kept() {
     // One of this integration's, under the prefix of a repository's artifacts, whose harborRef
     // names no digest this version reads (a later version's, say): not to be taken for an

@@ -36,6 +36,7 @@ pub async fn run(
         deployment: asked::deployment(&harbors, &port),
         chosen: chosen.clone(),
         options,
+        asked_at: asked::now_ms(),
     };
     let outcomes = match asked::ask(&connection, &amqp.topology, &asked).await? {
         Some(outcomes) => {

@@ -1,10 +1,13 @@
 //! `harbor-worker resync` asks the worker that holds the resync lock to run it: the request
 //! goes to the lock's queue (mandatory, so the broker returns it when no worker holds the
-//! lock), its answers come back on RabbitMQ's direct reply-to. The holder answers `working`
-//! every [`HEARTBEAT`] while it takes stock and then what each resync found; the command gives
-//! up after [`SILENCE`] without an answer. So a resync is paced with the fleet's Port budget
-//! and spends the fleet's Port token; where no worker holds the lock (a first install, a
-//! deployment without workers) the command runs the resync itself.
+//! lock), its answers come back on RabbitMQ's direct reply-to. The holder answers `working` at
+//! once and every [`HEARTBEAT`] while it takes stock, then what each resync found; the command
+//! gives up after [`SILENCE`] without an answer. So a resync is paced with the fleet's Port
+//! budget and spends the fleet's Port token. Where no worker holds the lock (a first install, a
+//! deployment without workers), or the holder does not take the request within [`TAKEN`] (an
+//! earlier version, which holds the lock without reading its queue, or one busy with its
+//! periodic resync), the command runs the resync itself; the request then expires, and a
+//! holder that reaches it late skips it.
 
 use std::future::Future;
 use std::time::Duration;
@@ -26,6 +29,8 @@ use crate::settings::{HarborSettings, PortSettings};
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long the command waits for the next answer before it gives up.
 const SILENCE: Duration = Duration::from_secs(30);
+/// How long the command waits for the holder to take its request before running it itself.
+const TAKEN: Duration = Duration::from_secs(10);
 /// RabbitMQ's direct reply-to pseudo-queue.
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
@@ -38,6 +43,15 @@ pub struct Asked {
     pub chosen: Vec<usize>,
     /// How.
     pub options: Options,
+    /// When, in milliseconds since the Unix epoch: a holder reaching it more than [`TAKEN`]
+    /// later skips it (the command has run it itself).
+    pub asked_at: u64,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// What one Harbor's resync came to.
@@ -130,7 +144,9 @@ pub async fn ask(
         mandatory: true,
         ..BasicPublishOptions::default()
     };
-    let properties = BasicProperties::default().with_reply_to(REPLY_TO.into());
+    let properties = BasicProperties::default()
+        .with_reply_to(REPLY_TO.into())
+        .with_expiration(TAKEN.as_millis().to_string().as_str().into());
     let queue = lock_queue(topology);
     let confirmation = channel
         .basic_publish("".into(), queue.into(), mandatory, &body, properties)
@@ -144,17 +160,28 @@ pub async fn ask(
             bail!("the broker refused the resync request")
         }
     }
+    let mut taken = false;
     loop {
-        let next = tokio::time::timeout(SILENCE, answers.next()).await;
+        let wait = if taken { SILENCE } else { TAKEN };
+        let next = tokio::time::timeout(wait, answers.next()).await;
         let delivery = match next {
             Ok(Some(delivery)) => delivery.context("Failed to read the worker's answer")?,
             Ok(None) => bail!("the broker connection closed while the resync ran"),
+            Err(_) if !taken => {
+                eprintln!(
+                    "the worker holding the resync lock did not take the resync within {}s (an \
+                     earlier version, or busy with its periodic resync): resyncing here",
+                    TAKEN.as_secs()
+                );
+                return Ok(None);
+            }
             Err(_) => bail!(
                 "the worker holding the resync lock took the resync but said nothing for {}s \
                  (did it stop?); its logs tell what it did, and the resync can be run again",
                 SILENCE.as_secs()
             ),
         };
+        taken = true;
         match serde_json::from_slice(&delivery.data) {
             Ok(Answer::Working) => {}
             Ok(Answer::Declined { reason }) => {
@@ -208,6 +235,14 @@ where
             return reply(Answer::Declined { reason }).await;
         }
     };
+    let late = now_ms().saturating_sub(asked.asked_at);
+    if late > u64::try_from(TAKEN.as_millis()).unwrap_or(u64::MAX) {
+        warn!(
+            late_ms = late,
+            "A resync asked for too long ago (its command has run it itself): skipped"
+        );
+        return;
+    }
     if asked.deployment != deployment {
         let reason = "this worker is deployed against other Harbors or another Port".to_owned();
         return reply(Answer::Declined { reason }).await;
