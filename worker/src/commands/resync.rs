@@ -58,18 +58,15 @@ pub async fn run(
                 run.worker_concurrency,
             );
             let retry = RetryPolicy::with_budget(run.retry_max_elapsed);
-            resync::resync_each(&fleet, chosen, retry, options, &amqp, &connection).await
+            resync::resync_each(&fleet, chosen.clone(), retry, options, &amqp, &connection).await
         }
     };
     let _ = connection.close(200, "done".into()).await;
     let (mut refused, mut failed) = (Vec::new(), Vec::new());
-    for outcome in outcomes {
+    // In the order asked: each chosen Harbor's.
+    for (index, outcome) in chosen.into_iter().zip(outcomes) {
         let name = outcome.instance;
-        let title = heading(
-            harbors
-                .iter()
-                .find_map(|h| h.name.as_deref().filter(|n| *n == name)),
-        );
+        let title = heading(harbors[index].name.as_deref());
         let summary = match outcome.result {
             Ok(summary) => summary,
             Err(error) => {
