@@ -609,3 +609,49 @@ async fn a_duplicate_webhook_writes_harbors_state_again_whatever_port_holds_mean
         "the same entity, written again"
     );
 }
+
+#[tokio::test]
+async fn a_webhook_as_the_first_ingest_of_this_topology_published_it_is_synced() {
+    // Version skew: the workers are upgraded first (docs/deploying.md), so a worker must read
+    // what an earlier ingest publishes. These are the properties, exactly, that the ingest of
+    // 2327c91 (2026-12-02, the first with the work queues behind the consistent-hash exchange)
+    // published: nothing added since may become required.
+    let stack = Stack::start().await;
+    let body = samples::load("scanning_completed.default.docs.json");
+    let (repo, digest) = samples::subject(&body);
+    stack
+        .harbor
+        .artifact(
+            &repo,
+            &digest,
+            harbor_json::artifact(&repo, &digest, &["3.17"], None),
+        )
+        .await;
+    let project = repo.split('/').next().unwrap();
+    let text = |value: &str| lapin::types::AMQPValue::LongString(value.into());
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert("x-payload-format".into(), text("default"));
+    headers.insert("x-received-at".into(), text("2026-12-02T10:00:00.000Z"));
+    headers.insert("x-request-id".into(), text("an-earlier-ingest"));
+    headers.insert("x-subject".into(), text(project));
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id("from-an-earlier-ingest".into())
+        .with_timestamp(1_764_669_600)
+        .with_app_id("harbor-ingest".into())
+        .with_headers(headers);
+    stack
+        .broker
+        .publish("SCANNING_COMPLETED", &body, properties)
+        .await;
+
+    stack.wait_for_outcome("synced", 1).await;
+    assert_eq!(stack.broker.parked_ready().await, 0);
+    let written = stack.port.server.received_requests().await.unwrap();
+    assert!(
+        written
+            .iter()
+            .any(|r| r.url.path() == "/v1/blueprints/harborArtifact/entities/bulk"),
+        "nothing written to Port"
+    );
+}
