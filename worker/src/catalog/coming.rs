@@ -16,12 +16,14 @@ use tokio::time::Instant;
 /// The longest a request that is not full waits for what is still coming.
 pub const LINGER: Duration = Duration::from_millis(500);
 
-/// As many refreshes starting within [`WINDOW`] are a storm, worth waiting for (80 a second:
-/// a webhook every 50 ms is not one).
-pub const STORM: usize = 8;
+/// As many refreshes starting within [`WINDOW`] are a storm, worth waiting for (64 a second:
+/// a webhook every 50 ms, which may start two, is not one).
+pub const STORM: usize = 16;
 
-/// See [`STORM`].
-pub const WINDOW: Duration = Duration::from_millis(100);
+/// See [`STORM`]. Long enough to span the gaps between a storm's bursts on a loaded machine
+/// (bursts of about 16 refreshes, 40-160 ms apart in `harbor-bench port-budget`): a storm
+/// that seems over between two bursts sends its requests not full.
+pub const WINDOW: Duration = Duration::from_millis(250);
 
 /// The refreshes in flight that may still ask or write, and when the latest [`STORM`] started.
 #[derive(Debug, Clone, Copy, Default)]
@@ -194,6 +196,18 @@ mod tests {
         let trickle: Vec<Instant> = (0..20u32).map(|n| t0 + n * 50 * MS).collect();
         let now = t0 + 19 * 50 * MS + MS;
         assert_eq!(started(&trickle).wait_until(now, false, now), None);
+        // The same webhooks each starting two refreshes (a push: its repository's, its
+        // project's): still no storm.
+        let doubled: Vec<Instant> = (0..40u32).map(|n| t0 + (n / 2) * 50 * MS).collect();
+        assert_eq!(started(&doubled).wait_until(now, false, now), None);
+        // Bursts of 16 refreshes 160 ms apart (a storm on a loaded machine): between two, the
+        // storm lasts.
+        let bursts: Vec<Instant> = (0..48u32).map(|n| t0 + (n / 16) * 160 * MS).collect();
+        let between = t0 + 420 * MS;
+        assert_eq!(
+            started(&bursts).wait_until(between, false, between),
+            Some(t0 + 320 * MS + WINDOW)
+        );
         // A refresh in flight has not written yet: up to the linger.
         assert_eq!(
             started(&trickle).wait_until(now, true, now),
