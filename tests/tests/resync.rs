@@ -256,6 +256,15 @@ async fn two_workers_with_a_resync_interval_resync_once_per_interval_between_the
         let url = format!("http://127.0.0.1:{port}");
         wait_ready_at(&format!("{url}/readyz")).await;
         metrics.push(url);
+        // The first holds the lock before the second starts (two at once may both find it
+        // free, and one of them is then refused once).
+        let lock = lock_queue(broker.topology());
+        wait_until(
+            "a worker to hold the resync lock",
+            Duration::from_secs(30),
+            || queue_exists(&lock),
+        )
+        .await;
     }
     let resyncs = |url: String| async move {
         let text = reqwest::get(format!("{url}/metrics"))
@@ -281,6 +290,12 @@ async fn two_workers_with_a_resync_interval_resync_once_per_interval_between_the
         counts.contains(&0),
         "both workers resynced ({counts:?}): twice per interval"
     );
+    // The worker without the lock asked for it every interval without a channel error (lapin
+    // logs one each time a declare of the held queue is refused).
+    for n in 0..2 {
+        let log = processes.log(&format!("worker-{n}"));
+        assert!(!log.contains("RESOURCE_LOCKED"), "worker-{n}: {log}");
+    }
     // And it did its work.
     wait_until(
         "the periodic resync's deletes",

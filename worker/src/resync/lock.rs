@@ -10,9 +10,11 @@ use futures_util::StreamExt;
 use harbor_shared::broker;
 use harbor_shared::broker::AmqpSettings;
 use harbor_shared::topology::Topology;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -43,6 +45,56 @@ pub struct Holding {
     pub deployment: String,
 }
 
+/// The `type` of the probe a worker without the lock publishes to the lock's queue: its holder
+/// ignores it.
+pub const PROBE: &str = "resync-lock-probe";
+
+/// A worker's connection for the lock, while it does not hold it.
+struct Contender {
+    connection: Connection,
+    /// In confirm mode, for the probe.
+    probe: Channel,
+}
+
+impl Contender {
+    async fn open(amqp: &AmqpSettings) -> Option<Self> {
+        let connection = broker::connect(&amqp.url, "harbor-worker resync")
+            .await
+            .ok()?;
+        let probe = connection.create_channel().await.ok()?;
+        probe
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .ok()?;
+        Some(Self { connection, probe })
+    }
+
+    fn connected(&self) -> bool {
+        self.connection.status().connected() && self.probe.status().connected()
+    }
+
+    /// Whether no worker holds the lock: a mandatory probe, expiring at once, comes back
+    /// unroutable only when the lock's queue does not exist. Declaring the queue to find out
+    /// would close the channel with RESOURCE_LOCKED, which lapin logs as an error, every try.
+    async fn vacant(&self, queue: &str) -> bool {
+        let mandatory = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let probe = BasicProperties::default()
+            .with_type(PROBE.into())
+            .with_expiration("0".into());
+        let published = self
+            .probe
+            .basic_publish("".into(), queue.into(), mandatory, b"", probe)
+            .await;
+        match published {
+            Ok(confirm) => matches!(confirm.await, Ok(Confirmation::Ack(Some(_)))),
+            Err(_) => false,
+        }
+    }
+}
+
 /// The lock, held: its connection and the requests that reach its queue.
 struct Lock {
     connection: Connection,
@@ -51,11 +103,17 @@ struct Lock {
 }
 
 impl Lock {
-    /// The lock, or `None` if another worker holds it (or the broker cannot be reached).
-    async fn take(amqp: &AmqpSettings) -> Option<Self> {
-        let connection = broker::connect(&amqp.url, "harbor-worker resync")
-            .await
-            .ok()?;
+    /// The lock, when no worker holds it (or the broker cannot be reached); `contender` kept
+    /// for the next try when another worker does.
+    async fn take(contender: &mut Option<Contender>, amqp: &AmqpSettings) -> Option<Self> {
+        if !contender.as_ref().is_some_and(Contender::connected) {
+            *contender = Contender::open(amqp).await;
+        }
+        let queue = lock_queue(&amqp.topology);
+        if !contender.as_ref()?.vacant(&queue).await {
+            return None;
+        }
+        let connection = &contender.as_ref()?.connection;
         let taken = async {
             let channel = connection.create_channel().await?;
             let exclusive = QueueDeclareOptions {
@@ -63,7 +121,6 @@ impl Lock {
                 auto_delete: true,
                 ..QueueDeclareOptions::default()
             };
-            let queue = lock_queue(&amqp.topology);
             channel
                 .queue_declare(queue.as_str().into(), exclusive, FieldTable::default())
                 .await?;
@@ -78,7 +135,7 @@ impl Lock {
             );
             let asked = channel
                 .basic_consume(
-                    queue.into(),
+                    queue.as_str().into(),
                     tag.as_str().into(),
                     no_ack,
                     FieldTable::default(),
@@ -86,18 +143,14 @@ impl Lock {
                 .await?;
             Ok::<_, lapin::Error>((channel, asked))
         };
-        match taken.await {
-            Ok((channel, asked)) => Some(Self {
-                connection,
-                channel,
-                asked,
-            }),
-            Err(_) => {
-                // RESOURCE_LOCKED: another worker's.
-                let _ = connection.close(200, "lock held elsewhere".into()).await;
-                None
-            }
-        }
+        // Taken by another worker since the probe (RESOURCE_LOCKED): the next try.
+        let (channel, asked) = taken.await.ok()?;
+        let Contender { connection, .. } = contender.take()?;
+        Some(Self {
+            connection,
+            channel,
+            asked,
+        })
     }
 
     fn held(&self) -> bool {
@@ -119,10 +172,11 @@ pub async fn hold(
 ) {
     let retake = holding.interval.map_or(RETAKE, |i| i.min(RETAKE));
     let mut lock: Option<Lock> = None;
+    let mut contender: Option<Contender> = None;
     let mut due: Option<Instant> = None;
     loop {
         if !lock.as_ref().is_some_and(Lock::held) {
-            lock = Lock::take(amqp).await;
+            lock = Lock::take(&mut contender, amqp).await;
             due = lock
                 .as_ref()
                 .and(holding.interval)
@@ -155,6 +209,8 @@ pub async fn hold(
                 }
             }
             delivery = held.asked.next() => match delivery {
+                // Another worker asking whether the lock is held: it is.
+                Some(Ok(delivery)) if delivery.properties.kind().as_ref().is_some_and(|k| k.as_str() == PROBE) => {}
                 Some(Ok(delivery)) => {
                     let (channel, connection) = (&held.channel, &held.connection);
                     let answered = asked::answer(delivery, channel, &holding.deployment, |chosen, options| async move {
@@ -175,6 +231,9 @@ pub async fn hold(
     }
     if let Some(lock) = lock {
         let _ = lock.connection.close(200, "stopping".into()).await;
+    }
+    if let Some(contender) = contender {
+        let _ = contender.connection.close(200, "stopping".into()).await;
     }
 }
 
