@@ -362,10 +362,19 @@ impl TestTopology {
     }
 }
 
-/// Whether a queue of the default vhost exists, as the management API says (a passive
-/// declare cannot tell of another connection's exclusive queue).
-pub async fn queue_exists(queue: &str) -> bool {
-    queue_info(queue).await.get("name").is_some()
+impl TestTopology {
+    /// Waits until a worker of this topology holds the resync lock (its queue exists, as the
+    /// management API says: a passive declare cannot tell of another connection's exclusive
+    /// queue).
+    pub async fn wait_for_resync_lock(&self) {
+        let lock = harbor_worker::resync::lock_queue(self.topology());
+        crate::wait_until(
+            "a worker to hold the resync lock",
+            Duration::from_secs(60),
+            || async { queue_info(&lock).await.get("name").is_some() },
+        )
+        .await;
+    }
 }
 
 /// What the management API says of a queue of the default vhost.

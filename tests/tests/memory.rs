@@ -33,13 +33,7 @@ async fn peak_growth_kib(harbor: &FakeHarbor, port: &FakePort, budget: usize) ->
     wait_ready_at(&format!("{metrics}/readyz")).await;
     // Started in full: its connection for the resync lock, opened after ready, is no part of
     // what the flood costs.
-    let lock = harbor_worker::resync::lock_queue(broker.topology());
-    wait_until(
-        "the worker to hold the resync lock",
-        Duration::from_secs(30),
-        || harbor_sync_tests::rabbit::queue_exists(&lock),
-    )
-    .await;
+    broker.wait_for_resync_lock().await;
     let pid = processes.pid("worker").unwrap();
     let before = status_kib(pid, "VmRSS:");
 

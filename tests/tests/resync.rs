@@ -11,7 +11,7 @@ use harbor_sync_tests::apps::{
     wait_ready_at,
 };
 use harbor_sync_tests::processes::{Processes, binary, free_port, sandbox_worker_env, stdout_of};
-use harbor_sync_tests::rabbit::{TestTopology, queue_exists};
+use harbor_sync_tests::rabbit::TestTopology;
 use harbor_sync_tests::samples;
 use harbor_sync_tests::sandbox::PayloadFormat;
 use harbor_sync_tests::wait_until;
@@ -258,13 +258,7 @@ async fn two_workers_with_a_resync_interval_resync_once_per_interval_between_the
         metrics.push(url);
         // The first holds the lock before the second starts (two at once may both find it
         // free, and one of them is then refused once).
-        let lock = lock_queue(broker.topology());
-        wait_until(
-            "a worker to hold the resync lock",
-            Duration::from_secs(30),
-            || queue_exists(&lock),
-        )
-        .await;
+        broker.wait_for_resync_lock().await;
     }
     let resyncs = |url: String| async move {
         let text = reqwest::get(format!("{url}/metrics"))
@@ -345,13 +339,7 @@ async fn the_resync_command_is_run_by_the_worker_holding_the_lock_with_the_fleet
     let sandbox = drifted().await;
     let broker = TestTopology::new().await;
     let worker = TestWorker::start(sandbox.worker_settings(&broker.amqp)).await;
-    let lock = lock_queue(broker.topology());
-    wait_until(
-        "the worker to hold the resync lock",
-        Duration::from_secs(30),
-        || queue_exists(&lock),
-    )
-    .await;
+    broker.wait_for_resync_lock().await;
     let run = || async {
         // Off the test's runtime thread, which the worker answering it runs on.
         let mut command = std::process::Command::new(binary("harbor-worker"));

@@ -170,13 +170,7 @@ impl Rig {
         self.metrics = format!("http://127.0.0.1:{metrics_port}");
         harbor_sync_tests::apps::wait_ready_at(&format!("{}/readyz", self.metrics)).await;
         // Holding the resync lock: the resyncs below are the worker's, as in a deployment.
-        let lock = harbor_worker::resync::lock_queue(self.broker.topology());
-        harbor_sync_tests::wait_until(
-            "the worker to hold the resync lock",
-            Duration::from_secs(60),
-            || harbor_sync_tests::rabbit::queue_exists(&lock),
-        )
-        .await;
+        self.broker.wait_for_resync_lock().await;
     }
 
     /// `harbor-worker resync`, run to its end.
