@@ -84,8 +84,9 @@ async fn the_worker_reconnects_by_itself_and_consumes_again_after_its_connection
     stack.wait_for_outcome("synced", 1).await;
 }
 
-#[tokio::test]
-async fn a_port_401_fetches_a_new_token_once_and_retries() {
+/// A stack whose Harbor holds the artifact of the sample SCANNING_COMPLETED event: the event,
+/// and its repository.
+async fn scanned() -> (Stack, Vec<u8>, String) {
     let stack = Stack::start().await;
     let body = samples::load("scanning_completed.default.docs.json");
     let (repo, digest) = samples::subject(&body);
@@ -97,6 +98,12 @@ async fn a_port_401_fetches_a_new_token_once_and_retries() {
             harbor_json::artifact(&repo, &digest, &["3.17"], None),
         )
         .await;
+    (stack, body, repo)
+}
+
+#[tokio::test]
+async fn a_port_401_fetches_a_new_token_once_and_retries() {
+    let (stack, body, _) = scanned().await;
     // The first upsert (in bulk, as every upsert) finds the token revoked.
     Mock::given(method("POST"))
         .and(path_regex(r"^/v1/blueprints/harborArtifact/entities/bulk$"))
@@ -616,17 +623,7 @@ async fn a_webhook_as_the_first_ingest_of_this_topology_published_it_is_synced()
     // what an earlier ingest publishes. These are the properties, exactly, that the ingest of
     // 2327c91 (2026-12-02, the first with the work queues behind the consistent-hash exchange)
     // published: nothing added since may become required.
-    let stack = Stack::start().await;
-    let body = samples::load("scanning_completed.default.docs.json");
-    let (repo, digest) = samples::subject(&body);
-    stack
-        .harbor
-        .artifact(
-            &repo,
-            &digest,
-            harbor_json::artifact(&repo, &digest, &["3.17"], None),
-        )
-        .await;
+    let (stack, body, repo) = scanned().await;
     let project = repo.split('/').next().unwrap();
     let text = |value: &str| lapin::types::AMQPValue::LongString(value.into());
     let mut headers = lapin::types::FieldTable::default();
